@@ -1,0 +1,144 @@
+"""Experiment configs: `path/to/config.py[:arg]` files plus `--config.a.b=v` overrides.
+
+A config file defines `get_config(arg=None) -> ml_collections.ConfigDict`. We load
+it by path (not by import name) so users can point at their own files, lock the
+dict so that an override of an unknown key fails loudly, and convert override
+strings to the type already held at that key, failing loudly on a mismatch.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import sys
+from typing import Any, Iterable, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config file, variant, key or value that cannot be used (one-line message)."""
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads `file.py[:arg]` and returns `get_config(arg)`, locked."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist (expected path/to/config.py[:variant])")
+  module_name = "_mlx_med_config_" + os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # a broken config file: say which one
+    raise ConfigError(f"config file {path!r} failed to load: {type(e).__name__}: {e}") from e
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path!r} defines no get_config(arg=None)")
+  try:
+    config = module.get_config(arg or None)
+  except ConfigError:
+    raise
+  except (KeyError, ValueError) as e:
+    raise ConfigError(f"config file {path!r} rejected variant {arg!r}: {e}") from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}:get_config must return an ml_collections.ConfigDict")
+  config.lock()
+  return config
+
+
+def _parse_bool(text: str) -> bool:
+  lowered = text.strip().lower()
+  if lowered in ("1", "true", "yes", "on"):
+    return True
+  if lowered in ("0", "false", "no", "off"):
+    return False
+  raise ValueError(f"not a boolean: {text!r}")
+
+
+def _convert(key: str, current: Any, text: str) -> Any:
+  """Converts `text` to the type of `current` (the value the config already holds)."""
+  try:
+    if isinstance(current, bool):
+      return _parse_bool(text)
+    if isinstance(current, int):
+      value = ast.literal_eval(text)
+      if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"not an integer: {text!r}")
+      return value
+    if isinstance(current, float):
+      return float(ast.literal_eval(text)) if text.strip() not in ("inf", "-inf", "nan") else float(text)
+    if isinstance(current, str):
+      return text
+    if isinstance(current, (tuple, list)):
+      value = ast.literal_eval(text)
+      if not isinstance(value, (tuple, list)):
+        value = (value,)
+      return type(current)(value)
+    if current is None:
+      try:
+        return ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        return text
+  except (ValueError, SyntaxError) as e:
+    raise ConfigError(f"--config.{key}={text}: expected {type(current).__name__} ({e})") from None
+  raise ConfigError(f"--config.{key}: cannot override a value of type {type(current).__name__} from the command line")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
+  """Applies `a.b=v` strings (without the `--config.` prefix) to a locked config."""
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ConfigError(f"--config.{item}: expected --config.key=value")
+    parts = key.split(".")
+    node = config
+    for depth, part in enumerate(parts[:-1]):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        raise ConfigError(f"--config.{key}: unknown key {'.'.join(parts[:depth + 1])!r}; "
+                          f"known here: {sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else '-'}")
+      node = node[part]
+    leaf = parts[-1]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      raise ConfigError(f"--config.{key}: unknown key {leaf!r}; known here: {known}")
+    current = node[leaf]
+    if isinstance(current, ml_collections.ConfigDict):
+      raise ConfigError(f"--config.{key} is a section; set one of its keys: {sorted(current.keys())}")
+    value = _convert(key, current, text)
+    with node.unlocked():
+      node[leaf] = value
+  return config
+
+
+def split_config_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Separates `--config.a.b=v` (or `--config.a.b v`) from other arguments."""
+  overrides, rest = [], []
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config.") :
+      body = arg[len("--config."):]
+      if "=" not in body:
+        if i + 1 >= len(argv):
+          raise ConfigError(f"{arg}: missing value")
+        body = f"{body}={argv[i + 1]}"
+        i += 1
+      overrides.append(body)
+    else:
+      rest.append(arg)
+    i += 1
+  return overrides, rest
+
+
+def get_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """`get_config('configs/ehr/pretrain.py:smoke', ['train.steps=10'])`."""
+  return apply_overrides(load_config_file(spec), overrides)
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+  return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def _main_error(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
