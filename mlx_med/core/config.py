@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
-import sys
 from typing import Any, Iterable, Sequence
 
 import ml_collections
@@ -140,5 +139,36 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
   return config.to_json_best_effort(indent=2, sort_keys=True)
 
 
-def _main_error(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
+def default_train_config() -> ml_collections.ConfigDict:
+  """The `train` section every decoder experiment starts from."""
+  return ml_collections.ConfigDict(dict(
+      steps=1000,
+      batch_size=32,  # global, across all hosts
+      eval_batch_size=0,  # 0 = batch_size
+      grad_accum=1,
+      lr=3e-4,
+      schedule="cosine",  # cosine | wsd | constant
+      warmup_steps=100,
+      min_lr_ratio=0.1,
+      decay_fraction=0.2,  # wsd only: share of steps spent cooling down
+      weight_decay=0.1,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      grad_clip=1.0,
+      log_every=10,
+      eval_every=200,
+      eval_batches=20,  # 0 = the whole eval split
+      ckpt_every=200,
+      keep_checkpoints=3,
+      async_checkpointing=True,
+      max_nan_streak=5,
+  ))
+
+
+def default_mesh_config() -> ml_collections.ConfigDict:
+  """Mesh axes (-1 = the rest of the devices) and logical-rule overrides."""
+  return ml_collections.ConfigDict(dict(
+      shape=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
+      rules=(),
+  ))

@@ -1,0 +1,102 @@
+"""Run metrics: JSONL (always), TensorBoard (tensorboardX), and a progress bar.
+
+Only scalars are logged; no patient records ever reach a log line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+
+class MetricsWriter:
+  """Appends {"step": s, **scalars} lines to metrics.jsonl and mirrors them to TensorBoard."""
+
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+    self.enabled = enabled and jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      if tensorboard:
+        try:
+          from tensorboardX import SummaryWriter
+          self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:  # TensorBoard is optional; JSONL is the record
+          self._tb = None
+
+  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step)}
+    for key, value in scalars.items():
+      value = float(np.asarray(value))
+      row[key] = value if math.isfinite(value) else str(value)
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      for key, value in row.items():
+        if key != "step" and isinstance(value, float):
+          self._tb.add_scalar(key, value, step)
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics_after(path: str, step: int) -> None:
+  """On resume, drop rows logged after the restored checkpoint (they will be redone)."""
+  if not os.path.exists(path):
+    return
+  rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+  os.replace(tmp, path)
+
+
+class Progress:
+  """A one-line progress display: step, loss, tokens/s and ETA (tqdm when on a terminal)."""
+
+  def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):
+    self.enabled = enabled and jax.process_index() == 0
+    self.total, self.step = total, initial
+    self._start_time, self._start_step = None, initial
+    self._bar = None
+    if self.enabled:
+      from tqdm import tqdm
+      self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr,
+                       mininterval=1.0, smoothing=0.1)
+
+  def update(self, step: int, tokens_per_second: float | None = None, **scalars) -> None:
+    if not self.enabled:
+      return
+    if self._start_time is None:
+      self._start_time, self._start_step = time.perf_counter(), step
+    postfix = {k: f"{v:.4g}" for k, v in scalars.items()}
+    if tokens_per_second:
+      postfix["tok/s"] = f"{tokens_per_second:,.0f}"
+    self._bar.set_postfix(postfix, refresh=False)
+    self._bar.update(step - self.step)
+    self.step = step
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
