@@ -179,14 +179,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, model_cfg: DecoderCon
     pass
 
   last_loss, eval_loss = None, None
+  fault_kill_step = int(os.environ["MLX_MED_FAULT_KILL_AT_STEP"]) if os.environ.get("MLX_MED_FAULT_KILL_AT_STEP") else None
   pending = None  # metrics of the previous step, read one step late to keep dispatch async
-  window_start = time.perf_counter()
+  window_start, window_steps = time.perf_counter(), 0
   step = start
   try:
     while step < t.steps:
       batch = data_lib.to_global(next(iterator), b_sh)
       state, metrics = step_fn(state, batch)
       step += 1
+      window_steps += 1
+      if step == start + 1:  # leave compilation out of the throughput figures
+        jax.block_until_ready(metrics)
+        window_start, window_steps = time.perf_counter(), 0
       if pending is not None:
         _check_finite(pending, int(t.max_nan_streak))
       pending = metrics
@@ -195,8 +200,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, model_cfg: DecoderCon
         _check_finite(host, int(t.max_nan_streak))
         now = time.perf_counter()
         elapsed = max(now - window_start, 1e-9)
-        steps_in_window = t.log_every if step - start >= t.log_every else step - start
-        tokens_per_s = steps_in_window * int(t.batch_size) * (seq_len or 0) / elapsed
+        tokens_per_s = window_steps * int(t.batch_size) * (seq_len or 0) / elapsed if window_steps else 0.0
         row = {k: host[k] for k in ("loss", "grad_norm", "lr", "nan_skips") if k in host}
         row["tokens_per_s"] = tokens_per_s
         mfu = flops_lib.mfu(tokens_per_s, model_cfg, seq_len, jax.device_count(), peak) if seq_len else None
@@ -205,12 +209,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, model_cfg: DecoderCon
         writer.write(step, row)
         last_loss = float(host["loss"])
         bar.update(step, tokens_per_s, loss=last_loss)
-        window_start = time.perf_counter()
+        window_start, window_steps = time.perf_counter(), 0
       if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps) and eval_source is not None:
         eval_loss = evaluate(eval_fn, state["params"], eval_source, config, rules, b_sh)
         if eval_loss is not None:
           writer.write(step, {"eval_loss": eval_loss})
+        window_start, window_steps = time.perf_counter(), 0
       checkpointer.save(step, state, iterator, force=(step == t.steps) or stop_requested["flag"])
+      if fault_kill_step is not None and step == fault_kill_step:
+        # Fault injection for the resume test: die like a preempted VM would, after the
+        # last checkpoint is durable but with unsaved steps since.
+        checkpointer.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
       if stop_requested["flag"]:
         log.warning("SIGTERM: saved step %d; exiting so the job can be restarted", step)
         break
@@ -223,6 +233,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, model_cfg: DecoderCon
     writer.close()
     if previous_handler is not None:
       signal.signal(signal.SIGTERM, previous_handler)
+  checksum = float(jax.jit(lambda p: sum(jnp.sum(x.astype(jnp.float64) if jax.config.jax_enable_x64 else x)
+                                          for x in jax.tree.leaves(p)))(state["params"]))
+  print(f"[process {jax.process_index()}] final step {step} loss {last_loss} params_checksum {checksum!r}",
+        flush=True)
   if jax.process_index() == 0:
     plot_loss_curve(metrics_path, os.path.join(workdir, "loss_curve.png"))
   return TrainResult(step, last_loss, eval_loss, workdir, state)

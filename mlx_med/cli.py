@@ -1,0 +1,96 @@
+"""`mlx-med`: the command line of the project.
+
+  mlx-med train --config configs/ehr/pretrain.py:smoke --workdir runs/smoke [--config.a.b=v ...]
+  mlx-med ehr synth|tokenize|validate ...
+  mlx-med serve --model HF_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Each config names its task; the task's `run(config, workdir, args)` does the work.
+TASKS = {
+    "ehr_pretrain": "mlx_med.ehr.pretrain:run",
+}
+
+# Capability packages that add sub-commands through `register(subparsers)`.
+SUBCOMMAND_MODULES = ("mlx_med.ehr.cli", "mlx_med.llm.cli")
+
+
+def _train(args, overrides: list[str]) -> int:
+  from mlx_med.core import config as config_lib
+  from mlx_med.core import distributed
+
+  distributed.maybe_initialize(args.distributed, args.coordinator, args.num_processes, args.process_id)
+  config = config_lib.get_config(args.config, overrides)
+  task = config.get("task")
+  if task not in TASKS:
+    raise config_lib.ConfigError(f"{args.config}: config.task={task!r} is not one of {sorted(TASKS)}")
+  module_name, _, fn_name = TASKS[task].partition(":")
+  run = getattr(importlib.import_module(module_name), fn_name)
+  run(config, args.workdir, progress=not args.no_progress)
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="mlx-med", description="mlx_med: medical foundation models in JAX")
+  parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  train = sub.add_parser("train", help="train or resume an experiment from a config file",
+                         description="Overrides: --config.section.key=value (unknown keys are errors).")
+  train.add_argument("--config", required=True, help="path/to/config.py[:variant]")
+  train.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard, plots")
+  train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+  train.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (pods, SLURM)")
+  train.add_argument("--coordinator", help="host:port of process 0 for a manual multi-process run")
+  train.add_argument("--num-processes", type=int)
+  train.add_argument("--process-id", type=int)
+  train.set_defaults(func=_train)
+
+  for module_name in SUBCOMMAND_MODULES:
+    try:
+      module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+      if e.name != module_name:
+        raise
+      continue
+    module.register(sub)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  from mlx_med.core.config import ConfigError, split_config_args
+
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    overrides, rest = split_config_args(argv)
+  except ConfigError as e:
+    print(f"mlx-med: error: {e}", file=sys.stderr)
+    return 2
+  parser = build_parser()
+  args = parser.parse_args(rest)
+  logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  if not args.verbose:  # Orbax logs every checkpoint phase at INFO through absl
+    logging.getLogger("absl").setLevel(logging.WARNING)
+  if overrides and args.command != "train":
+    parser.error("--config.* overrides apply to `train` only")
+  try:
+    if args.command == "train":
+      return args.func(args, overrides)
+    return int(args.func(args) or 0)
+  except (ConfigError, ValueError, FileNotFoundError) as e:
+    # Bad input: one clear line, no traceback (-v shows it).
+    if args.verbose:
+      raise
+    print(f"mlx-med: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
