@@ -64,13 +64,15 @@ def _leaves(tree, prefix=""):
 
 def test_sigkill_and_restart_resumes_bitwise(tmp_path, cohort):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
-  cmd = _train_cmd(straight, cohort)
-  subprocess.run(cmd, check=True, env=_env(1), cwd=REPO, capture_output=True, timeout=600)
-
+  # The uninterrupted run and the run that gets killed go side by side.
+  uninterrupted = subprocess.Popen(_train_cmd(straight, cohort), env=_env(1), cwd=REPO,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   cmd = _train_cmd(killed, cohort)
   env = _env(1)
   env["MLX_MED_FAULT_KILL_AT_STEP"] = "6"  # checkpoint at 4 is durable; steps 5-6 are lost
   first = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, timeout=600)
+  _, err = uninterrupted.communicate(timeout=600)
+  assert uninterrupted.returncode == 0, err[-2000:]
   assert first.returncode == -signal.SIGKILL, first.stderr.decode()[-2000:]
   assert sorted(os.listdir(killed / "checkpoints")) == ["4"]
   second = subprocess.run(cmd, env=_env(1), cwd=REPO, capture_output=True, timeout=600, text=True)
