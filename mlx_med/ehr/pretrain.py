@@ -94,6 +94,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> DecoderC
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> trainer.TrainResult:
+  model_config(config, 1)  # fail fast on a bad model section, before any data work
   data = prepare_data(config, workdir, progress)
   model_cfg = model_config(config, data.tokenizer.vocab_size)
   if jax.process_index() == 0:

@@ -30,13 +30,20 @@ def _train_cfg(**kw):
   return cfg
 
 
-def test_grad_accumulation_equals_full_batch():
+@pytest.fixture(scope="module")
+def setup():
+  """One optimizer, initial params and compiled single-batch step shared by the tests (compiles are slow)."""
   opt, sched = optim.make_optimizer(_train_cfg())
   params = trainer._init_params_unjitted(CFG, 0)
+  return opt, sched, params, jax.jit(make_train_step(CFG, opt, sched, 1))
+
+
+def test_grad_accumulation_equals_full_batch(setup):
+  opt, sched, params, step1 = setup
   outs = []
   for accum in (1, 2):
     state = init_train_state(params, opt, 0)
-    step = jax.jit(make_train_step(CFG, opt, sched, accum))
+    step = step1 if accum == 1 else jax.jit(make_train_step(CFG, opt, sched, accum))
     state, metrics = step(state, _batch())
     outs.append((state, metrics))
   (s1, m1), (s2, m2) = outs
@@ -45,11 +52,9 @@ def test_grad_accumulation_equals_full_batch():
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_nan_guard_skips_update_and_counts():
-  opt, sched = optim.make_optimizer(_train_cfg())
-  params = trainer._init_params_unjitted(CFG, 0)
+def test_nan_guard_skips_update_and_counts(setup):
+  opt, sched, params, step = setup
   state = init_train_state(params, opt, 0)
-  step = jax.jit(make_train_step(CFG, opt, sched, 1))
   bad = _batch()
   bad["loss_mask"] = bad["loss_mask"] * np.float32(np.nan)
   new_state, metrics = step(state, bad)
