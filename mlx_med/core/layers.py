@@ -6,6 +6,7 @@ Parameters carry logical axis names (flax `with_logical_partitioning`), which
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -20,6 +21,88 @@ Dtype = Any
 
 def logical_init(init_fn, axes: Sequence[str | None]):
   return nn.with_logical_partitioning(init_fn, tuple(axes))
+
+
+# ----------------------------------------------------------------------------
+# Dense-layer matmul with a CPU-friendly backward pass.
+#
+# Why: the weight gradient of y = x @ W is x^T @ dy, a contraction over the
+# *major* (token) axis of both operands. XLA:CPU's fast matmul path (YNNPACK)
+# only takes a left operand whose contracted axis is minor, so autodiff's
+# dot_general falls back to the slower Eigen path and layout assignment inserts
+# transposed copies of [tokens, features] activations, often fused into
+# elementwise producers (e.g. the SwiGLU gradient) that then write with a large
+# stride. That was a quarter of the decoder's CPU train step. Here the smaller
+# of x and dy is transposed explicitly and pinned with an optimization barrier
+# (so XLA cannot fold it back into the dot), and the matmul runs in the fast
+# path. Same math; only the summation order of the weight gradient can differ.
+# Used only when tracing for CPU; GPU/TPU matmuls take transposes for free.
+# ----------------------------------------------------------------------------
+
+
+def _dense_dims(lhs_ndim: int, rhs_ndim: int, dimension_numbers) -> int | None:
+  """Number of contracted axes if this is a plain dense layer, else None.
+
+  Plain: no batch dims, lhs contracts its trailing axes, rhs its leading axes.
+  """
+  (lhs_c, rhs_c), (lhs_b, rhs_b) = dimension_numbers
+  n = len(lhs_c)
+  if lhs_b or rhs_b or n == 0 or len(rhs_c) != n:
+    return None
+  if tuple(int(a) % lhs_ndim for a in lhs_c) != tuple(range(lhs_ndim - n, lhs_ndim)):
+    return None
+  if tuple(int(a) % rhs_ndim for a in rhs_c) != tuple(range(n)):
+    return None
+  return n
+
+
+def _matmul_2d(x2: jax.Array, w2: jax.Array, precision) -> jax.Array:
+  return jax.lax.dot_general(x2, w2, (((1,), (0,)), ((), ())), precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense_matmul(x2: jax.Array, w2: jax.Array, precision=None) -> jax.Array:
+  """[N, K] @ [K, F] with the backward pass described above."""
+  return _matmul_2d(x2, w2, precision)
+
+
+def _dense_matmul_fwd(x2, w2, precision):
+  return _matmul_2d(x2, w2, precision), (x2, w2)
+
+
+def _dense_matmul_bwd(precision, residuals, dy):
+  x2, w2 = residuals
+  dy = dy.astype(x2.dtype) if dy.dtype != x2.dtype else dy
+  dx = jax.lax.dot_general(dy, w2, (((1,), (1,)), ((), ())), precision=precision)  # dy @ W^T
+  if x2.shape[1] <= dy.shape[1]:
+    # dW = x^T @ dy with x^T (the smaller operand) materialised row-major.
+    x_t = jax.lax.optimization_barrier(x2.T)
+    dw = jax.lax.dot_general(x_t, dy, (((1,), (0,)), ((), ())), precision=precision)
+  else:
+    # dW^T = dy^T @ x, then a transpose of the (weight-sized) result.
+    dy_t = jax.lax.optimization_barrier(dy.T)
+    dw = jax.lax.dot_general(dy_t, x2, (((1,), (0,)), ((), ())), precision=precision).T
+  return dx.astype(x2.dtype), dw.astype(w2.dtype)
+
+
+_dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
+
+
+def cpu_dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                          preferred_element_type=None, **kwargs) -> jax.Array:
+  """Drop-in `dot_general` for `nn.DenseGeneral` (see the notes above).
+
+  Falls back to `lax.dot_general` for anything but a plain dense layer traced
+  for CPU, and whenever an output dtype is requested.
+  """
+  n = _dense_dims(lhs.ndim, rhs.ndim, dimension_numbers)
+  if n is None or preferred_element_type is not None or kwargs or jax.default_backend() != "cpu":
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, **kwargs)
+  k = math.prod(lhs.shape[lhs.ndim - n:])
+  out_shape = lhs.shape[:lhs.ndim - n] + rhs.shape[n:]
+  y = _dense_matmul(lhs.reshape(-1, k), rhs.reshape(k, -1), precision)
+  return y.reshape(out_shape)
 
 
 class RMSNorm(nn.Module):
@@ -92,7 +175,7 @@ class GatedMLP(nn.Module):
     d_model = x.shape[-1]
     dense = lambda n, feats, axes: nn.DenseGeneral(
         feats, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=logical_init(self.kernel_init, axes), name=n)
+        kernel_init=logical_init(self.kernel_init, axes), dot_general=cpu_dense_dot_general, name=n)
     gate = dense("gate_proj", self.hidden_dim, ("embed", "mlp"))(x)
     up = dense("up_proj", self.hidden_dim, ("embed", "mlp"))(x)
     h = nn.silu(gate) * up

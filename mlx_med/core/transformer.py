@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from mlx_med.core import attention as attention_lib
 from mlx_med.core import sharding as sharding_lib
-from mlx_med.core.layers import GatedMLP, RMSNorm, apply_rope, logical_init, rope_inverse_frequencies
+from mlx_med.core.layers import GatedMLP, RMSNorm, apply_rope, cpu_dense_dot_general, logical_init, rope_inverse_frequencies
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -133,7 +133,7 @@ class Attention(nn.Module):
       return nn.DenseGeneral(
           (heads, hd), use_bias=cfg.qkv_bias, dtype=dtype, param_dtype=pdtype,
           kernel_init=logical_init(init, ("embed",) + axes),
-          bias_init=logical_init(nn.initializers.zeros, axes), name=name)(x)
+          bias_init=logical_init(nn.initializers.zeros, axes), dot_general=cpu_dense_dot_general, name=name)(x)
 
     q = proj("q_proj", cfg.num_heads, ("heads", "head_dim"))
     k = proj("k_proj", cfg.num_kv_heads, ("kv_heads", "head_dim"))
@@ -157,11 +157,14 @@ class Attention(nn.Module):
       new_cache = {"k": ck, "v": cv}
       k, v = ck.astype(dtype), cv.astype(dtype)
 
-    out = attention_lib.attend(q, k, v, mask, cfg.attention_backend)
+    # Without a cache the decoder's mask is causal over slots 0..T-1 (see
+    # Decoder.__call__), which lets blocked backends skip the upper triangle.
+    out = attention_lib.attend(q, k, v, mask, cfg.attention_backend, mask_is_causal=layer_cache is None)
     out = sharding_lib.constrain(self.rules, out, ("batch", "length", "act_heads", None))
     out = nn.DenseGeneral(
         cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=pdtype,
-        kernel_init=logical_init(init, ("heads", "head_dim", "embed")), name="o_proj")(out)
+        kernel_init=logical_init(init, ("heads", "head_dim", "embed")), dot_general=cpu_dense_dot_general,
+        name="o_proj")(out)
     return out, new_cache
 
 
@@ -181,6 +184,8 @@ class DecoderLayer(nn.Module):
     x = sharding_lib.constrain(self.rules, x, ("batch", "length", "act_embed"))
     return x, new_cache
 
+
+_SCAN_UNROLL = 1  # experiment knob
 
 _REMAT_POLICIES = {
     "full": None,
@@ -215,13 +220,15 @@ class Decoder(nn.Module):
         split_rngs={"params": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
+        unroll=_SCAN_UNROLL,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg, self.rules, name="layers")
     self.final_norm = RMSNorm(cfg.norm_eps, as_dtype(cfg.dtype), as_dtype(cfg.param_dtype), name="final_norm")
     if not cfg.tie_embeddings:
       self.lm_head = nn.DenseGeneral(
           cfg.vocab_size, use_bias=False, dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
-          kernel_init=logical_init(nn.initializers.normal(cfg.init_std), ("embed", "vocab")), name="lm_head")
+          kernel_init=logical_init(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
+          dot_general=cpu_dense_dot_general, name="lm_head")
 
   def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
                cache_index=None, return_hidden: bool = False):

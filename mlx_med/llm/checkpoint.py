@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp

@@ -1,0 +1,288 @@
+"""One completion interface, two backends: the in-process model or an OpenAI-compatible endpoint.
+
+Research code (METASCALE's meta-thought sampling, UniMedAbstractor's extraction,
+ICL studies) calls `client.chat(messages, n=..., logprobs=...)` and does not care
+whether the model runs here (`LocalClient`) or behind vLLM / Azure OpenAI
+(`OpenAIClient`). Switch with the config; the results have the same shape.
+
+Patient data rules, enforced here rather than left to callers:
+* the remote backend has **no default endpoint**: it sends only to a base URL the
+  user configured (argument, config or MLX_MED_LLM_BASE_URL), never to a vendor's
+  public API by accident (the openai package's own OPENAI_BASE_URL is ignored);
+* plain `http://` is refused for non-loopback hosts unless `allow_insecure_http`;
+* prompt and completion contents are never logged (only sizes, counts, latency),
+  and debug records from the HTTP stack that could carry bodies are dropped.
+Timeouts and a bounded number of retries (with backoff, for connection errors, 408,
+409, 429 and 5xx) come from the official `openai` client.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import ipaddress
+import logging
+import os
+import time
+from typing import Any, Mapping, Optional, Sequence, Union
+from urllib.parse import urlparse
+
+logger = logging.getLogger("mlx_med.llm.client")
+
+ENV_BASE_URL = "MLX_MED_LLM_BASE_URL"
+ENV_API_KEY = "MLX_MED_LLM_API_KEY"
+ENV_MODEL = "MLX_MED_LLM_MODEL"
+
+Messages = Sequence[Mapping[str, Any]]
+
+
+@dataclasses.dataclass
+class Completion:
+  """One sampled completion, identical in shape for both backends.
+
+  tokens / token_logprobs / top_logprobs are filled when logprobs were requested:
+  the text of each generated token, its log-probability and the most likely
+  alternatives ({token text: logprob}).
+  """
+
+  text: str
+  finish_reason: str
+  tokens: Optional[list[str]] = None
+  token_logprobs: Optional[list[float]] = None
+  top_logprobs: Optional[list[dict[str, float]]] = None
+  prompt_tokens: Optional[int] = None
+  completion_tokens: Optional[int] = None
+
+
+class LLMClient(abc.ABC):
+  """Text and chat completion with n samples and optional logprobs."""
+
+  @abc.abstractmethod
+  def complete(self, prompt: str, *, max_tokens: int = 256, temperature: Optional[float] = None,
+               top_p: Optional[float] = None, n: int = 1, stop: Union[None, str, Sequence[str]] = None,
+               seed: Optional[int] = None, logprobs: Optional[int] = None) -> list[Completion]:
+    """Continues `prompt`; `logprobs` = number of alternatives per token (0 = only the chosen one)."""
+
+  @abc.abstractmethod
+  def chat(self, messages: Messages, *, max_tokens: int = 256, temperature: Optional[float] = None,
+           top_p: Optional[float] = None, n: int = 1, stop: Union[None, str, Sequence[str]] = None,
+           seed: Optional[int] = None, logprobs: Optional[int] = None) -> list[Completion]:
+    """Answers a conversation (through the model's chat template); same knobs as `complete`."""
+
+  def close(self) -> None:
+    pass
+
+
+def _log_call(backend: str, kind: str, n: int, started: float, outs: list[Completion]) -> None:
+  # Sizes and timing only: never the prompt or the completion text.
+  tokens = sum(o.completion_tokens or 0 for o in outs)
+  logger.info("%s %s: n=%d, %d completion tokens, %.2fs", backend, kind, n, tokens, time.monotonic() - started)
+
+
+class LocalClient(LLMClient):
+  """Runs a `LocalLM` in this process (the data never leaves it)."""
+
+  def __init__(self, model: Any, **load_kwargs):
+    if isinstance(model, str):
+      from mlx_med.llm.model import LocalLM
+      model = LocalLM.from_pretrained(model, **load_kwargs)
+    self.lm = model
+
+  def _run(self, prompts: list[list[int]], n: int, kind: str, **knobs) -> list[Completion]:
+    started = time.monotonic()
+    top = knobs.pop("logprobs")
+    rows, sampling = [], []
+    for j in range(n):
+      seed = knobs.get("seed")
+      sp = self.lm.sampling_params(**{**knobs, "seed": None if seed is None else seed + 7919 * j},
+                                   logprobs=top or 0)
+      rows.append(prompts[0])
+      sampling.append(sp)
+    gens = self.lm.generate_tokens(rows, sampling)
+    tok = self.lm.tokenizer
+    outs = []
+    for g in gens:
+      c = Completion(text=g.text, finish_reason=g.finish_reason, prompt_tokens=len(g.prompt_token_ids),
+                     completion_tokens=len(g.token_ids))
+      if top is not None:
+        c.tokens = [tok.token_text(t) for t in g.token_ids]
+        c.token_logprobs = list(g.logprobs)
+        if g.top_logprobs is not None:
+          c.top_logprobs = [{tok.token_text(i): lp for i, lp in alts} for alts in g.top_logprobs]
+      outs.append(c)
+    _log_call("local", kind, n, started, outs)
+    return outs
+
+  def complete(self, prompt, *, max_tokens=256, temperature=None, top_p=None, n=1, stop=None, seed=None,
+               logprobs=None):
+    return self._run([self.lm.encode_prompt(prompt)], n, "completion", max_tokens=max_tokens,
+                     temperature=temperature, top_p=top_p, stop=stop, seed=seed, logprobs=logprobs)
+
+  def chat(self, messages, *, max_tokens=256, temperature=None, top_p=None, n=1, stop=None, seed=None,
+           logprobs=None):
+    return self._run([self.lm.encode_chat(messages)], n, "chat", max_tokens=max_tokens, temperature=temperature,
+                     top_p=top_p, stop=stop, seed=seed, logprobs=logprobs)
+
+
+class _DropBodies(logging.Filter):
+  """Drops HTTP-stack debug records that could carry request bodies (defence in depth)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno > logging.DEBUG:
+      return True
+    message = str(record.msg)
+    return not any(word in message for word in ("Request options", "json_data", "content", "body"))
+
+
+_FILTER = _DropBodies()
+
+
+def _check_endpoint(base_url: str, allow_insecure_http: bool) -> None:
+  parsed = urlparse(base_url)
+  if parsed.scheme not in ("http", "https") or not parsed.hostname:
+    raise ValueError(f"base_url {base_url!r} must be an http(s) URL such as https://host/v1")
+  if parsed.scheme == "http" and not allow_insecure_http:
+    host = parsed.hostname
+    try:
+      loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+      loopback = host == "localhost"
+    if not loopback:
+      raise ValueError(f"refusing plain http to {host}: patient data would cross the network unencrypted; "
+                       "use https or set allow_insecure_http=True for a trusted network")
+
+
+class OpenAIClient(LLMClient):
+  """Any OpenAI-compatible endpoint: vLLM, `mlx-med serve`, Azure OpenAI (`azure_api_version`)."""
+
+  def __init__(self, model: Optional[str] = None, *, base_url: Optional[str] = None, api_key: Optional[str] = None,
+               timeout: float = 60.0, max_retries: int = 2, azure_api_version: Optional[str] = None,
+               allow_insecure_http: bool = False):
+    import openai
+
+    base_url = base_url or os.environ.get(ENV_BASE_URL)
+    if not base_url:
+      raise ValueError(f"no endpoint configured: pass base_url or set {ENV_BASE_URL} "
+                       "(there is deliberately no default, so data only goes where you say)")
+    _check_endpoint(base_url, allow_insecure_http)
+    model = model or os.environ.get(ENV_MODEL)
+    if not model:
+      raise ValueError(f"no model name: pass model or set {ENV_MODEL}")
+    if max_retries < 0 or max_retries > 10:
+      raise ValueError("max_retries must be in [0, 10]")
+    api_key = api_key or os.environ.get(ENV_API_KEY) or "EMPTY"  # vLLM without --api-key accepts any key
+    self.model = model
+    self.base_url = base_url
+    if azure_api_version:
+      self._client = openai.AzureOpenAI(azure_endpoint=base_url, api_version=azure_api_version, api_key=api_key,
+                                        timeout=timeout, max_retries=max_retries)
+    else:
+      self._client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
+    for name in ("openai", "httpx", "httpx2", "httpcore"):
+      log = logging.getLogger(name)
+      if _FILTER not in log.filters:
+        log.addFilter(_FILTER)
+
+  @staticmethod
+  def _common(max_tokens, temperature, top_p, n, stop, seed) -> dict:
+    args: dict[str, Any] = {"max_tokens": max_tokens, "n": n}
+    for key, value in (("temperature", temperature), ("top_p", top_p), ("stop", stop), ("seed", seed)):
+      if value is not None:
+        args[key] = list(value) if key == "stop" and not isinstance(value, str) else value
+    return args
+
+  def complete(self, prompt, *, max_tokens=256, temperature=None, top_p=None, n=1, stop=None, seed=None,
+               logprobs=None):
+    started = time.monotonic()
+    args = self._common(max_tokens, temperature, top_p, n, stop, seed)
+    if logprobs is not None:
+      args["logprobs"] = logprobs
+    resp = self._client.completions.create(model=self.model, prompt=prompt, **args)
+    usage = resp.usage
+    outs = []
+    for choice in sorted(resp.choices, key=lambda c: c.index):
+      c = Completion(text=choice.text, finish_reason=choice.finish_reason,
+                     prompt_tokens=usage.prompt_tokens if usage else None)
+      if choice.logprobs is not None and logprobs is not None:
+        c.tokens = list(choice.logprobs.tokens or [])
+        c.token_logprobs = list(choice.logprobs.token_logprobs or [])
+        c.top_logprobs = [dict(t) for t in choice.logprobs.top_logprobs] if choice.logprobs.top_logprobs else None
+        c.completion_tokens = len(c.tokens)
+      outs.append(c)
+    self._split_usage(outs, usage)
+    _log_call("remote", "completion", n, started, outs)
+    return outs
+
+  def chat(self, messages, *, max_tokens=256, temperature=None, top_p=None, n=1, stop=None, seed=None,
+           logprobs=None):
+    started = time.monotonic()
+    args = self._common(max_tokens, temperature, top_p, n, stop, seed)
+    if logprobs is not None:
+      args["logprobs"] = True
+      if logprobs:
+        args["top_logprobs"] = logprobs
+    resp = self._client.chat.completions.create(model=self.model, messages=list(messages), **args)
+    usage = resp.usage
+    outs = []
+    for choice in sorted(resp.choices, key=lambda c: c.index):
+      c = Completion(text=choice.message.content or "", finish_reason=choice.finish_reason,
+                     prompt_tokens=usage.prompt_tokens if usage else None)
+      if logprobs is not None and choice.logprobs is not None and choice.logprobs.content is not None:
+        content = choice.logprobs.content
+        c.tokens = [t.token for t in content]
+        c.token_logprobs = [t.logprob for t in content]
+        if logprobs:
+          c.top_logprobs = [{a.token: a.logprob for a in t.top_logprobs} for t in content]
+        c.completion_tokens = len(content)
+      outs.append(c)
+    self._split_usage(outs, usage)
+    _log_call("remote", "chat", n, started, outs)
+    return outs
+
+  @staticmethod
+  def _split_usage(outs: list[Completion], usage) -> None:
+    if usage is not None and outs and all(o.completion_tokens is None for o in outs) and len(outs) == 1:
+      outs[0].completion_tokens = usage.completion_tokens
+
+  def close(self) -> None:
+    self._client.close()
+
+
+def make_client(config: Mapping[str, Any]) -> LLMClient:
+  """A client from a config section, e.g. (ml_collections or dict)::
+
+    {"backend": "local", "model": "/models/Qwen2.5-3B-Instruct", "dtype": "bfloat16"}
+    {"backend": "openai", "model": "qwen2.5-7b", "base_url": "http://127.0.0.1:8000/v1",
+     "api_key_env": "MY_KEY_VAR", "timeout": 60, "max_retries": 2}
+    {"backend": "azure", "model": "<deployment>", "base_url": "https://<res>.openai.azure.com",
+     "api_version": "2024-10-21", "api_key_env": "AZURE_OPENAI_API_KEY"}
+
+  Keys are read from the named environment variable, so configs never hold secrets.
+  """
+  cfg = dict(config)
+  backend = cfg.pop("backend", "local")
+  known = {"local": {"model", "dtype", "mesh_shape", "max_seq_len"},
+           "openai": {"model", "base_url", "api_key_env", "timeout", "max_retries", "allow_insecure_http"},
+           "azure": {"model", "base_url", "api_key_env", "timeout", "max_retries", "api_version",
+                     "allow_insecure_http"}}
+  if backend not in known:
+    raise ValueError(f"client backend {backend!r} is unknown; choose one of {sorted(known)}")
+  unknown = sorted(set(cfg) - known[backend])
+  if unknown:
+    raise ValueError(f"client config for backend {backend!r} has unknown keys {unknown}; known: "
+                     f"{sorted(known[backend])}")
+  if backend == "local":
+    model = cfg.pop("model", None)
+    if not model:
+      raise ValueError("local client config needs 'model' (a Hugging Face model directory)")
+    return LocalClient(model, **cfg)
+  if backend == "azure" and not cfg.get("api_version"):
+    raise ValueError("azure client config needs 'api_version' (e.g. '2024-10-21')")
+  key_env = cfg.pop("api_key_env", None)
+  api_key = os.environ.get(key_env) if key_env else None
+  if key_env and api_key is None:
+    raise ValueError(f"environment variable {key_env} (api_key_env) is not set")
+  return OpenAIClient(cfg.pop("model", None), base_url=cfg.pop("base_url", None), api_key=api_key,
+                      timeout=float(cfg.pop("timeout", 60.0)), max_retries=int(cfg.pop("max_retries", 2)),
+                      azure_api_version=cfg.pop("api_version", None) if backend == "azure" else None,
+                      allow_insecure_http=bool(cfg.pop("allow_insecure_http", False)))

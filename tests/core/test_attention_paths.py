@@ -1,0 +1,179 @@
+"""Every attention path (and the CPU dense-matmul backward) against plain jnp.
+
+The reference is written out here, not imported: softmax(Q K^T / sqrt(d) with
+masked scores replaced by the most negative float) V, grouped-query heads by
+repetition. Replacing (rather than adding -inf) is the convention the `xla`
+backend defines: a query with no valid key (padding) gets the uniform average
+of all values and no gradient into its scores. Forward and gradients must agree
+at fp32 1e-5, including packed segments, padding, GQA, blocks that do not
+divide the length, and the non-causal (KV-cache) path; decoding from a KV cache
+must reproduce the full forward.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlx_med.core import attention as attention_lib
+from mlx_med.core.layers import cpu_dense_dot_general
+from mlx_med.core.params import init_params
+from mlx_med.core.transformer import Decoder, DecoderConfig, init_cache
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+NEW_PATHS = ("cpu",)  # attention backends added for speed; each must match the reference
+
+
+def reference_attention(q, k, v, mask):
+  """Plain jnp: q [B,T,H,D], k/v [B,S,K,D], mask [B,T,S] bool -> [B,T,H,D]."""
+  group = q.shape[2] // k.shape[2]
+  k = jnp.repeat(k, group, axis=2)
+  v = jnp.repeat(v, group, axis=2)
+  scores = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(jnp.float32(q.shape[-1]))
+  scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+  return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
+
+
+def _inputs(b, t, s, heads, kv_heads, d, seed):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.normal(size=(b, t, heads, d)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(b, s, kv_heads, d)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, s, kv_heads, d)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(b, t, heads, d)), jnp.float32)  # cotangent weights
+  return q, k, v, w
+
+
+def _packed_causal_mask(b, t):
+  """Row 0: two packed segments and leading padding; row 1: trailing padding."""
+  seg = np.ones((b, t), np.int32)
+  seg[0, : t // 8] = 0
+  seg[0, t // 3:] = 2
+  seg[1 % b, t - t // 4:] = 0
+  seg = jnp.asarray(seg)
+  slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  return attention_lib.make_mask(seg, seg, slots, slots, causal=True)
+
+
+def _check_forward_and_grads(backend, q, k, v, w, mask, mask_is_causal):
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(fn(q, k, v) * w)
+
+  ours = lambda q, k, v: attention_lib.attend(q, k, v, mask, backend, mask_is_causal=mask_is_causal)
+  ref = lambda q, k, v: reference_attention(q, k, v, mask)
+  # One compiled function per side (forward and gradients together) keeps this fast.
+  both = lambda fn: jax.jit(lambda q, k, v: (fn(q, k, v), jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v)))
+  (out, got), (want_out, want) = both(ours)(q, k, v), both(ref)(q, k, v)
+  np.testing.assert_allclose(out, want_out, **TOL)
+  for name, g, r in zip("qkv", got, want):
+    np.testing.assert_allclose(g, r, err_msg=f"d{name}", **TOL)
+
+
+@pytest.mark.parametrize("backend,t,heads,kv_heads,block", [
+    ("xla", 40, 4, 2, 16),  # the reference's conventions are those of the default backend
+    *[(b, 96, 4, 2, 32) for b in NEW_PATHS],
+    *[(b, 70, 4, 4, 32) for b in NEW_PATHS],  # 70 % 32 != 0: a ragged last block; no GQA
+    *[(b, 40, 6, 2, 128) for b in NEW_PATHS],  # one block longer than the sequence
+])
+def test_causal_self_attention_matches_reference(backend, t, heads, kv_heads, block, monkeypatch):
+  monkeypatch.setattr(attention_lib, "CPU_BLOCK", block)
+  q, k, v, w = _inputs(2, t, t, heads, kv_heads, 16, seed=t)
+  mask = _packed_causal_mask(2, t)
+  _check_forward_and_grads(backend, q, k, v, w, mask, mask_is_causal=True)
+
+
+@pytest.mark.parametrize("backend", NEW_PATHS)
+def test_general_mask_without_causal_promise(backend, monkeypatch):
+  """A KV-cache-shaped call: 5 new queries over 48 slots, some slots empty."""
+  monkeypatch.setattr(attention_lib, "CPU_BLOCK", 4)
+  b, t, s = 2, 5, 48
+  q, k, v, w = _inputs(b, t, s, 4, 2, 8, seed=3)
+  kv_seg = np.ones((b, s), np.int32)
+  kv_seg[:, 30:] = 0  # empty cache slots
+  kv_seg[1, :6] = 0  # left padding
+  q_seg = jnp.ones((b, t), jnp.int32).at[1, 0].set(0)  # a padding query: no valid key
+  q_slots = jnp.broadcast_to(20 + jnp.arange(t, dtype=jnp.int32), (b, t))
+  kv_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  mask = attention_lib.make_mask(q_seg, jnp.asarray(kv_seg), q_slots, kv_slots, causal=True)
+  _check_forward_and_grads(backend, q, k, v, w, mask, mask_is_causal=False)
+
+
+def test_causal_promise_ignored_when_lengths_differ():
+  q, k, v, w = _inputs(1, 4, 12, 2, 2, 8, seed=5)
+  mask = jnp.ones((1, 4, 12), bool)
+  out = jax.jit(lambda q, k, v: attention_lib.attend(q, k, v, mask, "cpu", mask_is_causal=True))(q, k, v)
+  np.testing.assert_allclose(out, jax.jit(reference_attention)(q, k, v, mask), **TOL)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,contract", [
+    ((3, 7, 16), (16, 24), 1),      # tokens x features -> wider (x^T is the smaller operand)
+    ((3, 7, 24), (24, 16), 1),      # -> narrower (dy^T is the smaller operand)
+    ((2, 5, 16), (16, 4, 8), 1),    # q/k/v projections: features (heads, head_dim)
+    ((2, 5, 4, 8), (4, 8, 16), 2),  # o_proj: contracts (heads, head_dim)
+])
+def test_cpu_dense_dot_general_matches_lax(x_shape, w_shape, contract):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=w_shape), jnp.float32)
+  dims = ((tuple(range(len(x_shape) - contract, len(x_shape))), tuple(range(contract))), ((), ()))
+  out_shape = x_shape[:len(x_shape) - contract] + w_shape[contract:]
+  cot = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+  loss = lambda fn: (lambda x, w: jnp.sum(fn(x, w, dims) * cot))
+  both = lambda fn: jax.jit(lambda x, w: (fn(x, w, dims), jax.grad(loss(fn), argnums=(0, 1))(x, w)))
+  (out, got), (want_out, want) = both(cpu_dense_dot_general)(x, w), both(jax.lax.dot_general)(x, w)
+  np.testing.assert_allclose(out, want_out, **TOL)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(g, r, **TOL)
+
+
+def test_dense_layer_params_unchanged_by_custom_dot():
+  """Same parameter tree and initial values as a stock DenseGeneral."""
+  x = jnp.ones((2, 3, 8))
+  stock = nn.DenseGeneral((4, 2), use_bias=True).init(jax.random.key(0), x)
+  ours = nn.DenseGeneral((4, 2), use_bias=True, dot_general=cpu_dense_dot_general).init(jax.random.key(0), x)
+  jax.tree.map(np.testing.assert_array_equal, stock, ours)
+
+
+SMALL = DecoderConfig(vocab_size=97, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=48,
+                      max_seq_len=64, attention_backend="cpu")
+
+
+@pytest.fixture(scope="module")
+def small_params():
+  return init_params(SMALL, jax.random.key(0))
+
+
+def test_decoder_cpu_backend_matches_xla_backend(small_params):
+  """Whole-model logits and parameter gradients: `cpu` vs the dense `xla` backend."""
+  import dataclasses
+  rng = np.random.default_rng(1)
+  tokens = jnp.asarray(rng.integers(0, SMALL.vocab_size, (2, 40)), jnp.int32)
+  seg = jnp.ones((2, 40), jnp.int32).at[0, 25:].set(2).at[1, 33:].set(0)
+
+  def loss(cfg):
+    def fn(p):
+      logits = Decoder(cfg).apply({"params": p}, tokens, segment_ids=seg)
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+    return jax.jit(jax.value_and_grad(fn, has_aux=True))
+
+  (_, got_logits), got = loss(SMALL)(small_params)
+  (_, want_logits), want = loss(dataclasses.replace(SMALL, attention_backend="xla"))(small_params)
+  np.testing.assert_allclose(got_logits, want_logits, **TOL)
+  jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, **TOL), got, want)
+
+
+def test_cached_decode_matches_full_forward(small_params):
+  """Prefill 9 tokens into a cache, then decode one at a time: same logits as one full pass."""
+  rng = np.random.default_rng(2)
+  b, t, prefill = 2, 16, 9
+  tokens = jnp.asarray(rng.integers(0, SMALL.vocab_size, (b, t)), jnp.int32)
+  model = Decoder(SMALL)
+  full = jax.jit(lambda p, x: model.apply({"params": p}, x))(small_params, tokens)
+
+  step = jax.jit(lambda p, x, cache, index: model.apply({"params": p}, x, cache=cache, cache_index=index))
+  cache = init_cache(SMALL, b, 32)
+  logits, cache = step(small_params, tokens[:, :prefill], cache, 0)
+  np.testing.assert_allclose(logits, full[:, :prefill], **TOL)
+  for i in range(prefill, t):
+    logits, cache = step(small_params, tokens[:, i:i + 1], cache, i)
+    np.testing.assert_allclose(logits[:, 0], full[:, i], **TOL)
