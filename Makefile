@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[hf,test]'
+	$(PY) -m pip install -q -e '.[hf,serve,test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
