@@ -9,20 +9,22 @@ Design, in short (details in docs/DESIGN_llm.md):
 * One jitted **prefill** runs the prompt block through the decoder, creates the
   static cache [L, B, P + N, K, D] and samples the first token. One jitted **decode**
   function then runs a `lax.while_loop` over single-token steps until every row is
-  done or a step bound is reached. Its state (cache included) is donated, so the
-  cache is updated in place. The step bound is a traced scalar: streaming calls the
+  done or a step bound is reached. Its state (cache included) is donated, so calls
+  never hold two caches. The step bound is a traced scalar: streaming calls the
   same compiled function in chunks, batch jobs call it once.
 * Everything that varies per request is an array (temperature, top-k/p, min-p,
-  seeds, stop ids, max new tokens, think budgets), so one compiled program serves
-  any mix of requests. Only shapes are static, and shapes are **bucketed**
-  (batch, prompt length, new-token length) to bound the number of compiles.
+  penalties, seeds, stop ids, max new tokens, think budgets), so one compiled program
+  serves any mix of requests. Only shapes and two batch-level flags (sampling mode,
+  penalties on/off) are static, and shapes are **bucketed** (batch, prompt length,
+  new-token length, number of top alternatives) to bound the number of compiles.
 * Randomness is per row: row b at step i draws one uniform number from
   `fold_in(key(seed_b), i)` and inverts the (truncated) CDF. A request with a seed
   therefore produces the same tokens whichever batch it lands in, and sharded
   sampling equals unsharded sampling.
 * Per-token log-probabilities are those of the raw model distribution (before
-  temperature and truncation), as vLLM returns by default and as RL needs for
-  importance ratios; optional top-k alternatives come along for the OpenAI API.
+  penalties, temperature and truncation), as vLLM returns by default; for RL rollouts
+  sampled at temperature 1 without truncation they are the behaviour policy's.
+  Optional top-k alternatives come along for the OpenAI API.
 * Stop strings need text, so they are checked on the host between chunks by a
   caller-supplied `detokenize` function; the matched row is then marked done.
 * `think_budget`: after that many generated tokens a row that has not closed its
@@ -272,6 +274,7 @@ def sampling_mode(sampling: Sequence[SamplingParams]) -> str:
 
 
 def _apply_penalties(logits: jax.Array, state: DecodeState, rows: RowParams) -> jax.Array:
+  """Repetition (prompt + generated tokens), presence and frequency (generated) penalties."""
   seen = state.prompt_seen | (state.counts > 0)
   rep = rows.repetition[:, None]
   logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
@@ -283,7 +286,6 @@ def _choose_and_record(state: DecodeState, logits: jax.Array, rows: RowParams, n
                        mode: str) -> DecodeState:
   """Picks the token for index `state.step`, applies the think hook and stop rules, records it."""
   step = state.step
-  batch = logits.shape[0]
   penalties = state.counts.shape[-1] > 0  # static: the buffers exist only when some row asks
   sampled = _sample_tokens(_apply_penalties(logits, state, rows) if penalties else logits, rows, step, mode)
 
@@ -321,7 +323,6 @@ def _choose_and_record(state: DecodeState, logits: jax.Array, rows: RowParams, n
     values, ids = jax.lax.top_k(logp, num_top)
     top_ids = jax.lax.dynamic_update_slice_in_dim(top_ids, ids.astype(jnp.int32)[:, None, :], step, axis=1)
     top_lps = jax.lax.dynamic_update_slice_in_dim(top_lps, values[:, None, :], step, axis=1)
-  del batch
   return state._replace(
       tokens=tokens, logprobs=logprobs, forced=forced, top_ids=top_ids, top_logprobs=top_lps,
       last=token, step=step + 1, num=num, done=done, stopped=state.stopped | is_stop,
@@ -334,17 +335,23 @@ def _choose_and_record(state: DecodeState, logits: jax.Array, rows: RowParams, n
 # ------------------------------------------------------------------ jitted pieces
 
 
-def _cache_logical_axes():
-  return {"k": ("layers", "batch", "cache_length", "act_kv_heads", None),
-          "v": ("layers", "batch", "cache_length", "act_kv_heads", None),
-          "segment_ids": ("batch", "cache_length")}
+_KV_AXES = ("batch", "cache_length", "act_kv_heads", None)
+
+
+def _constrain_cache(cache: dict, rules) -> dict:
+  """Batch over data/fsdp, KV heads over tensor; stacked ([L, ...]) or per-layer (tuples) caches."""
+  def kv(value):
+    if isinstance(value, (tuple, list)):
+      return tuple(rules.constrain(x, _KV_AXES) for x in value)
+    return rules.constrain(value, ("layers",) + _KV_AXES)
+  return {"k": kv(cache["k"]), "v": kv(cache["v"]),
+          "segment_ids": rules.constrain(cache["segment_ids"], ("batch", "cache_length"))}
 
 
 def _constrain_state(state: DecodeState, rules) -> DecodeState:
   if rules is None:
     return state
-  axes = _cache_logical_axes()
-  cache = {name: rules.constrain(value, axes[name]) for name, value in state.cache.items()}
+  cache = _constrain_cache(state.cache, rules)
   batch_first = lambda x: rules.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
   others = {f: batch_first(getattr(state, f)) for f in DecodeState._fields if f not in ("cache", "step")}
   return state._replace(cache=cache, **others)
@@ -371,8 +378,7 @@ def _prefill(params, prompt, rows: RowParams, *, cfg: DecoderConfig, rules, max_
   positions = jnp.maximum(slots - pad[:, None], 0)
   cache = init_cache(cfg, batch, plen + max_new, cache_dtype)
   if rules is not None:
-    axes = _cache_logical_axes()
-    cache = {name: rules.constrain(value, axes[name]) for name, value in cache.items()}
+    cache = _constrain_cache(cache, rules)
   # Only the last position's logits are needed: ask for hidden states and project
   # one row per sequence (the full [B, P, V] logits are dead code and removed by XLA).
   (_, cache), hidden = model.apply({"params": params}, prompt, positions=positions, segment_ids=segment_ids,

@@ -57,6 +57,13 @@ class DecoderConfig:
   remat: str = "none"  # none | full | dots
   attention_backend: str = "xla"
   init_std: float = 0.02
+  # True: one `nn.scan` over layers, parameters and KV cache stacked on a leading
+  # "layers" axis (one compile per block; the training layout and the checkpoint
+  # layout). False: separate modules layers_0..layers_{L-1} and a per-layer cache.
+  # Inference wants False: inside a scan every step slices each layer's weights
+  # and cache out of the stacked arrays, and XLA copies those slices (measured on
+  # CPU: ~40% of a batch-8 decode step). Convert with `unstack_layers`/`stack_layers`.
+  scan_layers: bool = True
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -104,18 +111,60 @@ class DecoderConfig:
     return total
 
 
-KVCache = dict  # {"k": [L,B,S,K,D], "v": [L,B,S,K,D], "segment_ids": [B,S] int32}
+# scan_layers=True:  {"k": [L,B,S,K,D], "v": [L,B,S,K,D], "segment_ids": [B,S] int32}
+# scan_layers=False: {"k": (L arrays [B,S,K,D]), "v": (...), "segment_ids": [B,S]}
+KVCache = dict
 
 
 def init_cache(cfg: DecoderConfig, batch: int, length: int, dtype=None) -> KVCache:
-  """An empty static KV cache; `segment_ids` 0 marks empty slots."""
+  """An empty static KV cache for `cfg`'s layer layout; `segment_ids` 0 marks empty slots."""
   dtype = as_dtype(dtype or cfg.dtype)
-  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.resolved_head_dim)
-  return {
-      "k": jnp.zeros(shape, dtype),
-      "v": jnp.zeros(shape, dtype),
-      "segment_ids": jnp.zeros((batch, length), jnp.int32),
-  }
+  shape = (batch, length, cfg.num_kv_heads, cfg.resolved_head_dim)
+  if cfg.scan_layers:
+    k = jnp.zeros((cfg.num_layers,) + shape, dtype)
+    v = jnp.zeros((cfg.num_layers,) + shape, dtype)
+  else:
+    k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+  return {"k": k, "v": v, "segment_ids": jnp.zeros((batch, length), jnp.int32)}
+
+
+def unstack_layers(params: Any, num_layers: int, *, donate: bool = False) -> Any:
+  """Scanned parameters ({"layers": leaves with a leading L axis}) -> layers_0..layers_{L-1}.
+
+  For a `DecoderConfig` with scan_layers=False. With `donate=True` each stacked
+  leaf is deleted once it is split, so the peak memory is one model plus one
+  leaf rather than two models (the caller must not use `params` afterwards).
+  """
+  if "layers" not in params:
+    raise ValueError("parameters have no stacked 'layers' entry; are they already unstacked (layers_0, ...)?")
+  leaves, treedef = jax.tree_util.tree_flatten(params["layers"])
+  split = []
+  for leaf in leaves:
+    if leaf.shape[0] != num_layers:
+      raise ValueError(f"a stacked layer parameter has leading size {leaf.shape[0]}; the config has {num_layers} layers")
+    split.append([leaf[i] for i in range(num_layers)])
+    if donate and isinstance(leaf, jax.Array):
+      leaf.delete()
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(num_layers):
+    out[f"layers_{i}"] = jax.tree_util.tree_unflatten(treedef, [parts[i] for parts in split])
+  return out
+
+
+def stack_layers(params: Any, num_layers: int) -> Any:
+  """The inverse of `unstack_layers`: layers_0..layers_{L-1} -> {"layers": stacked leaves}."""
+  names = [f"layers_{i}" for i in range(num_layers)]
+  missing = [n for n in names if n not in params]
+  if missing:
+    raise ValueError(f"parameters lack {missing[:3]}; are they already stacked ('layers')?")
+  out = {k: v for k, v in params.items() if k not in names}
+  out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])
+  return out
+
+
+def layers_are_stacked(params: Any) -> bool:
+  return "layers" in params
 
 
 class Attention(nn.Module):
@@ -123,7 +172,7 @@ class Attention(nn.Module):
   rules: sharding_lib.ShardingRules | None = None
 
   @nn.compact
-  def __call__(self, x, positions, mask, layer_cache=None, cache_index=None):
+  def __call__(self, x, positions, mask, cache=None, cache_index=None, layer=None):
     cfg = self.cfg
     dtype, pdtype = as_dtype(cfg.dtype), as_dtype(cfg.param_dtype)
     hd = cfg.resolved_head_dim
@@ -149,17 +198,27 @@ class Attention(nn.Module):
     v = sharding_lib.constrain(self.rules, v, ("batch", "length", "act_kv_heads", None))
 
     new_cache = None
-    if layer_cache is not None:
-      # Write this call's keys/values into the static cache at cache_index and
-      # attend over the whole cache (the mask hides empty slots).
-      ck = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, axis=1)
-      cv = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, axis=1)
-      new_cache = {"k": ck, "v": cv}
+    if cache is not None:
+      # Write only this call's keys/values into the stacked cache [L, B, S, K, D]
+      # at (layer, :, cache_index) -- an in-place update of the loop-carried
+      # buffer -- then attend over this layer's whole slice (the mask hides empty
+      # slots). The stacked cache is carried through the layer scan rather than
+      # scanned over, so a decode step never copies other slots.
+      if layer is None:  # this layer's own cache [B, S, K, D] (scan_layers=False)
+        ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
+        cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
+        new_cache = {"k": ck, "v": cv}
+      else:  # the stacked cache [L, B, S, K, D] and this layer's index
+        start = (layer, 0, cache_index, 0, 0)
+        new_cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype)[None], start),
+                     "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype)[None], start)}
+        ck = jax.lax.dynamic_index_in_dim(new_cache["k"], layer, 0, keepdims=False)
+        cv = jax.lax.dynamic_index_in_dim(new_cache["v"], layer, 0, keepdims=False)
       k, v = ck.astype(dtype), cv.astype(dtype)
 
     # Without a cache the decoder's mask is causal over slots 0..T-1 (see
     # Decoder.__call__), which lets blocked backends skip the upper triangle.
-    out = attention_lib.attend(q, k, v, mask, cfg.attention_backend, mask_is_causal=layer_cache is None)
+    out = attention_lib.attend(q, k, v, mask, cfg.attention_backend, mask_is_causal=cache is None)
     out = sharding_lib.constrain(self.rules, out, ("batch", "length", "act_heads", None))
     out = nn.DenseGeneral(
         cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=pdtype,
@@ -173,19 +232,23 @@ class DecoderLayer(nn.Module):
   rules: sharding_lib.ShardingRules | None = None
 
   @nn.compact
-  def __call__(self, x, layer_cache, positions, mask, cache_index):
+  def __call__(self, carry, layer, positions, mask, cache_index):
+    """carry = (x [B,T,E], cache {"k","v"} or None).
+
+    layer: this layer's index into a stacked [L, ...] cache (scan_layers=True), or
+    None when the cache is this layer's own [B, S, K, D] arrays.
+    """
+    x, cache = carry
     cfg = self.cfg
     dtype, pdtype = as_dtype(cfg.dtype), as_dtype(cfg.param_dtype)
     h = RMSNorm(cfg.norm_eps, dtype, pdtype, axis_name="norm", name="input_norm")(x)
-    attn_out, new_cache = Attention(cfg, self.rules, name="attn")(h, positions, mask, layer_cache, cache_index)
+    attn_out, new_cache = Attention(cfg, self.rules, name="attn")(h, positions, mask, cache, cache_index, layer)
     x = x + attn_out
     h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="post_attn_norm")(x)
     x = x + GatedMLP(cfg.mlp_dim, dtype, pdtype, self.rules, nn.initializers.normal(cfg.init_std), name="mlp")(h)
     x = sharding_lib.constrain(self.rules, x, ("batch", "length", "act_embed"))
-    return x, new_cache
+    return (x, new_cache), None
 
-
-_SCAN_UNROLL = 1  # experiment knob
 
 _REMAT_POLICIES = {
     "full": None,
@@ -214,15 +277,17 @@ class Decoder(nn.Module):
     block = DecoderLayer
     if cfg.remat != "none":
       block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    self.layers = nn.scan(
-        block,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-        length=cfg.num_layers,
-        unroll=_SCAN_UNROLL,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, self.rules, name="layers")
+    if not cfg.scan_layers:
+      self.layers = [block(cfg, self.rules) for _ in range(cfg.num_layers)]  # named layers_0, layers_1, ...
+    else:
+      self.layers = nn.scan(
+          block,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+          length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, self.rules, name="layers")
     self.final_norm = RMSNorm(cfg.norm_eps, as_dtype(cfg.dtype), as_dtype(cfg.param_dtype), name="final_norm")
     if not cfg.tie_embeddings:
       self.lm_head = nn.DenseGeneral(
@@ -254,7 +319,18 @@ class Decoder(nn.Module):
 
     x = self.embed(tokens)
     x = sharding_lib.constrain(self.rules, x, ("batch", "length", "act_embed"))
-    x, stacked = self.layers(x, layer_caches, positions, mask, cache_index)
+    if self.cfg.scan_layers:
+      layer_ids = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+      (x, stacked), _ = self.layers((x, layer_caches), layer_ids, positions, mask, cache_index)
+    else:
+      new_k, new_v = [], []
+      for i, layer in enumerate(self.layers):
+        own = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
+        (x, own), _ = layer((x, own), None, positions, mask, cache_index)
+        if own is not None:
+          new_k.append(own["k"])
+          new_v.append(own["v"])
+      stacked = {"k": tuple(new_k), "v": tuple(new_v)}
     x = self.final_norm(x)
     if return_hidden:
       hidden = x

@@ -35,7 +35,7 @@ import numpy as np
 
 from mlx_med.core import params as params_lib
 from mlx_med.core import sharding as sharding_lib
-from mlx_med.core.transformer import DecoderConfig, as_dtype
+from mlx_med.core.transformer import DecoderConfig, as_dtype, layers_are_stacked, unstack_layers
 from mlx_med.llm import hf_config as hf_config_lib
 from mlx_med.llm.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 
@@ -241,7 +241,17 @@ def _normalise(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
 
 def load_hf_params(model_dir: str, cfg: DecoderConfig, rules: Optional[sharding_lib.ShardingRules] = None,
                    weights: Optional[HFWeights] = None) -> Any:
-  """Parameters of `cfg` from an HF directory, placed with `param_shardings(cfg, rules)` when rules are given."""
+  """Parameters of `cfg` from an HF directory, placed with `param_shardings(cfg, rules)` when rules are given.
+
+  The layer layout follows `cfg.scan_layers` (stacked "layers", or layers_0.. for
+  inference); the stacked leaves are read, then split one leaf at a time.
+  """
+  if not cfg.scan_layers:
+    stacked = load_hf_params(model_dir, dataclasses.replace(cfg, scan_layers=True), rules, weights)
+    params = unstack_layers(stacked, cfg.num_layers, donate=True)
+    if rules is not None:
+      params = jax.device_put(params, params_lib.param_shardings(cfg, rules))
+    return params
   weights = weights or HFWeights(model_dir)
   plan = _plan(cfg)
   abstract = params_lib.abstract_params(cfg)
@@ -314,11 +324,17 @@ def _hf_tensor_stream(params: Any, cfg: DecoderConfig, dtype: np.dtype):
     leaf = _get(params, entry.path)
     items.append((entry.hf_name, _hf_shape(entry.kind, tuple(leaf.shape)),
                   lambda leaf=leaf, kind=entry.kind: _to_hf_layout(kind, _to_host(leaf))))
+  stacked = layers_are_stacked(params)
   for i in range(cfg.num_layers):
     for entry in [p for p in plan if p.stacked]:
-      leaf = _get(params, entry.path)
-      items.append((entry.hf_name.format(i=i), _hf_shape(entry.kind, tuple(leaf.shape[1:])),
-                    lambda leaf=leaf, kind=entry.kind, i=i: _to_hf_layout(kind, _to_host(leaf[i]))))
+      if stacked:
+        leaf = _get(params, entry.path)
+        shape, take = tuple(leaf.shape[1:]), (lambda leaf=leaf, i=i: _to_host(leaf[i]))
+      else:  # layers_0, layers_1, ... (scan_layers=False)
+        leaf = _get(params, (f"layers_{i}",) + tuple(entry.path[1:]))
+        shape, take = tuple(leaf.shape), (lambda leaf=leaf: _to_host(leaf))
+      items.append((entry.hf_name.format(i=i), _hf_shape(entry.kind, shape),
+                    lambda take=take, kind=entry.kind: _to_hf_layout(kind, take())))
   for entry in [p for p in plan if not p.stacked and p.path[0] != "embed"]:
     leaf = _get(params, entry.path)
     items.append((entry.hf_name, _hf_shape(entry.kind, tuple(leaf.shape)),

@@ -94,7 +94,7 @@ def _check_sliding_window(hf: dict) -> None:
 
 def decoder_config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: Optional[str] = None,
                            max_seq_len: Optional[int] = None, attention_backend: str = "xla",
-                           remat: str = "none") -> DecoderConfig:
+                           remat: str = "none", scan_layers: bool = True) -> DecoderConfig:
   """Builds the `DecoderConfig` for a Llama / Qwen2 / Qwen2.5 / Qwen3 `config.json` dict."""
   model_type = hf.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
@@ -144,6 +144,7 @@ def decoder_config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: Opt
       dtype=dtype,
       param_dtype=param_dtype or dtype,
       remat=remat,
+      scan_layers=scan_layers,
       attention_backend=attention_backend,
       init_std=float(hf.get("initializer_range", 0.02)),
   )

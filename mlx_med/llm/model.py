@@ -17,7 +17,7 @@ import numpy as np
 
 from mlx_med.core import sharding as sharding_lib
 from mlx_med.core.sampler import SampleOutput, Sampler, SamplingParams, StreamUpdate
-from mlx_med.core.transformer import Decoder, DecoderConfig
+from mlx_med.core.transformer import Decoder, DecoderConfig, layers_are_stacked, unstack_layers
 from mlx_med.llm import checkpoint as checkpoint_lib
 from mlx_med.llm import hf_config as hf_config_lib
 from mlx_med.llm.tokenizer import ChatTokenizer
@@ -52,6 +52,11 @@ class LocalLM:
                hf_config: Optional[dict] = None, rules: Optional[sharding_lib.ShardingRules] = None,
                name: str = "local", cache_dtype: Optional[str] = None, **bucket_options):
     self.cfg = cfg
+    if not cfg.scan_layers and layers_are_stacked(params):
+      params = unstack_layers(params, cfg.num_layers)
+    elif cfg.scan_layers and not layers_are_stacked(params):
+      raise ValueError("cfg.scan_layers is True but the parameters are per-layer (layers_0, ...); "
+                       "use mlx_med.core.transformer.stack_layers or a config with scan_layers=False")
     self.params = params
     self.tokenizer = tokenizer
     self.hf_config = hf_config or {}
@@ -69,13 +74,18 @@ class LocalLM:
   def from_pretrained(cls, model_dir: str, *, dtype: str = "float32", param_dtype: Optional[str] = None,
                       mesh_shape: Optional[Mapping[str, int]] = None, max_seq_len: Optional[int] = None,
                       attention_backend: str = "xla", name: Optional[str] = None,
-                      cache_dtype: Optional[str] = None, **bucket_options) -> "LocalLM":
-    """Loads config, weights (sharded over `mesh_shape` when given) and tokenizer from a local directory."""
+                      cache_dtype: Optional[str] = None, scan_layers: bool = False,
+                      **bucket_options) -> "LocalLM":
+    """Loads config, weights (sharded over `mesh_shape` when given) and tokenizer from a local directory.
+
+    scan_layers=False (the default here) keeps one parameter tree and KV cache per
+    layer, the fast layout for generation (see `DecoderConfig.scan_layers`).
+    """
     if not os.path.isdir(model_dir):
       raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
     hf = hf_config_lib.read_hf_config(model_dir)
     cfg = hf_config_lib.decoder_config_from_hf(hf, dtype=dtype, param_dtype=param_dtype, max_seq_len=max_seq_len,
-                                               attention_backend=attention_backend)
+                                               attention_backend=attention_backend, scan_layers=scan_layers)
     rules = None
     if mesh_shape is not None:
       rules = sharding_lib.ShardingRules(sharding_lib.make_mesh(dict(mesh_shape)))

@@ -35,7 +35,8 @@ def test_think_budget_forces_the_closing_tag(local_lm):
 def test_mesh_sharded_model_generates_the_same(qwen2_dir, local_lm):
   sharded = LocalLM.from_pretrained(qwen2_dir, mesh_shape={"data": -1, "fsdp": 1, "tensor": 2},
                                     min_batch_bucket=8, min_prompt_bucket=32)
-  assert sharded.params["layers"]["mlp"]["up_proj"]["kernel"].addressable_shards[0].data.shape[-1] == \
+  assert not sharded.cfg.scan_layers  # LocalLM's default: per-layer parameters and cache
+  assert sharded.params["layers_0"]["mlp"]["up_proj"]["kernel"].addressable_shards[0].data.shape[-1] == \
       local_lm.cfg.mlp_dim // 2
   a = sharded.chat([MESSAGES, MESSAGES[1:]], max_tokens=6, temperature=0.0, logprobs=2)
   b = local_lm.chat([MESSAGES, MESSAGES[1:]], max_tokens=6, temperature=0.0, logprobs=2)
