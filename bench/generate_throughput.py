@@ -7,6 +7,7 @@ MLP 1536) on the same left-padded prompts (16-64 tokens), greedy, exactly 128 ne
 first-call costs excluded), then timed; tokens/s counts generated tokens only.
 
   python bench/generate_throughput.py                 # CPU comparison (prints a table and ratios)
+  python bench/generate_throughput.py --per-step 32   # decode-step latency, ours vs torch (min/median)
   python bench/generate_throughput.py --gpu           # decode tokens/s of a ~1B config, batch 32, bf16
 
 The --gpu mode needs an accelerator and random weights only (no torch comparison there).
@@ -15,6 +16,7 @@ The --gpu mode needs an accelerator and random weights only (no torch comparison
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -67,7 +69,7 @@ def run_cpu(batches: list[int], new_tokens: int, repeats: int, threads: int | No
   with tempfile.TemporaryDirectory() as tmp:
     path = _tiny_checkpoint(tmp)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    cfg = hf_config.decoder_config_from_hf(hf_config.read_hf_config(path))
+    cfg = hf_config.decoder_config_from_hf(hf_config.read_hf_config(path), scan_layers=False)
     params = checkpoint.load_hf_params(path, cfg)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   sampler = Sampler(cfg, pad_id=0)
@@ -78,6 +80,7 @@ def run_cpu(batches: list[int], new_tokens: int, repeats: int, threads: int | No
         f"({torch.get_num_threads()} threads), transformers {transformers.__version__}")
   print(f"greedy, {new_tokens} new tokens, prompts 16-64 tokens left-padded; best of {repeats} interleaved runs "
         "after warm-up")
+  print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (other processes share the CPUs)")
   print(f"{'batch':>5} {'mlx_med tok/s':>14} {'transformers tok/s':>19} {'ratio':>6}  tokens equal")
   for batch in batches:
     prompts = _prompts(batch, seed=batch)
@@ -109,6 +112,72 @@ def run_cpu(batches: list[int], new_tokens: int, repeats: int, threads: int | No
     generated = batch * new_tokens
     print(f"{batch:>5} {generated / t_ours:>14.1f} {generated / t_theirs:>19.1f} {t_theirs / t_ours:>6.2f}  "
           f"{equal}/{batch}", flush=True)
+  print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def run_per_step(batch: int, reps: int = 12, steps: int = 10) -> None:
+  """Decode-step latency: ours with per-layer and with scanned layers, and torch; min/median.
+
+  Less sensitive to other processes than whole `generate` runs (short, interleaved,
+  minimum reported); it isolates the model step from generate's Python overhead.
+  The scanned layout is the training layout; the per-layer one is what `LocalLM`
+  and this benchmark's main mode use for generation (DecoderConfig.scan_layers).
+  """
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+  import torch
+  import transformers
+
+  from mlx_med.core import sampler as sampler_lib
+  from mlx_med.core.transformer import unstack_layers
+  from mlx_med.llm import checkpoint, hf_config
+
+  with tempfile.TemporaryDirectory() as tmp:
+    path = _tiny_checkpoint(tmp)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    scanned_cfg = hf_config.decoder_config_from_hf(hf_config.read_hf_config(path))
+    scanned_params = checkpoint.load_hf_params(path, scanned_cfg)
+  variants = {"per-layer": (dataclasses.replace(scanned_cfg, scan_layers=False),
+                            unstack_layers(scanned_params, scanned_cfg.num_layers)),
+              "scanned": (scanned_cfg, scanned_params)}
+  prompts = [[5] * 40] * batch
+  greedy = sampler_lib.SamplingParams(max_new_tokens=128, temperature=0.0)
+
+  def ours(cfg, params) -> float:
+    sampler = sampler_lib.Sampler(cfg, pad_id=0)
+    tokens, rows, max_new, num_top, mode, _ = sampler._prepare(prompts, [greedy] * batch)
+    state = sampler_lib._prefill(params, tokens, rows, cfg=cfg, rules=None, max_new=max_new, num_top=num_top,
+                                 mode=mode)
+    state = sampler_lib._decode(params, state, rows, jnp.int32(2), cfg=cfg, rules=None, num_top=num_top, mode=mode)
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    state = sampler_lib._decode(params, state, rows, jnp.int32(2 + steps), cfg=cfg, rules=None, num_top=num_top,
+                                mode=mode)
+    jax.block_until_ready(state)
+    return (time.perf_counter() - start) / steps
+
+  def theirs() -> float:
+    with torch.no_grad():
+      out = hf_model(torch.full((batch, 40), 5), use_cache=True)
+      cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+      start = time.perf_counter()
+      for _ in range(steps):
+        out = hf_model(nxt, past_key_values=cache, use_cache=True)
+        cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+      return (time.perf_counter() - start) / steps
+
+  timers = {f"mlx_med {name}": functools.partial(ours, *v) for name, v in variants.items()}
+  timers["torch"] = theirs
+  times = {name: [] for name in timers}
+  for fn in timers.values():
+    fn()  # compile / warm up
+  for _ in range(reps):
+    for name, fn in timers.items():
+      times[name].append(fn())
+  summary = "; ".join(f"{name} min {min(t) * 1e3:.1f} median {np.median(t) * 1e3:.1f}" for name, t in times.items())
+  print(f"decode step at batch {batch} (prompt 40, greedy; ms): {summary}; load average {os.getloadavg()[0]:.2f}")
 
 
 def run_gpu(batch: int, prompt_len: int, new_tokens: int, repeats: int) -> None:
@@ -121,7 +190,7 @@ def run_gpu(batch: int, prompt_len: int, new_tokens: int, repeats: int) -> None:
 
   cfg = DecoderConfig(vocab_size=128256, num_layers=16, d_model=2048, num_heads=32, num_kv_heads=8, mlp_dim=8192,
                       max_seq_len=4096, rope_theta=500000.0, tie_embeddings=True, dtype="bfloat16",
-                      param_dtype="bfloat16")
+                      param_dtype="bfloat16", scan_layers=False)
   params = params_lib.init_params(cfg, jax.random.key(0))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   sampler = Sampler(cfg, pad_id=0)
@@ -147,8 +216,13 @@ def main(argv=None) -> int:
   parser.add_argument("--new-tokens", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+  parser.add_argument("--per-step", type=int, default=None, metavar="BATCH",
+                      help="instead: decode-step latency at this batch, ours vs torch (min/median of 12)")
   args = parser.parse_args(argv)
-  if args.gpu:
+  if args.per_step:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    run_per_step(args.per_step)
+  elif args.gpu:
     run_gpu(batch=32, prompt_len=128, new_tokens=args.new_tokens, repeats=args.repeats)
   else:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")

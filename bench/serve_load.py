@@ -1,9 +1,9 @@
 """Load test: 64 concurrent chat requests through the openai client against `mlx-med serve`.
 
-Starts `python -m mlx_med.llm.serve` (the same code as `mlx-med serve`) on a free
-loopback port, fires one untimed burst to compile the batch shapes, then a timed
-burst of N concurrent chat completions, and prints success count, p50/p99 latency
-and aggregate completion tokens/s.
+Starts `mlx-med serve` (as `python -m mlx_med.cli serve`) on a free loopback port,
+fires one untimed burst to compile the batch shapes, then a timed burst of N
+concurrent chat completions, and prints success count, p50/p99 latency and
+aggregate completion tokens/s.
 
   python bench/serve_load.py                    # random ~40M Qwen2-style model + tiny tokenizer
   python bench/serve_load.py --model DIR        # any local HF chat model directory
@@ -101,7 +101,8 @@ def main(argv=None) -> int:
     log_path = os.path.join(tmp, "server.log")
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     with open(log_path, "w") as log:
-      proc = subprocess.Popen([sys.executable, "-m", "mlx_med.llm.serve", "--model", model_dir, "--port", str(port),
+      # `python -m mlx_med.cli serve` is `mlx-med serve` without relying on the installed script's PATH.
+      proc = subprocess.Popen([sys.executable, "-m", "mlx_med.cli", "serve", "--model", model_dir, "--port", str(port),
                                "--max-batch-rows", str(args.max_batch_rows), "--log-level", "warning"],
                               stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
@@ -118,12 +119,16 @@ def main(argv=None) -> int:
           time.sleep(0.5)
       _burst(client, model, args.requests, args.max_tokens, seed0=10_000)  # warm-up: compiles the shapes
       wall, results, failures = _burst(client, model, args.requests, args.max_tokens, seed0=0)
+      import httpx
+      stats = httpx.get(f"http://127.0.0.1:{port}/stats").json()
       latencies = np.array([r[0] for r in results])
       tokens = sum(r[1] for r in results)
       print(f"{args.requests} concurrent chat requests, max_tokens={args.max_tokens}, server batch <= "
             f"{args.max_batch_rows} rows; model {os.path.basename(model_dir)}")
       print(f"succeeded {len(results)}/{args.requests}; wall {wall:.2f}s; latency p50 {np.percentile(latencies, 50):.2f}s "
             f"p99 {np.percentile(latencies, 99):.2f}s; {tokens} completion tokens, {tokens / wall:.1f} tok/s aggregate")
+      print(f"server batches over both bursts: {stats['batches']} for {stats['requests']} requests "
+            f"(largest {stats['max_batch_rows_seen']} rows)")
       client.close()
       return 0 if failures == 0 else 1
     finally:

@@ -97,7 +97,10 @@ class BatchingEngine:
     if first is None:
       return []
     jobs, rows = [first], len(first.prompts)
-    deadline = time.monotonic() + self.batch_wait_s
+    # Wait `batch_wait_s` for company; every arrival extends the wait (a burst of
+    # concurrent requests keeps coming in), up to 10x that in total.
+    start = time.monotonic()
+    deadline = start + self.batch_wait_s
     while rows < self.max_batch_rows:
       timeout = deadline - time.monotonic()
       try:
@@ -109,6 +112,7 @@ class BatchingEngine:
         break
       jobs.append(job)
       rows += len(job.prompts)
+      deadline = min(time.monotonic() + self.batch_wait_s, start + 10 * self.batch_wait_s)
     return jobs
 
   def _loop(self) -> None:
@@ -682,7 +686,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
   parser.add_argument("--max-model-len", type=int, default=None, help="context limit (default: config.json)")
   parser.add_argument("--max-batch-rows", type=int, default=32, help="sequences per batched sampler call")
-  parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait for more requests before a batch")
+  parser.add_argument("--batch-wait-ms", type=float, default=10.0,
+                      help="wait this long for more requests before a batch (extended by each arrival, up to 10x)")
   parser.add_argument("--chunk-size", type=int, default=16, help="decode steps between streamed updates")
   parser.add_argument("--min-batch-bucket", type=int, default=1,
                       help="pad every batch to at least this many rows (fewer compiled shapes)")
