@@ -1,6 +1,6 @@
 """Batched autoregressive sampling over a static KV cache (shared by serving and RL).
 
-Design, in short (details in docs/DESIGN_llm.md):
+Design, in short (details in docs/DESIGN.md, "LLM core"):
 
 * Prompts of different lengths are **left-padded** into one [B, P] block. Pad slots
   get segment id 0 (so nothing attends to them) and every real token gets the rotary
