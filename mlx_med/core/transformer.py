@@ -317,7 +317,16 @@ class Decoder(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32) + jnp.arange(t, dtype=jnp.int32), (b, t))
 
-    x = self.embed(tokens)
+    if self.rules is None:
+      x = self.embed(tokens)
+    else:
+      # The lookup on a vocab-sharded table: gather the table's embed dim (fsdp)
+      # first, so each tensor shard looks up the ids in its vocab range and XLA
+      # combines them with one all-reduce. Left to itself, the SPMD partitioner
+      # cannot reconcile an embed-sharded table with batch-sharded ids and
+      # replicates the whole gather ("involuntary full rematerialization").
+      table = sharding_lib.constrain(self.rules, self.embed.embedding, ("vocab", None))
+      x = jnp.take(table, tokens, axis=0).astype(as_dtype(self.cfg.dtype))
     x = sharding_lib.constrain(self.rules, x, ("batch", "length", "act_embed"))
     if self.cfg.scan_layers:
       layer_ids = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
