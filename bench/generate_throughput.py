@@ -25,13 +25,14 @@ import time
 import numpy as np
 
 
-def _tiny_checkpoint(directory: str, seed: int = 0) -> str:
+def random_qwen2_checkpoint(directory: str, seed: int = 0, eos_token_id: int | None = None) -> str:
+  """The benchmark model (40.5M Qwen2-style, fp32, random weights) written by transformers into `directory`."""
   import torch
   import transformers
 
   cfg = transformers.Qwen2Config(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-                                 tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+                                 tie_word_embeddings=True, bos_token_id=None, eos_token_id=eos_token_id, pad_token_id=0)
   torch.manual_seed(seed)
   model = transformers.Qwen2ForCausalLM(cfg).eval()
   with torch.no_grad():
@@ -67,7 +68,7 @@ def run_cpu(batches: list[int], new_tokens: int, repeats: int, threads: int | No
   if threads:
     torch.set_num_threads(threads)
   with tempfile.TemporaryDirectory() as tmp:
-    path = _tiny_checkpoint(tmp)
+    path = random_qwen2_checkpoint(tmp)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     cfg = hf_config.decoder_config_from_hf(hf_config.read_hf_config(path), scan_layers=False)
     params = checkpoint.load_hf_params(path, cfg)
@@ -135,7 +136,7 @@ def run_per_step(batch: int, reps: int = 12, steps: int = 10) -> None:
   from mlx_med.llm import checkpoint, hf_config
 
   with tempfile.TemporaryDirectory() as tmp:
-    path = _tiny_checkpoint(tmp)
+    path = random_qwen2_checkpoint(tmp)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     scanned_cfg = hf_config.decoder_config_from_hf(hf_config.read_hf_config(path))
     scanned_params = checkpoint.load_hf_params(path, scanned_cfg)

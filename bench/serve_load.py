@@ -25,10 +25,10 @@ import time
 
 import numpy as np
 
+from generate_throughput import random_qwen2_checkpoint  # bench/ is on sys.path when run as a script
+
 
 def _build_model(directory: str) -> str:
-  import torch
-  import transformers
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
   tok = Tokenizer(models.BPE())
@@ -44,17 +44,7 @@ def _build_model(directory: str) -> str:
   with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
     json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
                "pad_token": "<|endoftext|>", "chat_template": template}, f)
-  cfg = transformers.Qwen2Config(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                                 num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-                                 tie_word_embeddings=True, eos_token_id=2, pad_token_id=0, bos_token_id=None)
-  torch.manual_seed(0)
-  model = transformers.Qwen2ForCausalLM(cfg).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      p.copy_((1.0 + 0.05 * torch.randn_like(p)) if name.endswith("norm.weight") else 0.05 * torch.randn_like(p))
-  model.tie_weights()
-  model.save_pretrained(directory)
-  return directory
+  return random_qwen2_checkpoint(directory, eos_token_id=2)
 
 
 def _free_port() -> int:

@@ -1,8 +1,6 @@
 """One train step on a data=2 x fsdp=2 x tensor=2 mesh equals the single-device step."""
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 

@@ -16,31 +16,9 @@ import pytest
 
 from pallas_kernels import boltzmann_attention as ba
 from pallas_kernels import boltzmann_sampling as bs
+from kernel_testing import BF16, FP32, assert_close, qkv, randn
 from pallas_kernels.common import BlockSizes
 
-FP32 = dict(fwd=2e-5, grad=1e-4)
-BF16 = dict(fwd=3e-2, grad=6e-2)
-
-
-def _randn(seed, shape, dtype=jnp.float32):
-  """Test data from numpy: no PRNG compile (threefry compiles slowly on CPU)."""
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32).astype(dtype)
-
-
-def _qkv(shape_q, kv_heads, num_keys, dtype=jnp.float32, seed=0):
-  b, h, nq, d = shape_q
-  return (_randn(seed, shape_q, dtype),
-          _randn(seed + 100, (b, kv_heads, num_keys, d), dtype),
-          _randn(seed + 200, (b, kv_heads, num_keys, d), dtype))
-
-
-def _close(actual, expected, tol, what):
-  actual = np.asarray(actual, np.float32)
-  expected = np.asarray(expected, np.float32)
-  assert np.all(np.isfinite(actual)), f"{what}: non-finite values"
-  err = np.max(np.abs(actual - expected))
-  scale = max(1.0, float(np.max(np.abs(expected))))
-  assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol} * {scale:.3g}"
 
 
 def _check_against_reference(fn, q, k, v, mask, tol, grads=True):
@@ -58,14 +36,14 @@ def _check_against_reference(fn, q, k, v, mask, tol, grads=True):
     return out, ref, vjp(ct), ref_vjp(ct)
 
   out, ref, got, want = both(q, k, v)
-  _close(out, ref, tol["fwd"], "output")
+  assert_close(out, ref, tol["fwd"], "output")
   for name, g, r in zip("qkv", got, want):
     assert g.dtype == r.dtype
-    _close(g, r, tol["grad"], f"d{name}")
+    assert_close(g, r, tol["grad"], f"d{name}")
 
 
 def _key_sample(scores_shape, ratio=0.1, temperature=0.5, seed=1):
-  scores = jax.nn.sigmoid(_randn(seed, scores_shape))
+  scores = jax.nn.sigmoid(randn(seed, scores_shape))
   return bs.sample_kept_keys(jax.random.PRNGKey(seed + 1), scores,
                              temperature=temperature, sample_ratio=ratio)
 
@@ -95,10 +73,10 @@ _tpu_kernel = _grads_fn(functools.partial(ba.boltzmann_attention, lowering="tpu"
 
 def _check(run, q, k, v, layout, mask, tol):
   out, got, ref, want = run(q, k, v, layout, mask)
-  _close(out, ref, tol["fwd"], "output")
+  assert_close(out, ref, tol["fwd"], "output")
   for name, g, r in zip("qkv", got, want):
     assert g.dtype == r.dtype
-    _close(g, r, tol["grad"], f"d{name}")
+    assert_close(g, r, tol["grad"], f"d{name}")
   return out
 
 
@@ -112,7 +90,7 @@ def _layout_a(mask):
 
 
 def test_kernel_per_key_gqa_ragged_lengths_fp32():
-  q, k, v = _qkv(**_A)
+  q, k, v = qkv(**_A)
   kept = _key_sample((2, 40, 70), ratio=0.15)
   mask = kept.to_mask()
   _check(_gpu_kernel, q, k, v, _layout_a(mask), mask, FP32)
@@ -120,17 +98,17 @@ def test_kernel_per_key_gqa_ragged_lengths_fp32():
 
 def test_kernel_all_kept_equals_dense_attention():
   """k = N: every key kept -> exactly dense softmax attention."""
-  q, k, v = _qkv(**_A, seed=8)
+  q, k, v = qkv(**_A, seed=8)
   mask = jnp.ones((2, 1, 40, 70), bool)
   out = _check(_gpu_kernel, q, k, v, _layout_a(mask), mask, FP32)
   dense = jax.nn.dot_product_attention(
       q.swapaxes(1, 2), jnp.repeat(k, 2, 1).swapaxes(1, 2), jnp.repeat(v, 2, 1).swapaxes(1, 2))
-  _close(out, dense.swapaxes(1, 2), 2e-5, "k=N vs dense")
+  assert_close(out, dense.swapaxes(1, 2), 2e-5, "k=N vs dense")
 
 
 def test_kernel_single_kept_key_and_all_dropped_rows():
   """k = 1 returns that key's value; a row with nothing kept attends everywhere."""
-  q, k, v = _qkv(**_A, seed=9)
+  q, k, v = qkv(**_A, seed=9)
   choice = np.random.default_rng(0).integers(0, 70, size=(2, 40))
   mask = np.zeros((2, 1, 40, 70), bool)
   for b in range(2):
@@ -142,16 +120,16 @@ def test_kernel_single_kept_key_and_all_dropped_rows():
   kept_rows = [i for i in range(40) if i not in dropped]
   for b in range(2):
     for h in range(4):
-      _close(out[b, h, kept_rows], v[b, h // 2, choice[b, kept_rows]], 1e-6, "k=1")
+      assert_close(out[b, h, kept_rows], v[b, h // 2, choice[b, kept_rows]], 1e-6, "k=1")
   dense = ba.boltzmann_attention_reference(q, k, v, jnp.ones((2, 40, 70), bool))
-  _close(out[:, :, dropped], dense[:, :, dropped], 2e-5, "all-dropped rows")
+  assert_close(out[:, :, dropped], dense[:, :, dropped], 2e-5, "all-dropped rows")
 
 
 def test_kernel_bf16_block_granularity_per_head_scores_odd_head_dim():
   """bf16; whole-block layout (no in-block mask); one sample per q head;
   head_dim 24, which the Triton lowering pads to 32 with zero columns."""
-  q, k, v = _qkv((1, 2, 33, 24), 1, 100, dtype=jnp.bfloat16, seed=3)
-  scores = _randn(4, (1, 2, 33, 100))
+  q, k, v = qkv((1, 2, 33, 24), 1, 100, dtype=jnp.bfloat16, seed=3)
+  scores = randn(4, (1, 2, 33, 100))
   layout = bs.sample_kept_blocks(jax.random.PRNGKey(5), scores, temperature=0.5,
                                  sample_ratio=0.3, block_q=16, block_k=32)
   assert layout.mask is None and layout.max_blocks == 2
@@ -162,14 +140,14 @@ def test_kernel_bf16_block_granularity_per_head_scores_odd_head_dim():
 def test_kernel_tpu_lowering_interpret():
   """The Mosaic kernels (scalar prefetch + pipelined K/V blocks) in the TPU
   interpreter, which also checks out-of-bounds accesses."""
-  q, k, v = _qkv((1, 2, 13, 16), 1, 40, seed=12)
+  q, k, v = qkv((1, 2, 13, 16), 1, 40, seed=12)
   kept = _key_sample((1, 13, 40), ratio=0.2, seed=13)
   layout = bs.block_sparse_layout(kept, block_q=8, block_k=16)
   _check(_tpu_kernel, q, k, v, layout, kept.to_mask(), FP32)
 
 
 def test_kernel_rejects_mismatched_tiles():
-  q, k, v = _qkv((1, 1, 16, 16), 1, 32)
+  q, k, v = qkv((1, 1, 16, 16), 1, 32)
   layout = bs.block_sparse_layout_from_mask(jnp.ones((1, 16, 32), bool), block_q=16, block_k=16)
   with pytest.raises(ValueError, match="tiling"):
     ba.boltzmann_attention(q, k, v, layout, block_sizes=BlockSizes(32, 16), interpret=True)
@@ -182,15 +160,15 @@ def test_kernel_rejects_mismatched_tiles():
 # ------------------------------------------------------------- XLA fallback
 @pytest.mark.parametrize("formulation", ["dense", "gather", "adaptive"])
 def test_xla_fallback_per_key(formulation):
-  q, k, v = _qkv((2, 4, 21, 16), 2, 50, seed=14)
+  q, k, v = qkv((2, 4, 21, 16), 2, 50, seed=14)
   kept = _key_sample((2, 2, 21, 50), ratio=0.1, seed=15)  # per-kv-head samples
   fn = lambda q, k, v: ba.boltzmann_attention_xla(q, k, v, kept, formulation=formulation)
   _check_against_reference(fn, q, k, v, kept.to_mask(), FP32)
 
 
 def test_xla_fallback_blocks():
-  q, k, v = _qkv((1, 4, 30, 16), 2, 90, seed=16)
-  scores = _randn(17, (1, 30, 90))
+  q, k, v = qkv((1, 4, 30, 16), 2, 90, seed=16)
+  scores = randn(17, (1, 30, 90))
   layout = bs.sample_kept_blocks(jax.random.PRNGKey(18), scores, temperature=0.5,
                                  sample_ratio=0.2, block_q=8, block_k=16)
   fn = lambda q, k, v: ba.boltzmann_attention_xla(q, k, v, layout, formulation="blocks")
@@ -202,7 +180,7 @@ def test_xla_fallback_blocks():
 
 def test_xla_fallback_adaptive_takes_either_branch():
   """Low T concentrates the draws: the run-time gather branch; high T: dense."""
-  q, k, v = _qkv((1, 2, 8, 16), 1, 1920, seed=22)
+  q, k, v = qkv((1, 2, 8, 16), 1, 1920, seed=22)
   yy = jnp.arange(1920.0)
   bump = jax.nn.sigmoid(20.0 * (1.0 - ((yy[None] - 200.0 * jnp.arange(1, 9)[:, None]) / 15.0) ** 2))
   run = jax.jit(lambda q, k, v, kept: ba.boltzmann_attention_xla(q, k, v, kept,
@@ -210,14 +188,14 @@ def test_xla_fallback_adaptive_takes_either_branch():
   for t, narrow in ((0.05, True), (1.0, False)):
     kept = bs.sample_kept_keys(jax.random.PRNGKey(1), bump[None], temperature=t, sample_ratio=0.1)
     assert bool(jnp.max(kept.counts) <= ba._gather_width(1920)) == narrow
-    _close(run(q, k, v, kept), ba.boltzmann_attention_reference(q, k, v, kept.to_mask()), 2e-5,
+    assert_close(run(q, k, v, kept), ba.boltzmann_attention_reference(q, k, v, kept.to_mask()), 2e-5,
            f"adaptive T={t}")
 
 
 def test_xla_fallback_memory_stays_within_dense_score_matrix():
   """10% of 4096 keys, D=64: per-query gathered K/V would be 13x the scores."""
   b, h, nq, n, d = 1, 1, 64, 4096, 64
-  q, k, v = _qkv((b, h, nq, d), 1, n, seed=20)
+  q, k, v = qkv((b, h, nq, d), 1, n, seed=20)
   kept = _key_sample((b, nq, n), ratio=0.1, seed=21)
   gathered_bytes = 2 * nq * kept.indices.shape[-1] * d * 4
   scores_bytes = nq * n * 4
@@ -230,14 +208,14 @@ def test_xla_fallback_memory_stays_within_dense_score_matrix():
   # chunk's scores, masks and outputs).
   assert stats.temp_size_in_bytes <= 4 * scores_bytes, stats.temp_size_in_bytes
   out = f(q, k, v, kept)
-  _close(out, ba.boltzmann_attention_reference(q, k, v, kept.to_mask()), 2e-5, "chunked gather")
+  assert_close(out, ba.boltzmann_attention_reference(q, k, v, kept.to_mask()), 2e-5, "chunked gather")
 
 
 def test_choose_formulation_uses_static_bounds():
-  sparse = bs.sample_kept_blocks(jax.random.PRNGKey(0), _randn(1, (1, 8, 1024)),
+  sparse = bs.sample_kept_blocks(jax.random.PRNGKey(0), randn(1, (1, 8, 1024)),
                                  temperature=0.5, sample_ratio=0.1, block_q=8, block_k=64)
   assert ba._choose_formulation(sparse, 1024) == "blocks"  # 2 of 16 blocks
-  half = bs.sample_kept_blocks(jax.random.PRNGKey(0), _randn(1, (1, 8, 1024)),
+  half = bs.sample_kept_blocks(jax.random.PRNGKey(0), randn(1, (1, 8, 1024)),
                                temperature=0.5, sample_ratio=0.5, block_q=8, block_k=64)
   assert ba._choose_formulation(half, 1024) == "dense"
   kept_small = bs.KeptKeys(jnp.zeros((1, 1, 4, 10), jnp.int32), jnp.ones((1, 1, 4), jnp.int32), 1000)

@@ -9,28 +9,20 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from mlx_med.core import sparse_attention as sa
 from pallas_kernels import boltzmann_attention as ba
 from pallas_kernels import boltzmann_sampling as bs
 from pallas_kernels import token_selection as ts
+from kernel_testing import assert_close, randn
 from pallas_kernels.common import BlockSizes
 
 TOL = dict(fwd=3e-2, grad=8e-2)  # bf16 inputs, fp32 accumulation
 
 
-def _randn(seed, shape, dtype=jnp.bfloat16):
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32).astype(dtype)
-
-
-def _close(actual, expected, tol, what):
-  actual = np.asarray(actual, np.float32)
-  expected = np.asarray(expected, np.float32)
-  err = float(np.max(np.abs(actual - expected)))
-  scale = max(1.0, float(np.max(np.abs(expected))))
-  assert np.all(np.isfinite(actual)) and err <= tol * scale, f"{what}: {err:.3g}"
+def _randn(seed, shape, dtype=jnp.bfloat16):  # bf16 by default: the device kernels' input type
+  return randn(seed, shape, dtype)
 
 
 def _compare(fn, ref_fn, q, k, v):
@@ -42,9 +34,9 @@ def _compare(fn, ref_fn, q, k, v):
     return out, ref, vjp(ct), rvjp(ct)
 
   out, ref, got, want = both(q, k, v)
-  _close(out, ref, TOL["fwd"], "out")
+  assert_close(out, ref, TOL["fwd"], "out")
   for name, g, r in zip("qkv", got, want):
-    _close(g, r, TOL["grad"], "d" + name)
+    assert_close(g, r, TOL["grad"], "d" + name)
 
 
 def _boltzmann_case(lowering, block_sizes, granularity):
@@ -99,7 +91,7 @@ def test_gpu_dispatch_auto_uses_pallas():
   out = jax.jit(lambda q, k, v: sa.boltzmann_attend(q, k, v, scores, rng=rng, layer=0))(q, k, v)
   ref = jax.jit(lambda q, k, v: sa.boltzmann_attend(
       q, k, v, scores, rng=rng, layer=0, backend="reference"))(q, k, v)
-  _close(out, ref, TOL["fwd"], "dispatch")
+  assert_close(out, ref, TOL["fwd"], "dispatch")
 
 
 @pytest.mark.tpu

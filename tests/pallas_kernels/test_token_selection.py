@@ -12,30 +12,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels import token_selection as ts
+from kernel_testing import BF16, FP32, assert_close, qkv, randn
 from pallas_kernels.common import BlockSizes
 
-FP32 = dict(fwd=2e-5, grad=1e-4)
-BF16 = dict(fwd=3e-2, grad=6e-2)
-
-
-def _randn(seed, shape, dtype=jnp.float32):
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32).astype(dtype)
-
-
-def _qkv(shape_q, kv_heads, num_keys, dtype=jnp.float32, seed=0):
-  b, h, nq, d = shape_q
-  return (_randn(seed, shape_q, dtype),
-          _randn(seed + 100, (b, kv_heads, num_keys, d), dtype),
-          _randn(seed + 200, (b, kv_heads, num_keys, d), dtype))
-
-
-def _close(actual, expected, tol, what):
-  actual = np.asarray(actual, np.float32)
-  expected = np.asarray(expected, np.float32)
-  assert np.all(np.isfinite(actual)), f"{what}: non-finite values"
-  err = np.max(np.abs(actual - expected))
-  scale = max(1.0, float(np.max(np.abs(expected))))
-  assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol} * {scale:.3g}"
 
 
 def _grads_fn(attn):
@@ -56,10 +35,10 @@ def _grads_fn(attn):
 
 def _check(run, q, k, v, indices, counts, tol):
   out, got, ref, want = run(q, k, v, indices, counts)
-  _close(out, ref, tol["fwd"], "output")
+  assert_close(out, ref, tol["fwd"], "output")
   for name, g, r in zip("qkv", got, want):
     assert g.dtype == r.dtype
-    _close(g, r, tol["grad"], f"d{name}")
+    assert_close(g, r, tol["grad"], f"d{name}")
   return out
 
 
@@ -73,7 +52,7 @@ _xla = _grads_fn(ts.token_selection_attention_xla)
 
 # ---------------------------------------------------------------- selection
 def test_select_top_k_sorted_positions_of_the_largest():
-  rel = _randn(0, (2, 3, 30))
+  rel = randn(0, (2, 3, 30))
   idx, cnt = ts.select_top_k(rel, 7)
   assert idx.shape == (2, 3, 7) and np.all(np.asarray(cnt) == 7)
   for b in range(2):
@@ -91,7 +70,7 @@ def test_select_by_budget_threshold_min_and_max():
 
 
 def test_cosine_relevance():
-  tokens = _randn(1, (2, 10, 8))
+  tokens = randn(1, (2, 10, 8))
   query = tokens[:, 3] * 2.0
   rel = ts.cosine_relevance(query, tokens)
   assert rel.shape == (2, 10)
@@ -106,35 +85,35 @@ _A = dict(shape_q=(2, 4, 36, 32), kv_heads=2, num_keys=40)
 
 
 def test_kernel_budget_selection_gqa_fp32():
-  q, k, v = _qkv(**_A)
-  idx, cnt = ts.select_by_budget(_randn(1, (2, 40)), max_tokens=40, threshold=0.8)
+  q, k, v = qkv(**_A)
+  idx, cnt = ts.select_by_budget(randn(1, (2, 40)), max_tokens=40, threshold=0.8)
   assert 1 <= int(cnt.min()) < 40  # ragged last chunk, varying counts
   _check(_gpu_kernel, q, k, v, idx, cnt, FP32)
 
 
 def test_kernel_k_equals_n_is_dense_attention():
-  q, k, v = _qkv(**_A, seed=2)
-  idx, cnt = ts.select_top_k(_randn(3, (2, 40)), 40)
+  q, k, v = qkv(**_A, seed=2)
+  idx, cnt = ts.select_top_k(randn(3, (2, 40)), 40)
   out = _check(_gpu_kernel, q, k, v, idx, cnt, FP32)
   dense = jax.nn.dot_product_attention(
       q.swapaxes(1, 2), jnp.repeat(k, 2, 1).swapaxes(1, 2), jnp.repeat(v, 2, 1).swapaxes(1, 2))
-  _close(out, dense.swapaxes(1, 2), 2e-5, "k=N vs dense")
+  assert_close(out, dense.swapaxes(1, 2), 2e-5, "k=N vs dense")
 
 
 def test_kernel_k_equals_one_copies_that_value():
-  q, k, v = _qkv(**_A, seed=4)
+  q, k, v = qkv(**_A, seed=4)
   idx = jnp.zeros((2, 1, 40), jnp.int32).at[:, 0, 0].set(jnp.array([7, 31]))
   cnt = jnp.ones((2, 1), jnp.int32)
   out = _check(_gpu_kernel, q, k, v, idx, cnt, FP32)
   for b, tok in enumerate([7, 31]):
     for h in range(4):
-      _close(out[b, h], jnp.broadcast_to(v[b, h // 2, tok], (36, 32)), 1e-6, "k=1")
+      assert_close(out[b, h], jnp.broadcast_to(v[b, h // 2, tok], (36, 32)), 1e-6, "k=1")
 
 
 def test_kernel_bf16_per_head_selection():
   """bf16, a different selection per q head (Hs = H)."""
-  q, k, v = _qkv((1, 2, 24, 32), 1, 64, dtype=jnp.bfloat16, seed=5)
-  idx, cnt = ts.select_top_k(_randn(6, (1, 2, 64)), 8)  # k = N/8
+  q, k, v = qkv((1, 2, 24, 32), 1, 64, dtype=jnp.bfloat16, seed=5)
+  idx, cnt = ts.select_top_k(randn(6, (1, 2, 64)), 8)  # k = N/8
   out = _check(_gpu_kernel, q, k, v, idx, cnt, BF16)
   assert out.dtype == jnp.bfloat16
 
@@ -142,19 +121,19 @@ def test_kernel_bf16_per_head_selection():
 def test_kernel_tpu_lowering_interpret():
   """Mosaic kernels: scalar-prefetched indices, per-row DMA gathers from HBM
   into double-buffered VMEM, in the TPU interpreter (bounds-checked)."""
-  q, k, v = _qkv((1, 2, 12, 16), 1, 30, seed=7)
-  idx, cnt = ts.select_by_budget(_randn(8, (1, 30)), max_tokens=11, threshold=0.3)
+  q, k, v = qkv((1, 2, 12, 16), 1, 30, seed=7)
+  idx, cnt = ts.select_by_budget(randn(8, (1, 30)), max_tokens=11, threshold=0.3)
   _check(_tpu_kernel, q, k, v, idx, cnt, FP32)
 
 
 def test_xla_fallback_matches_reference():
-  q, k, v = _qkv(**_A, seed=9)
-  idx, cnt = ts.select_by_budget(_randn(10, (2, 2, 40)), max_tokens=40, threshold=0.5)
+  q, k, v = qkv(**_A, seed=9)
+  idx, cnt = ts.select_by_budget(randn(10, (2, 2, 40)), max_tokens=40, threshold=0.5)
   _check(_xla, q, k, v, idx, cnt, FP32)
 
 
 def test_empty_selection_gives_zero_output():
-  q, k, v = _qkv((1, 1, 4, 16), 1, 8, seed=11)
+  q, k, v = qkv((1, 1, 4, 16), 1, 8, seed=11)
   idx = jnp.zeros((1, 1, 4), jnp.int32)
   cnt = jnp.zeros((1, 1), jnp.int32)
   for fn in (ts.token_selection_attention_reference, ts.token_selection_attention_xla):
@@ -163,6 +142,6 @@ def test_empty_selection_gives_zero_output():
 
 
 def test_bad_selection_shape_is_a_clear_error():
-  q, k, v = _qkv((1, 4, 4, 16), 1, 8)
+  q, k, v = qkv((1, 4, 4, 16), 1, 8)
   with pytest.raises(ValueError, match="indices must be"):
     ts.token_selection_attention_xla(q, k, v, jnp.zeros((1, 3, 2), jnp.int32))
