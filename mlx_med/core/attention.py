@@ -77,6 +77,25 @@ def jax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
   return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
 
 
+def decode_attention(q: jax.Array, k_t: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """One query token per row against a head-major KV cache (the decode step).
+
+  q: [B, 1, H, D]; k_t: [B, K, D, S] (keys transposed); v: [B, K, S, D]; mask:
+  [B, 1, S] bool. Same conventions as `xla_attention` (fp32 scores, masked scores
+  replaced by the most negative float), written for the per-layer cache layout
+  so neither operand needs a transpose.
+  """
+  b, t, h, d = q.shape
+  if t != 1:
+    raise ValueError(f"decode_attention takes one query token per row, got {t}")
+  kv_heads = k_t.shape[1]
+  q = q.reshape(b, kv_heads, h // kv_heads, d) * jnp.asarray(d ** -0.5, q.dtype)
+  scores = jnp.einsum("bkgd,bkds->bkgs", q, k_t, preferred_element_type=jnp.float32)
+  scores = jnp.where(mask[:, :, None, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgs,bksd->bkgd", probs, v).reshape(b, 1, h, d)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, backend: str = "xla", *,
            mask_is_causal: bool = False) -> jax.Array:
   """Dispatches to a backend.

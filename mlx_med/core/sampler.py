@@ -335,17 +335,15 @@ def _choose_and_record(state: DecodeState, logits: jax.Array, rows: RowParams, n
 # ------------------------------------------------------------------ jitted pieces
 
 
-_KV_AXES = ("batch", "cache_length", "act_kv_heads", None)
-
-
 def _constrain_cache(cache: dict, rules) -> dict:
-  """Batch over data/fsdp, KV heads over tensor; stacked ([L, ...]) or per-layer (tuples) caches."""
-  def kv(value):
-    if isinstance(value, (tuple, list)):
-      return tuple(rules.constrain(x, _KV_AXES) for x in value)
-    return rules.constrain(value, ("layers",) + _KV_AXES)
-  return {"k": kv(cache["k"]), "v": kv(cache["v"]),
-          "segment_ids": rules.constrain(cache["segment_ids"], ("batch", "cache_length"))}
+  """Batch over data/fsdp, KV heads over tensor, for both cache layouts (see `init_cache`)."""
+  if isinstance(cache["k"], (tuple, list)):  # per layer: k [B, K, D, S], v [B, K, S, D]
+    k = tuple(rules.constrain(x, ("batch", "act_kv_heads", None, "cache_length")) for x in cache["k"])
+    v = tuple(rules.constrain(x, ("batch", "act_kv_heads", "cache_length", None)) for x in cache["v"])
+  else:  # stacked: [L, B, S, K, D]
+    axes = ("layers", "batch", "cache_length", "act_kv_heads", None)
+    k, v = rules.constrain(cache["k"], axes), rules.constrain(cache["v"], axes)
+  return {"k": k, "v": v, "segment_ids": rules.constrain(cache["segment_ids"], ("batch", "cache_length"))}
 
 
 def _constrain_state(state: DecodeState, rules) -> DecodeState:

@@ -204,7 +204,9 @@ def test_per_layer_layout_matches_scanned_layers(small_params):
   model = Decoder(flat)
   np.testing.assert_allclose(model.apply({"params": per_layer}, tokens), want, **TOL)
   cache = init_cache(flat, 2, 24)
-  assert isinstance(cache["k"], tuple) and cache["k"][0].shape == (2, 24, SMALL.num_kv_heads, 8)
+  # Head-major per-layer cache: keys [B, K, D, S], values [B, K, S, D].
+  assert isinstance(cache["k"], tuple) and cache["k"][0].shape == (2, SMALL.num_kv_heads, 8, 24)
+  assert cache["v"][0].shape == (2, SMALL.num_kv_heads, 24, 8)
   step = jax.jit(lambda p, tok, c, i: model.apply({"params": p}, tok, cache=c, cache_index=i))
   logits, cache = step(per_layer, tokens[:, :12], cache, 0)
   np.testing.assert_allclose(logits, want[:, :12], **TOL)
@@ -213,3 +215,23 @@ def test_per_layer_layout_matches_scanned_layers(small_params):
     np.testing.assert_allclose(logits[:, 0], want[:, i], **TOL)
   with pytest.raises(ValueError, match="already unstacked"):
     unstack_layers(per_layer, SMALL.num_layers)
+
+
+def test_decode_attention_matches_reference():
+  """Single-token attention on the head-major cache layout vs the plain-jnp reference.
+
+  GQA (6 query heads on 2 KV heads), empty and other-segment slots masked, and one
+  row whose query sees no key at all (the uniform-average convention).
+  """
+  b, s, heads, kv_heads, d = 3, 21, 6, 2, 16
+  rng = np.random.default_rng(7)
+  q = jnp.asarray(rng.normal(size=(b, 1, heads, d)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(b, s, kv_heads, d)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, s, kv_heads, d)), jnp.float32)
+  mask = np.ones((b, 1, s), bool)
+  mask[0, 0, 15:] = False  # empty slots
+  mask[1, 0, :4] = False  # another segment / left padding
+  mask[2, 0, :] = False  # nothing visible
+  mask = jnp.asarray(mask)
+  got = jax.jit(attention_lib.decode_attention)(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask)
+  np.testing.assert_allclose(got, reference_attention(q, k, v, mask), **TOL)
