@@ -340,7 +340,7 @@ class Decoder(nn.Module):
     x = sharding_lib.constrain(self.rules, x, ("batch", "length", "act_embed"))
     if self.cfg.scan_layers:
       layer_ids = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
-      (x, stacked), _ = self.layers((x, layer_caches), layer_ids, positions, mask, cache_index)
+      (x, kv_out), _ = self.layers((x, layer_caches), layer_ids, positions, mask, cache_index)
     else:
       new_k, new_v = [], []
       for i, layer in enumerate(self.layers):
@@ -349,7 +349,7 @@ class Decoder(nn.Module):
         if own is not None:
           new_k.append(own["k"])
           new_v.append(own["v"])
-      stacked = {"k": tuple(new_k), "v": tuple(new_v)}
+      kv_out = {"k": tuple(new_k), "v": tuple(new_v)}
     x = self.final_norm(x)
     if return_hidden:
       hidden = x
@@ -359,7 +359,7 @@ class Decoder(nn.Module):
       logits = self.lm_head(x)
     logits = sharding_lib.constrain(self.rules, logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
     if cache is not None:
-      new_cache = {"k": stacked["k"], "v": stacked["v"], "segment_ids": kv_segments}
+      new_cache = {"k": kv_out["k"], "v": kv_out["v"], "segment_ids": kv_segments}
     outputs = (logits, new_cache) if cache is not None else logits
     if return_hidden:
       return outputs, hidden

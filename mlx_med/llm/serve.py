@@ -567,11 +567,8 @@ def create_app(server: OpenAIServer):
       if parsed.logprobs is not None:
         choice["logprobs"] = server._completion_logprobs(out.tokens, out.logprobs, out.top_logprobs, 0)
       choices.append(choice)
-    prompt_tokens = sum(len(p) for p in parsed.prompts) * parsed.n
-    completion_tokens = sum(len(o.tokens) for o in outs)
     return {"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
-            "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                          "total_tokens": prompt_tokens + completion_tokens}}
+            "choices": choices, "usage": _usage(parsed, sum(len(o.tokens) for o in outs))}
 
   @app.post("/v1/chat/completions")
   async def chat_completions(request: Request):
@@ -591,11 +588,8 @@ def create_app(server: OpenAIServer):
       if parsed.logprobs is not None:
         choice["logprobs"] = server._chat_logprobs(out.tokens, out.logprobs, out.top_logprobs)
       choices.append(choice)
-    prompt_tokens = len(parsed.prompts[0]) * parsed.n
-    completion_tokens = sum(len(o.tokens) for o in outs)
     return {"id": rid, "object": "chat.completion", "created": created, "model": server.model_name,
-            "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                          "total_tokens": prompt_tokens + completion_tokens}}
+            "choices": choices, "usage": _usage(parsed, sum(len(o.tokens) for o in outs))}
 
   return app
 
@@ -605,26 +599,38 @@ def _sse(payload: Any) -> str:
 
 
 async def _stream_events(events: asyncio.Queue, rows: int):
-  """Yields (row, update) until the batch ends; raises APIError on failure."""
+  """Yields (row, update, new text of that row) until the batch ends; raises APIError on failure.
+
+  Tracks, per stream, the text already sent for each row and the completion
+  tokens so far (`usage` reads them at the end).
+  """
+  sent = [""] * rows
   while True:
     item = await events.get()
     if item[0] == "update":
-      yield item[1], item[2]
+      k, u = item[1], item[2]
+      text = u.output.text if u.finished else (u.text or "")
+      delta = text[len(sent[k]):] if text.startswith(sent[k]) else text
+      sent[k] = text
+      yield k, u, delta
     elif item[0] == "error":
       raise APIError(f"generation failed: {type(item[1]).__name__}", status=500, type="server_error")
     else:
       return
 
 
+def _usage(parsed: _Parsed, completion_tokens: int) -> dict:
+  """OpenAI `usage`: every prompt (a chat request has one) counts once per sample."""
+  prompt_tokens = sum(len(p) for p in parsed.prompts) * parsed.n
+  return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+          "total_tokens": prompt_tokens + completion_tokens}
+
+
 async def _stream_completion(server: OpenAIServer, parsed: _Parsed, events, rid: str, created: int, rows: int):
-  sent_text = [""] * rows
   completion_tokens = 0
   base = {"id": rid, "object": "text_completion", "created": created, "model": server.model_name}
   try:
-    async for k, u in _stream_events(events, rows):
-      text = u.output.text if u.finished else (u.text or "")
-      delta = text[len(sent_text[k]):] if text.startswith(sent_text[k]) else text
-      sent_text[k] = text
+    async for k, u, delta in _stream_events(events, rows):
       completion_tokens += len(u.new_tokens)
       logprobs = None
       if parsed.logprobs is not None:
@@ -635,27 +641,20 @@ async def _stream_completion(server: OpenAIServer, parsed: _Parsed, events, rid:
       if delta or u.finished or logprobs:
         yield _sse({**base, "choices": [choice]})
     if parsed.include_usage:
-      prompt_tokens = sum(len(p) for p in parsed.prompts) * parsed.n
-      yield _sse({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens,
-                                                    "completion_tokens": completion_tokens,
-                                                    "total_tokens": prompt_tokens + completion_tokens}})
+      yield _sse({**base, "choices": [], "usage": _usage(parsed, completion_tokens)})
   except APIError as e:
     yield _sse(e.body())
   yield "data: [DONE]\n\n"
 
 
 async def _stream_chat(server: OpenAIServer, parsed: _Parsed, events, rid: str, created: int, rows: int):
-  sent_text = [""] * rows
   completion_tokens = 0
   base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name}
   for k in range(rows):
     yield _sse({**base, "choices": [{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                      "finish_reason": None}]})
   try:
-    async for k, u in _stream_events(events, rows):
-      text = u.output.text if u.finished else (u.text or "")
-      delta = text[len(sent_text[k]):] if text.startswith(sent_text[k]) else text
-      sent_text[k] = text
+    async for k, u, delta in _stream_events(events, rows):
       completion_tokens += len(u.new_tokens)
       logprobs = None
       if parsed.logprobs is not None:
@@ -666,10 +665,7 @@ async def _stream_chat(server: OpenAIServer, parsed: _Parsed, events, rid: str, 
       if u.finished:
         yield _sse({**base, "choices": [{"index": k, "delta": {}, "logprobs": None, **_finish_fields(u.output)}]})
     if parsed.include_usage:
-      prompt_tokens = len(parsed.prompts[0]) * parsed.n
-      yield _sse({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens,
-                                                    "completion_tokens": completion_tokens,
-                                                    "total_tokens": prompt_tokens + completion_tokens}})
+      yield _sse({**base, "choices": [], "usage": _usage(parsed, completion_tokens)})
   except APIError as e:
     yield _sse(e.body())
   yield "data: [DONE]\n\n"

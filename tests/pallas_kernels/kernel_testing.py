@@ -5,6 +5,7 @@ Inputs come from numpy rather than jax.random, so no PRNG program is compiled
 max(1, max|reference|).
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -31,3 +32,27 @@ def assert_close(actual, expected, tol, what):
   err = float(np.max(np.abs(actual - expected)))
   scale = max(1.0, float(np.max(np.abs(expected))))
   assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol} * {scale:.3g}"
+
+
+def with_reference(fn, ref_fn, q, k, v, grads=True):
+  """(out, grads, ref, ref_grads) of `fn` and `ref_fn` at (q, k, v).
+
+  Gradients are the q/k/v pullbacks of one fixed, non-trivial cotangent (empty
+  tuples with grads=False). Traceable: call it under one jit, so a case costs
+  one compile instead of many eager op compiles.
+  """
+  out, vjp = jax.vjp(fn, q, k, v)
+  ref, ref_vjp = jax.vjp(ref_fn, q, k, v)
+  if not grads:
+    return out, (), ref, ()
+  ct = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape).astype(out.dtype)
+  return out, vjp(ct), ref, ref_vjp(ct)
+
+
+def assert_matches_reference(out, grads, ref, ref_grads, tol, check_dtypes=True):
+  """Output within tol["fwd"], each of dq, dk, dv within tol["grad"] (and of the reference's dtype)."""
+  assert_close(out, ref, tol["fwd"], "output")
+  for name, g, r in zip("qkv", grads, ref_grads):
+    if check_dtypes:
+      assert g.dtype == r.dtype
+    assert_close(g, r, tol["grad"], f"d{name}")

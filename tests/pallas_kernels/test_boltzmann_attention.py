@@ -14,11 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernel_testing import BF16, FP32, assert_close, assert_matches_reference, qkv, randn, with_reference
 from pallas_kernels import boltzmann_attention as ba
 from pallas_kernels import boltzmann_sampling as bs
-from kernel_testing import BF16, FP32, assert_close, qkv, randn
 from pallas_kernels.common import BlockSizes
-
 
 
 def _check_against_reference(fn, q, k, v, mask, tol, grads=True):
@@ -26,20 +25,8 @@ def _check_against_reference(fn, q, k, v, mask, tol, grads=True):
   together (one compile instead of hundreds of eager op compiles)."""
   ref_fn = lambda q, k, v: ba.boltzmann_attention_reference(q, k, v, mask)
 
-  @jax.jit
-  def both(q, k, v):
-    out, vjp = jax.vjp(fn, q, k, v)
-    ref, ref_vjp = jax.vjp(ref_fn, q, k, v)
-    if not grads:
-      return out, ref, (), ()
-    ct = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape).astype(out.dtype)
-    return out, ref, vjp(ct), ref_vjp(ct)
-
-  out, ref, got, want = both(q, k, v)
-  assert_close(out, ref, tol["fwd"], "output")
-  for name, g, r in zip("qkv", got, want):
-    assert g.dtype == r.dtype
-    assert_close(g, r, tol["grad"], f"d{name}")
+  both = jax.jit(lambda q, k, v: with_reference(fn, ref_fn, q, k, v, grads=grads))
+  assert_matches_reference(*both(q, k, v), tol)
 
 
 def _key_sample(scores_shape, ratio=0.1, temperature=0.5, seed=1):
@@ -57,12 +44,8 @@ def _grads_fn(attn):
 
   @jax.jit
   def run(q, k, v, layout, mask):
-    fn = lambda q, k, v: attn(q, k, v, layout)
-    ref_fn = lambda q, k, v: ba.boltzmann_attention_reference(q, k, v, mask)
-    out, vjp = jax.vjp(fn, q, k, v)
-    ref, ref_vjp = jax.vjp(ref_fn, q, k, v)
-    ct = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape).astype(out.dtype)
-    return out, vjp(ct), ref, ref_vjp(ct)
+    return with_reference(lambda q, k, v: attn(q, k, v, layout),
+                          lambda q, k, v: ba.boltzmann_attention_reference(q, k, v, mask), q, k, v)
 
   return run
 
@@ -72,12 +55,9 @@ _tpu_kernel = _grads_fn(functools.partial(ba.boltzmann_attention, lowering="tpu"
 
 
 def _check(run, q, k, v, layout, mask, tol):
-  out, got, ref, want = run(q, k, v, layout, mask)
-  assert_close(out, ref, tol["fwd"], "output")
-  for name, g, r in zip("qkv", got, want):
-    assert g.dtype == r.dtype
-    assert_close(g, r, tol["grad"], f"d{name}")
-  return out
+  results = run(q, k, v, layout, mask)
+  assert_matches_reference(*results, tol)
+  return results[0]
 
 
 # Family A: fp32, batch 2, 4 q heads over 2 kv heads, Q=40 and N=70 (neither a

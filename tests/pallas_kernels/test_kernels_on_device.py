@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from kernel_testing import assert_close, assert_matches_reference, randn, with_reference
 from mlx_med.core import sparse_attention as sa
 from pallas_kernels import boltzmann_attention as ba
 from pallas_kernels import boltzmann_sampling as bs
 from pallas_kernels import token_selection as ts
-from kernel_testing import assert_close, randn
 from pallas_kernels.common import BlockSizes
 
 TOL = dict(fwd=3e-2, grad=8e-2)  # bf16 inputs, fp32 accumulation
@@ -26,17 +26,8 @@ def _randn(seed, shape, dtype=jnp.bfloat16):  # bf16 by default: the device kern
 
 
 def _compare(fn, ref_fn, q, k, v):
-  @jax.jit
-  def both(q, k, v):
-    out, vjp = jax.vjp(fn, q, k, v)
-    ref, rvjp = jax.vjp(ref_fn, q, k, v)
-    ct = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape).astype(out.dtype)
-    return out, ref, vjp(ct), rvjp(ct)
-
-  out, ref, got, want = both(q, k, v)
-  assert_close(out, ref, TOL["fwd"], "out")
-  for name, g, r in zip("qkv", got, want):
-    assert_close(g, r, TOL["grad"], "d" + name)
+  results = jax.jit(lambda q, k, v: with_reference(fn, ref_fn, q, k, v))(q, k, v)
+  assert_matches_reference(*results, TOL, check_dtypes=False)
 
 
 def _boltzmann_case(lowering, block_sizes, granularity):

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernel_testing import BF16, FP32, assert_close, assert_matches_reference, qkv, randn, with_reference
 from pallas_kernels import token_selection as ts
-from kernel_testing import BF16, FP32, assert_close, qkv, randn
 from pallas_kernels.common import BlockSizes
 
 
@@ -23,23 +23,16 @@ def _grads_fn(attn):
 
   @jax.jit
   def run(q, k, v, indices, counts):
-    fn = lambda q, k, v: attn(q, k, v, indices, counts)
-    ref_fn = lambda q, k, v: ts.token_selection_attention_reference(q, k, v, indices, counts)
-    out, vjp = jax.vjp(fn, q, k, v)
-    ref, ref_vjp = jax.vjp(ref_fn, q, k, v)
-    ct = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape).astype(out.dtype)
-    return out, vjp(ct), ref, ref_vjp(ct)
+    return with_reference(lambda q, k, v: attn(q, k, v, indices, counts),
+                          lambda q, k, v: ts.token_selection_attention_reference(q, k, v, indices, counts), q, k, v)
 
   return run
 
 
 def _check(run, q, k, v, indices, counts, tol):
-  out, got, ref, want = run(q, k, v, indices, counts)
-  assert_close(out, ref, tol["fwd"], "output")
-  for name, g, r in zip("qkv", got, want):
-    assert g.dtype == r.dtype
-    assert_close(g, r, tol["grad"], f"d{name}")
-  return out
+  results = run(q, k, v, indices, counts)
+  assert_matches_reference(*results, tol)
+  return results[0]
 
 
 _GPU_16 = BlockSizes(block_q=16, block_k=16)
