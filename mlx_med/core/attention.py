@@ -47,6 +47,20 @@ def make_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
   return same
 
 
+def _scores_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """`jnp.einsum` with fp32 accumulation and an fp32 result.
+
+  XLA:CPU has no dot for bf16 x bf16 -> f32 outside its YNNPACK fusions (the
+  generic DotThunk rejects it at run time, e.g. at decode batch > 1), so when
+  tracing for CPU low-precision operands are widened to fp32 first. That is the
+  same arithmetic (the widening is exact and the products are accumulated in
+  fp32 either way); other backends keep the mixed-precision dot.
+  """
+  if jax.default_backend() == "cpu" and (a.dtype != jnp.float32 or b.dtype != jnp.float32):
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
 @register_backend("xla")
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
   """Grouped-query softmax attention as two einsums, fp32 scores.
@@ -58,7 +72,7 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
   kv_heads = k.shape[2]
   group = h // kv_heads
   q = q.reshape(b, t, kv_heads, group, d) * jnp.asarray(d ** -0.5, q.dtype)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = _scores_einsum("btkgd,bskd->bkgts", q, k)
   scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -90,7 +104,7 @@ def decode_attention(q: jax.Array, k_t: jax.Array, v: jax.Array, mask: jax.Array
     raise ValueError(f"decode_attention takes one query token per row, got {t}")
   kv_heads = k_t.shape[1]
   q = q.reshape(b, kv_heads, h // kv_heads, d) * jnp.asarray(d ** -0.5, q.dtype)
-  scores = jnp.einsum("bkgd,bkds->bkgs", q, k_t, preferred_element_type=jnp.float32)
+  scores = _scores_einsum("bkgd,bkds->bkgs", q, k_t)
   scores = jnp.where(mask[:, :, None, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   return jnp.einsum("bkgs,bksd->bkgd", probs, v).reshape(b, 1, h, d)
