@@ -25,9 +25,21 @@ def _randn(seed, shape, dtype=jnp.bfloat16):  # bf16 by default: the device kern
   return randn(seed, shape, dtype)
 
 
-def _compare(fn, ref_fn, q, k, v):
-  results = jax.jit(lambda q, k, v: with_reference(fn, ref_fn, q, k, v))(q, k, v)
-  assert_matches_reference(*results, TOL, check_dtypes=False)
+# What each compiled (not interpreted) lowering leaves in the lowered module: the
+# Pallas Triton call on GPU, the Mosaic call on TPU. Interpret mode leaves neither.
+_KERNEL_CALL = {"gpu": ("__gpu$xla.gpu.triton", "triton_kernel_call"), "tpu": ("tpu_custom_call",)}
+
+
+def _assert_kernel_lowered(jitted, lowering, *args):
+  text = jitted.lower(*args).as_text()
+  assert any(name in text for name in _KERNEL_CALL[lowering]), (
+      f"no {lowering} Pallas kernel call ({_KERNEL_CALL[lowering]}) in the lowered module")
+
+
+def _compare(fn, ref_fn, q, k, v, lowering):
+  run = jax.jit(lambda q, k, v: with_reference(fn, ref_fn, q, k, v))
+  _assert_kernel_lowered(run, lowering, q, k, v)
+  assert_matches_reference(*run(q, k, v), TOL, check_dtypes=False)
 
 
 def _boltzmann_case(lowering, block_sizes, granularity):
@@ -46,7 +58,7 @@ def _boltzmann_case(lowering, block_sizes, granularity):
   fn = functools.partial(ba.boltzmann_attention, layout=layout, block_sizes=block_sizes,
                          lowering=lowering)
   ref_fn = lambda q, k, v: ba.boltzmann_attention_reference(q, k, v, mask)
-  _compare(lambda q, k, v: fn(q, k, v), ref_fn, q, k, v)
+  _compare(lambda q, k, v: fn(q, k, v), ref_fn, q, k, v, lowering)
 
 
 def _token_case(lowering, block_sizes):
@@ -58,7 +70,7 @@ def _token_case(lowering, block_sizes):
   fn = lambda q, k, v: ts.token_selection_attention(
       q, k, v, idx, cnt, block_sizes=block_sizes, lowering=lowering)
   ref_fn = lambda q, k, v: ts.token_selection_attention_reference(q, k, v, idx, cnt)
-  _compare(fn, ref_fn, q, k, v)
+  _compare(fn, ref_fn, q, k, v, lowering)
 
 
 @pytest.mark.gpu
@@ -79,7 +91,9 @@ def test_gpu_dispatch_auto_uses_pallas():
   k, v = _randn(9, (1, 4, 1024, 64)), _randn(10, (1, 4, 1024, 64))
   scores = jax.nn.sigmoid(_randn(11, (1, 100, 1024), jnp.float32))
   rng = jax.random.PRNGKey(1)
-  out = jax.jit(lambda q, k, v: sa.boltzmann_attend(q, k, v, scores, rng=rng, layer=0))(q, k, v)
+  auto = jax.jit(lambda q, k, v: sa.boltzmann_attend(q, k, v, scores, rng=rng, layer=0))
+  _assert_kernel_lowered(auto, "gpu", q, k, v)
+  out = auto(q, k, v)
   ref = jax.jit(lambda q, k, v: sa.boltzmann_attend(
       q, k, v, scores, rng=rng, layer=0, backend="reference"))(q, k, v)
   assert_close(out, ref, TOL["fwd"], "dispatch")
