@@ -1,41 +1,112 @@
-"""Attention masks and the attention backend switch.
+"""Attention masks, the decoder's attention backends, and the one backend registry.
 
 Every decoder call describes its attention with four small arrays instead of a
 dense mask argument: segment ids for queries and keys (0 = padding; equal ids may
 attend, so packed patients or requests never see each other) and slot indices
 (the position of each query/key in the sequence or KV cache, for causality).
-Backends turn that description into attention; `xla` is the default everywhere,
-`cpu` is a blocked, memory-frugal formulation that trains several times faster
-under XLA:CPU, `cudnn` uses the fused GPU kernel, and Pallas kernels register
-themselves here.
+`make_mask` turns them into a boolean [B, T, S] mask and `attend` hands it to a
+backend chosen by name from `DECODER_BACKENDS`:
+
+  xla    grouped-query softmax attention as two einsums (the default everywhere;
+         defines the conventions the others match)
+  cpu    blocked, memory-frugal attention with a hand-written backward pass that
+         trains several times faster under XLA:CPU
+  cudnn  jax.nn.dot_product_attention's fused cuDNN kernel (GPU; bf16/fp16 only)
+  jax    the same call with JAX's XLA implementation (any platform; it runs the
+         cudnn backend's mask logic where no GPU is present)
+  auto   'cpu' on CPU, 'xla' elsewhere (cudnn is never picked automatically: it
+         rejects fp32)
+
+`BackendRegistry` is the single mechanism for choosing implementations by name:
+the decoder's backends above and the sparse attentions of
+`mlx_med.core.sparse_attention` (whose Pallas kernels take a sample rather than
+a mask, so they live in registries of their own, defined in that module) are all
+registered with it and resolve `auto` through `resolve_auto`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
 AttentionFn = Callable[..., jax.Array]
-_BACKENDS: dict[str, AttentionFn] = {}
-# Backends that accept the keyword `mask_is_causal` (see `attend`). Others are
-# called with (q, k, v, mask) only, so existing kernels need no change.
-_CAUSAL_AWARE: set[str] = set()
+
+
+def resolve_auto(per_platform: Mapping[str, str], platform: str | None = None) -> str:
+  """The backend `per_platform` names for `platform` (default: JAX's default backend).
+
+  Platforms not named fall back to the entry for 'cpu'.
+  """
+  platform = platform or jax.default_backend()
+  return per_platform.get(platform, per_platform["cpu"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """One registered implementation: its function and free-form traits."""
+  name: str
+  fn: Callable[..., Any]
+  traits: Mapping[str, Any]
+
+
+class BackendRegistry:
+  """Named implementations of one operation, plus an `auto` choice per platform.
+
+  `register(name, **traits)` is a decorator; `resolve(name)` maps 'auto' to a
+  concrete name and rejects unknown names with a one-line error listing the
+  choices; `get(name)` returns the resolved `Backend`.
+  """
+
+  def __init__(self, what: str, auto: Mapping[str, str]):
+    if "cpu" not in auto:
+      raise ValueError(f"{what}: the auto table needs a 'cpu' entry (the fallback), got {dict(auto)}")
+    self.what = what
+    self.auto = dict(auto)
+    self._backends: dict[str, Backend] = {}
+
+  def register(self, name: str, **traits):
+    if name == "auto":
+      raise ValueError(f"{self.what}: 'auto' is resolved per platform and cannot be registered")
+
+    def wrap(fn):
+      self._backends[name] = Backend(name, fn, dict(traits))
+      return fn
+    return wrap
+
+  def names(self) -> tuple[str, ...]:
+    """Registered backends (without 'auto'), sorted."""
+    return tuple(sorted(self._backends))
+
+  def choices(self) -> tuple[str, ...]:
+    return ("auto",) + self.names()
+
+  def resolve(self, name: str, platform: str | None = None) -> str:
+    if name == "auto":
+      name = resolve_auto(self.auto, platform)
+    if name not in self._backends:
+      raise ValueError(f"{self.what} backend {name!r} is unknown; choose one of {self.choices()}")
+    return name
+
+  def get(self, name: str, platform: str | None = None) -> Backend:
+    return self._backends[self.resolve(name, platform)]
+
+
+# Backends that accept the keyword `mask_is_causal` register with causal_aware=True
+# (see `attend`); the others are called with (q, k, v, mask) only.
+DECODER_BACKENDS = BackendRegistry("attention", auto={"cpu": "cpu", "gpu": "xla", "tpu": "xla"})
 
 
 def register_backend(name: str, causal_aware: bool = False):
-  def wrap(fn: AttentionFn) -> AttentionFn:
-    _BACKENDS[name] = fn
-    if causal_aware:
-      _CAUSAL_AWARE.add(name)
-    return fn
-  return wrap
+  """Registers a decoder attention backend fn(q, k, v, mask[, mask_is_causal=])."""
+  return DECODER_BACKENDS.register(name, causal_aware=causal_aware)
 
 
 def available_backends() -> tuple[str, ...]:
-  return tuple(sorted(_BACKENDS))
+  return DECODER_BACKENDS.choices()
 
 
 def make_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
@@ -79,16 +150,78 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
   return out.reshape(b, t, h, d)
 
 
-@register_backend("cudnn")
-def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """jax.nn.dot_product_attention's fused cuDNN kernel (GPU, bf16/fp16 only)."""
-  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], implementation="cudnn")
+# ----------------------------------------------------------------------------
+# `cudnn` and `jax`: jax.nn.dot_product_attention.
+#
+# Under the decoder's causal promise (`mask_is_causal`, T == S) both call it with
+# is_causal=True, so cuDNN runs its causal mask type and skips the tiles above
+# the diagonal. The segment part of the mask is then passed one of two ways,
+# chosen at run time by `lax.cond`:
+#   * every row is one sequence followed by padding (segment ids 1..1 0..0, the
+#     usual unpacked batch): as per-row sequence lengths (cuDNN's padding-causal
+#     mask type), with no [B, 1, T, S] mask or bias in the call at all;
+#   * otherwise (packed rows, left padding, empty rows): as the boolean mask,
+#     which jax turns into a dense additive bias -- jax.nn.dot_product_attention
+#     has no segment-id input for cuDNN.
+# Query rows that see no key (padding) are set to the uniform average of the
+# values, the `xla` backend's convention, so every backend gives the same output
+# everywhere. cuDNN's fused attention supports only bf16/fp16 inputs: the
+# `cudnn` backend raises on anything else instead of casting behind the caller's
+# back (use DecoderConfig.dtype='bfloat16', or the `xla` backend for fp32).
+# ----------------------------------------------------------------------------
+
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-@register_backend("jax")
-def jax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """jax.nn.dot_product_attention, letting JAX pick the implementation."""
-  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
+def causal_prefix_lengths(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(lengths [B] int32, ok scalar bool) for a square causal mask [B, T, T].
+
+  ok is True when every row of the mask is exactly `causal & (q < len) & (k < len)`
+  with len >= 1 -- one sequence followed by padding -- so per-row lengths
+  describe it completely.
+  """
+  t = mask.shape[1]
+  lengths = jnp.sum(jnp.diagonal(mask, axis1=1, axis2=2), axis=-1, dtype=jnp.int32)
+  idx = jnp.arange(t, dtype=jnp.int32)
+  prefix = (idx[None, None, :] <= idx[None, :, None]) & (idx[None, :, None] < lengths[:, None, None])
+  ok = jnp.all(mask == prefix) & jnp.all(lengths >= 1)
+  return lengths, ok
+
+
+def _fused_attention(q, k, v, mask, mask_is_causal: bool, implementation: str | None) -> jax.Array:
+  b, t, h, d = q.shape
+  s = k.shape[1]
+  dpa = functools.partial(jax.nn.dot_product_attention, implementation=implementation)
+  if bool(mask_is_causal) and t == s:
+    lengths, prefix_ok = causal_prefix_lengths(mask)
+    out = jax.lax.cond(
+        prefix_ok,
+        lambda q, k, v: dpa(q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths),
+        lambda q, k, v: dpa(q, k, v, mask=mask[:, None], is_causal=True),
+        q, k, v)
+  else:
+    out = dpa(q, k, v, mask=mask[:, None])
+  any_valid = jnp.any(mask, axis=-1)  # [B, T]
+  uniform = jnp.repeat(jnp.mean(v.astype(jnp.float32), axis=1), h // k.shape[2], axis=1).astype(out.dtype)
+  return jnp.where(any_valid[:, :, None, None], out, uniform[:, None])
+
+
+@register_backend("cudnn", causal_aware=True)
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+                    mask_is_causal: bool = False) -> jax.Array:
+  """jax.nn.dot_product_attention's fused cuDNN kernel (GPU; bf16/fp16 inputs only; see the notes above)."""
+  if q.dtype not in CUDNN_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    raise ValueError(
+        f"attention backend 'cudnn' needs bfloat16 or float16 q/k/v, got {q.dtype}/{k.dtype}/{v.dtype}; "
+        "set DecoderConfig.dtype='bfloat16' or use attention backend 'xla'")
+  return _fused_attention(q, k, v, mask, mask_is_causal, "cudnn")
+
+
+@register_backend("jax", causal_aware=True)
+def jax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+                  mask_is_causal: bool = False) -> jax.Array:
+  """jax.nn.dot_product_attention with its XLA implementation, same mask handling as `cudnn`."""
+  return _fused_attention(q, k, v, mask, mask_is_causal, "xla")
 
 
 def decode_attention(q: jax.Array, k_t: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -112,7 +245,7 @@ def decode_attention(q: jax.Array, k_t: jax.Array, v: jax.Array, mask: jax.Array
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, backend: str = "xla", *,
            mask_is_causal: bool = False) -> jax.Array:
-  """Dispatches to a backend.
+  """Runs the decoder attention backend named `backend` ('auto' resolves per platform).
 
   mask_is_causal: a promise by the caller that queries and keys share slots
     0..T-1 and `mask[b, t, s]` is False whenever s > t (the decoder's no-cache
@@ -120,13 +253,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, backend: s
     mask is still applied inside the blocks they compute, so results equal the
     dense computation. Backends that do not declare `causal_aware` never see it.
   """
-  try:
-    fn = _BACKENDS[backend]
-  except KeyError:
-    raise ValueError(f"attention backend {backend!r} is unknown; choose one of {available_backends()}") from None
-  if backend in _CAUSAL_AWARE:
-    return fn(q, k, v, mask, mask_is_causal=mask_is_causal)
-  return fn(q, k, v, mask)
+  entry = DECODER_BACKENDS.get(backend)
+  if entry.traits.get("causal_aware"):
+    return entry.fn(q, k, v, mask, mask_is_causal=mask_is_causal)
+  return entry.fn(q, k, v, mask)
 
 
 # ----------------------------------------------------------------------------

@@ -1,14 +1,17 @@
 """Config-driven entry points for the two sparse attentions (BoltzFormer, SemCLIP).
 
 Models call `boltzmann_attend` / `token_selection_attend`; the backend is a
-config choice, never a code change:
+config choice, never a code change. Each attention has a
+`mlx_med.core.attention.BackendRegistry` (`BOLTZMANN_BACKENDS`,
+`TOKEN_SELECTION_BACKENDS`, the same mechanism as the decoder's backends) with
+these entries:
 
   'reference'         plain-jnp dense masked attention (the kernels' twin)
   'xla'               memory-bounded XLA fallback (block gather / query-chunked
                       gather / dense, picked from the sample's static bounds)
   'pallas'            the Pallas kernels, Triton lowering on GPU, Mosaic on TPU
   'pallas_interpret'  the kernels in interpret mode (CPU tests; slow)
-  'auto'              'pallas' on GPU/TPU, 'xla' on CPU
+  'auto'              'pallas' on GPU/TPU, 'xla' on CPU (resolved by the registry)
 
 Sampling happens here, once, before dispatch, with the same `jax.random` code
 for every backend, so a given rng gives the same kept keys -- and the same
@@ -23,18 +26,25 @@ Grouped-query attention: k/v heads must divide q heads.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
+from mlx_med.core.attention import BackendRegistry
 from pallas_kernels import boltzmann_attention as _boltz
 from pallas_kernels import common as _common
 from pallas_kernels import boltzmann_sampling as _sampling
 from pallas_kernels import token_selection as _tokens
 from pallas_kernels.common import BlockSizes
 
-BACKENDS = ("auto", "reference", "xla", "pallas", "pallas_interpret")
+_AUTO = {"cpu": "xla", "gpu": "pallas", "tpu": "pallas"}
+# fn(q, k, v, sample, *, sm_scale, block_sizes, lowering) with q/k/v in BHLD and
+# `sample` a KeptKeys (per-key granularity) or BlockSparseLayout (per block).
+BOLTZMANN_BACKENDS = BackendRegistry("sparse attention", auto=_AUTO)
+# fn(q, k, v, indices, counts, *, sm_scale, block_sizes, lowering).
+TOKEN_SELECTION_BACKENDS = BackendRegistry("sparse attention", auto=_AUTO)
 GRANULARITIES = ("key", "block")
 LAYOUTS = ("BHLD", "BLHD")
 
@@ -96,12 +106,8 @@ class SparseAttentionConfig:
 
 
 def resolve_backend(backend: str) -> str:
-  """'auto' -> 'pallas' on GPU/TPU and 'xla' on CPU."""
-  if backend not in BACKENDS:
-    raise ValueError(f"sparse attention backend={backend!r}; choose one of {BACKENDS}.")
-  if backend == "auto":
-    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
-  return backend
+  """'auto' -> 'pallas' on GPU/TPU and 'xla' on CPU; unknown names are an error."""
+  return BOLTZMANN_BACKENDS.resolve(backend)
 
 
 def _to_bhld(layout: str, *xs):
@@ -116,10 +122,65 @@ def _from_bhld(layout: str, x):
   return x if layout == "BHLD" else jnp.swapaxes(x, 1, 2)
 
 
-def _kernel_settings(backend: str, block_sizes: BlockSizes | None, lowering: str | None):
-  interpret = backend == "pallas_interpret"
+def _kernel_settings(interpret: bool, block_sizes: BlockSizes | None, lowering: str | None):
   lowering = lowering or ("gpu" if interpret else _common.default_lowering())
-  return interpret, lowering, block_sizes or BlockSizes.get_default(lowering)
+  return lowering, block_sizes or BlockSizes.get_default(lowering)
+
+
+# ------------------------------------------------------------ Boltzmann backends
+@BOLTZMANN_BACKENDS.register("reference", needs_key_mask=lambda n_keys, draws: True)
+def _boltzmann_reference(q, k, v, sample, *, sm_scale, block_sizes, lowering):
+  del block_sizes, lowering
+  mask = sample.to_mask() if isinstance(sample, _sampling.KeptKeys) else sample.to_dense_mask()
+  return _boltz.boltzmann_attention_reference(q, k, v, mask, sm_scale=sm_scale)
+
+
+# The XLA fallback's pure-gather path (tiny ratios) never reads the dense mask,
+# so the sampler need not build it then.
+@BOLTZMANN_BACKENDS.register("xla", needs_key_mask=_boltz.xla_needs_mask)
+def _boltzmann_xla(q, k, v, sample, *, sm_scale, block_sizes, lowering):
+  del block_sizes, lowering
+  return _boltz.boltzmann_attention_xla(q, k, v, sample, sm_scale=sm_scale)
+
+
+def _boltzmann_pallas(q, k, v, sample, *, sm_scale, block_sizes, lowering, interpret):
+  lowering, bsz = _kernel_settings(interpret, block_sizes, lowering)
+  if isinstance(sample, _sampling.KeptKeys):
+    sample = _sampling.block_sparse_layout(sample, block_q=bsz.block_q, block_k=bsz.block_k)
+  return _boltz.boltzmann_attention(q, k, v, sample, sm_scale=sm_scale, block_sizes=bsz,
+                                    lowering=lowering, interpret=interpret)
+
+
+BOLTZMANN_BACKENDS.register("pallas", needs_key_mask=lambda n_keys, draws: True)(
+    functools.partial(_boltzmann_pallas, interpret=False))
+BOLTZMANN_BACKENDS.register("pallas_interpret", needs_key_mask=lambda n_keys, draws: True)(
+    functools.partial(_boltzmann_pallas, interpret=True))
+
+
+# ------------------------------------------------------ token-selection backends
+@TOKEN_SELECTION_BACKENDS.register("reference")
+def _tokens_reference(q, k, v, indices, counts, *, sm_scale, block_sizes, lowering):
+  del block_sizes, lowering
+  return _tokens.token_selection_attention_reference(q, k, v, indices, counts, sm_scale=sm_scale)
+
+
+@TOKEN_SELECTION_BACKENDS.register("xla")
+def _tokens_xla(q, k, v, indices, counts, *, sm_scale, block_sizes, lowering):
+  del block_sizes, lowering
+  return _tokens.token_selection_attention_xla(q, k, v, indices, counts, sm_scale=sm_scale)
+
+
+def _tokens_pallas(q, k, v, indices, counts, *, sm_scale, block_sizes, lowering, interpret):
+  lowering, bsz = _kernel_settings(interpret, block_sizes, lowering)
+  return _tokens.token_selection_attention(q, k, v, indices, counts, sm_scale=sm_scale, block_sizes=bsz,
+                                           lowering=lowering, interpret=interpret)
+
+
+TOKEN_SELECTION_BACKENDS.register("pallas")(functools.partial(_tokens_pallas, interpret=False))
+TOKEN_SELECTION_BACKENDS.register("pallas_interpret")(functools.partial(_tokens_pallas, interpret=True))
+
+BACKENDS = BOLTZMANN_BACKENDS.choices()
+assert BACKENDS == TOKEN_SELECTION_BACKENDS.choices()
 
 
 def boltzmann_attend(
@@ -162,36 +223,21 @@ def boltzmann_attend(
   if granularity not in GRANULARITIES:
     raise ValueError(f"granularity={granularity!r}; choose one of {GRANULARITIES}.")
   q, k, v = _to_bhld(layout, q, k, v)
-  backend = resolve_backend(backend)
-  interpret, lowering, bsz = _kernel_settings(backend, block_sizes, lowering)
-
+  entry = BOLTZMANN_BACKENDS.get(backend)
+  # The sample's tile grid is the kernel's (the sample must be the same whichever
+  # backend runs, so every backend samples on the kernel tiles).
+  interpret = entry.name == "pallas_interpret"
+  _, bsz = _kernel_settings(interpret, block_sizes, lowering)
   if granularity == "block":
     sample = _sampling.sample_kept_blocks(
         rng, scores, temperature=temperature, sample_ratio=sample_ratio,
         block_q=bsz.block_q, block_k=bsz.block_k)
-    if backend == "reference":
-      out = _boltz.boltzmann_attention_reference(q, k, v, sample.to_dense_mask(), sm_scale=sm_scale)
-    elif backend == "xla":
-      out = _boltz.boltzmann_attention_xla(q, k, v, sample, sm_scale=sm_scale)
-    else:
-      out = _boltz.boltzmann_attention(q, k, v, sample, sm_scale=sm_scale, block_sizes=bsz,
-                                       lowering=lowering, interpret=interpret)
   else:
-    # The dense bool mask is built by the sampler unless the XLA fallback will
-    # provably take the pure gather path (tiny ratios), which never reads it.
     n_keys = scores.shape[-1]
-    with_mask = backend != "xla" or _boltz.xla_needs_mask(
-        n_keys, _sampling.num_draws(n_keys, sample_ratio))
-    kept = _sampling.sample_kept_keys(
+    with_mask = entry.traits["needs_key_mask"](n_keys, _sampling.num_draws(n_keys, sample_ratio))
+    sample = _sampling.sample_kept_keys(
         rng, scores, temperature=temperature, sample_ratio=sample_ratio, with_mask=with_mask)
-    if backend == "reference":
-      out = _boltz.boltzmann_attention_reference(q, k, v, kept.to_mask(), sm_scale=sm_scale)
-    elif backend == "xla":
-      out = _boltz.boltzmann_attention_xla(q, k, v, kept, sm_scale=sm_scale)
-    else:
-      layout_ = _sampling.block_sparse_layout(kept, block_q=bsz.block_q, block_k=bsz.block_k)
-      out = _boltz.boltzmann_attention(q, k, v, layout_, sm_scale=sm_scale, block_sizes=bsz,
-                                       lowering=lowering, interpret=interpret)
+  out = entry.fn(q, k, v, sample, sm_scale=sm_scale, block_sizes=bsz, lowering=lowering)
   return _from_bhld(layout, out)
 
 
@@ -222,21 +268,13 @@ def token_selection_attend(
     Attention output shaped like q.
   """
   q, k, v = _to_bhld(layout, q, k, v)
-  backend = resolve_backend(backend)
+  entry = TOKEN_SELECTION_BACKENDS.get(backend)
   if threshold is None:
     indices, counts = _tokens.select_top_k(relevance, num_selected)
   else:
     indices, counts = _tokens.select_by_budget(
         relevance, max_tokens=num_selected, threshold=threshold)
-  if backend == "reference":
-    out = _tokens.token_selection_attention_reference(q, k, v, indices, counts, sm_scale=sm_scale)
-  elif backend == "xla":
-    out = _tokens.token_selection_attention_xla(q, k, v, indices, counts, sm_scale=sm_scale)
-  else:
-    interpret, lowering, bsz = _kernel_settings(backend, block_sizes, lowering)
-    out = _tokens.token_selection_attention(
-        q, k, v, indices, counts, sm_scale=sm_scale, block_sizes=bsz, lowering=lowering,
-        interpret=interpret)
+  out = entry.fn(q, k, v, indices, counts, sm_scale=sm_scale, block_sizes=block_sizes, lowering=lowering)
   return _from_bhld(layout, out)
 
 

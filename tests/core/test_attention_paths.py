@@ -22,7 +22,10 @@ from mlx_med.core.params import init_params
 from mlx_med.core.transformer import Decoder, DecoderConfig, init_cache
 
 TOL = dict(rtol=1e-5, atol=1e-5)
-NEW_PATHS = ("cpu",)  # attention backends added for speed; each must match the reference
+# Backends beyond the default `xla`; each must match the reference. `jax` is the
+# cudnn backend's code path (causal mode, sequence lengths or mask) with JAX's
+# XLA implementation, so it runs here on CPU at fp32.
+NEW_PATHS = ("cpu", "jax")
 
 
 def reference_attention(q, k, v, mask):
@@ -235,3 +238,77 @@ def test_decode_attention_matches_reference():
   mask = jnp.asarray(mask)
   got = jax.jit(attention_lib.decode_attention)(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask)
   np.testing.assert_allclose(got, reference_attention(q, k, v, mask), **TOL)
+
+
+def _prefix_causal_mask(b, t):
+  """Unpacked rows: row 0 full, the others one sequence then trailing padding."""
+  lengths = np.array([t] + [t - 3 - 5 * i for i in range(1, b)], np.int32)
+  seg = (np.arange(t)[None, :] < lengths[:, None]).astype(np.int32)
+  slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  return attention_lib.make_mask(jnp.asarray(seg), jnp.asarray(seg), slots, slots, causal=True), lengths
+
+
+def test_causal_prefix_lengths_recognises_unpacked_rows():
+  mask, lengths = _prefix_causal_mask(3, 24)
+  got, ok = jax.jit(attention_lib.causal_prefix_lengths)(mask)
+  np.testing.assert_array_equal(got, lengths)
+  assert bool(ok)
+  # Packed segments or leading padding cannot be described by lengths.
+  _, ok = attention_lib.causal_prefix_lengths(_packed_causal_mask(2, 24))
+  assert not bool(ok)
+  # Nor can an empty row (length 0).
+  empty = mask.at[1].set(False)
+  _, ok = attention_lib.causal_prefix_lengths(empty)
+  assert not bool(ok)
+
+
+def test_jax_backend_prefix_rows_use_sequence_lengths():
+  """Unpacked rows with trailing padding: the sequence-length branch, same numbers as the reference."""
+  q, k, v, w = _inputs(3, 24, 24, 4, 2, 8, seed=11)
+  mask, _ = _prefix_causal_mask(3, 24)
+  _check_forward_and_grads("jax", q, k, v, w, mask, mask_is_causal=True)
+
+
+def test_cudnn_backend_rejects_fp32_with_a_clear_error():
+  q, k, v, _ = _inputs(1, 8, 8, 2, 2, 8, seed=0)
+  mask = jnp.ones((1, 8, 8), bool)
+  with pytest.raises(ValueError, match="'cudnn' needs bfloat16 or float16.*DecoderConfig.dtype='bfloat16'"):
+    attention_lib.attend(q, k, v, mask, "cudnn", mask_is_causal=True)
+
+
+def test_backend_registry_resolves_auto_and_rejects_unknown_names():
+  reg = attention_lib.DECODER_BACKENDS
+  assert reg.resolve("auto", platform="cpu") == "cpu"
+  assert reg.resolve("auto", platform="gpu") == "xla"
+  assert set(reg.names()) >= {"xla", "cpu", "cudnn", "jax"}
+  assert attention_lib.available_backends()[0] == "auto"
+  with pytest.raises(ValueError, match=r"attention backend 'flash' is unknown; choose one of \('auto', "):
+    attention_lib.attend(*_inputs(1, 4, 4, 2, 2, 8, seed=0)[:3], jnp.ones((1, 4, 4), bool), "flash")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", ["prefix", "packed"])
+def test_gpu_cudnn_backend_matches_reference(rows):
+  """cuDNN fused attention (bf16) vs the fp32 reference, both mask branches; checks cuDNN really ran."""
+  b, t, heads, kv_heads, d = 2, 256, 8, 2, 64
+  q, k, v, w = (x.astype(jnp.bfloat16) for x in _inputs(b, t, t, heads, kv_heads, d, seed=21))
+  mask = _prefix_causal_mask(b, t)[0] if rows == "prefix" else _packed_causal_mask(b, t)
+  _, ok = attention_lib.causal_prefix_lengths(mask)
+  assert bool(ok) == (rows == "prefix")
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * w.astype(jnp.float32))
+
+  ours = lambda q, k, v: attention_lib.attend(q, k, v, mask, "cudnn", mask_is_causal=True)
+  f32 = lambda x: x.astype(jnp.float32)
+  ref = lambda q, k, v: reference_attention(f32(q), f32(k), f32(v), mask)
+  both = lambda fn: jax.jit(lambda q, k, v: (fn(q, k, v), jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v)))
+  hlo = both(ours).lower(q, k, v).as_text()
+  assert "__cudnn$fmha" in hlo, "the cudnn backend did not lower to cuDNN fused attention"
+  (out, got), (want_out, want) = both(ours)(q, k, v), both(ref)(q, k, v)
+  assert out.dtype == jnp.bfloat16
+  # bf16 inputs and output, fp32 accumulation: errors relative to max(1, max|ref|).
+  for name, g, r, tol in [("out", out, want_out, 3e-2)] + [(f"d{n}", g, r, 6e-2) for n, g, r in zip("qkv", got, want)]:
+    g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
+    err, scale = float(np.max(np.abs(g - r))), max(1.0, float(np.max(np.abs(r))))
+    assert np.all(np.isfinite(g)) and err <= tol * scale, f"{name}: max abs error {err:.3g} > {tol} * {scale:.3g}"
