@@ -7,8 +7,9 @@ the whole training step on both sides: forward, token cross-entropy, backward, g
 grad-norm clipping at 1.0, AdamW (lr 3e-4, betas (0.9, 0.95), eps 1e-8, weight decay 0.1
 on matrices only). Ours is `mlx_med.core.train_step.make_train_step` (it also runs its
 NaN guard), jitted with the train state donated; torch uses its default SDPA attention
-(`attn_implementation="sdpa"`), eager unless `--torch-compile`, with
-`torch.set_num_threads` equal to the cores XLA uses. Both are warmed up (compile time is
+(`attn_implementation="sdpa"`), once eager and once under `torch.compile` (same
+weights; `--no-torch-compile` drops that row), with `torch.set_num_threads` equal to
+the cores XLA uses. Both are warmed up (compile time is
 not counted), then timed in alternating rounds in one process, so a background load
 hits both alike; we report medians and ours/torch.
 
@@ -149,13 +150,14 @@ def make_torch(tokens: np.ndarray, threads: int, compile_mode: bool, seed: int =
   labels = inputs.clone()
   out = {"loss": None}
 
+  # torch.compile wraps the module (forward and, through AOTAutograd, its
+  # backward); the optimizer and clipping stay eager, as in the usual recipe.
+  forward = torch.compile(model) if compile_mode else model
+
   def fwd_bwd():
-    loss = model(input_ids=inputs, labels=labels).loss
+    loss = forward(input_ids=inputs, labels=labels).loss
     loss.backward()
     return loss
-
-  if compile_mode:
-    fwd_bwd = torch.compile(fwd_bwd)
 
   def step():
     opt.zero_grad(set_to_none=True)
@@ -189,6 +191,7 @@ def run_cpu(args) -> dict:
   train_flops = flops_lib.train_flops_per_token(cfg, args.seq) * tokens_per_step
 
   sides: dict[str, dict] = {}
+  skipped_compile = None
   ours_step, ours_loss = make_ours(cfg, tokens, args.seed)
   t0 = time.perf_counter()
   ours_step()  # compiles
@@ -196,10 +199,24 @@ def run_cpu(args) -> dict:
                    "desc": f"mlx_med Decoder + make_train_step, attention backend {cfg.attention_backend!r}, "
                            f"jax {jax.__version__} ({jax.default_backend()}), XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"}
   if not args.no_torch:
-    torch_step, torch_loss, torch_desc = make_torch(tokens, threads, args.torch_compile, args.seed)
+    torch_step, torch_loss, torch_desc = make_torch(tokens, threads, False, args.seed)
     t0 = time.perf_counter()
     torch_step()
     sides["torch"] = {"step": torch_step, "loss": torch_loss, "compile_s": time.perf_counter() - t0, "desc": torch_desc}
+    if not args.no_torch_compile:
+      # A second torch side, same weights (same seed) under torch.compile. It needs
+      # a working C compiler (inductor's CPU backend); if compiling fails, say why
+      # and keep the eager comparison.
+      try:
+        c_step, c_loss, c_desc = make_torch(tokens, threads, True, args.seed)
+        t0 = time.perf_counter()
+        c_step()
+        sides["torch_compile"] = {"step": c_step, "loss": c_loss, "compile_s": time.perf_counter() - t0,
+                                  "desc": c_desc}
+      except Exception as e:  # noqa: BLE001 - report and carry on with eager torch
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        print(f"torch.compile row skipped: {msg}")
+        skipped_compile = msg
 
   for _ in range(args.warmup):
     for side in sides.values():
@@ -221,7 +238,7 @@ def run_cpu(args) -> dict:
       "model": {**CPU_MODEL, "head_dim": cfg.resolved_head_dim, "params": cfg.num_params(), "dtype": "float32"},
       "batch": args.batch, "seq": args.seq, "tokens_per_step": tokens_per_step, "steps": args.steps,
       "warmup": args.warmup, "train_flops_per_step": train_flops, "loadavg_after": os.getloadavg(),
-      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "torch_compile_skipped": skipped_compile,
   }
   for name, side in sides.items():
     med = statistics.median(side["wall"])
@@ -235,6 +252,10 @@ def run_cpu(args) -> dict:
     result["ratio_ours_over_torch"] = result["ours"]["tokens_per_s"] / result["torch"]["tokens_per_s"]
     paired = [t / o for o, t in zip(sides["ours"]["wall"], sides["torch"]["wall"])]
     result["ratio_paired_median"] = statistics.median(paired)
+  if "torch_compile" in sides:
+    result["ratio_ours_over_torch_compile"] = result["ours"]["tokens_per_s"] / result["torch_compile"]["tokens_per_s"]
+    paired = [t / o for o, t in zip(sides["ours"]["wall"], sides["torch_compile"]["wall"])]
+    result["ratio_compile_paired_median"] = statistics.median(paired)
 
   print(f"machine: {result['machine']}; jax {jax.__version__}; {threads} threads each side; "
         f"GLIBC_TUNABLES={result['glibc_tunables'] or '(unset)'}")
@@ -242,13 +263,16 @@ def run_cpu(args) -> dict:
         f"{args.warmup} warm-up + {args.steps} timed steps each, alternating")
   for name in sides:
     r = result[name]
-    print(f"{name:>5}: {r['tokens_per_s']:8.0f} tok/s  median {r['median_step_s']:.3f} s/step "
+    print(f"{name:>13}: {r['tokens_per_s']:8.0f} tok/s  median {r['median_step_s']:.3f} s/step "
           f"(min {r['min_step_s']:.3f}, cpu {r['median_cpu_s']:.2f} s)  {r['gflops_per_s']:.1f} GFLOP/s  "
           f"loss {r['final_loss']:.4f}  first call {r['first_call_s']:.1f} s")
     print(f"       {r['desc']}")
   if "torch" in sides:
     print(f"ratio ours/torch: {result['ratio_ours_over_torch']:.2f}  (paired per-round median "
           f"{result['ratio_paired_median']:.2f}); load average after: {result['loadavg_after'][0]:.1f}")
+  if "torch_compile" in sides:
+    print(f"ratio ours/torch.compile: {result['ratio_ours_over_torch_compile']:.2f}  (paired per-round median "
+          f"{result['ratio_compile_paired_median']:.2f})")
   return result
 
 
@@ -318,7 +342,8 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--gpu", action="store_true", help="MFU of a ~300M bf16 config on the accelerator")
   parser.add_argument("--backend", default="cpu", help="our attention backend (default: cpu; --gpu: cudnn)")
   parser.add_argument("--threads", type=int, default=0, help="torch threads (default: cores XLA uses)")
-  parser.add_argument("--torch-compile", action="store_true", help="torch.compile the torch forward+backward")
+  parser.add_argument("--no-torch-compile", action="store_true",
+                      help="skip the torch.compile side (by default torch runs both eager and compiled)")
   parser.add_argument("--no-torch", action="store_true", help="time ours only")
   parser.add_argument("--remat", default="none", help="--gpu: remat policy (none | dots | full)")
   parser.add_argument("--peak-tflops", type=float, default=0.0, help="--gpu: override the device's peak")
