@@ -4,7 +4,9 @@ Both run the same random checkpoint (a Qwen2-style decoder with q/k/v biases and
 embeddings, ~40M parameters: vocab 32000, d_model 512, 8 layers, 8 heads / 2 KV heads,
 MLP 1536) on the same left-padded prompts (16-64 tokens), greedy, exactly 128 new tokens
 (no EOS), at batch 1, 8 and 32. Each side is warmed up once per batch size (compile /
-first-call costs excluded), then timed; tokens/s counts generated tokens only.
+first-call costs excluded), then timed; tokens/s counts generated tokens only. torch
+gets as many threads as XLA uses (the cores this process may run on; --threads N to
+change), as in bench/train_throughput.py.
 
   python bench/generate_throughput.py                 # CPU comparison (prints a table and ratios)
   python bench/generate_throughput.py --per-step 32   # decode-step latency, ours vs torch (min/median)
@@ -43,6 +45,23 @@ def random_qwen2_checkpoint(directory: str, seed: int = 0, eos_token_id: int | N
   return directory
 
 
+def _cores() -> int:
+  """Cores this process may run on: what XLA:CPU sizes its thread pool by."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
+def _pin_torch_threads(threads: int | None) -> int:
+  """torch gets as many intra-op threads as XLA uses (or `threads`), as in bench/train_throughput.py."""
+  import torch
+
+  threads = threads or _cores()
+  torch.set_num_threads(threads)
+  return threads
+
+
 def _prompts(batch: int, seed: int) -> list[list[int]]:
   rng = np.random.default_rng(seed)
   return [rng.integers(1, 32000, int(rng.integers(16, 65))).tolist() for _ in range(batch)]
@@ -65,8 +84,7 @@ def run_cpu(batches: list[int], new_tokens: int, repeats: int, threads: int | No
   from mlx_med.core.sampler import Sampler, SamplingParams
   from mlx_med.llm import checkpoint, hf_config
 
-  if threads:
-    torch.set_num_threads(threads)
+  _pin_torch_threads(threads)
   with tempfile.TemporaryDirectory() as tmp:
     path = random_qwen2_checkpoint(tmp)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -116,7 +134,7 @@ def run_cpu(batches: list[int], new_tokens: int, repeats: int, threads: int | No
   print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
-def run_per_step(batch: int, reps: int = 12, steps: int = 10) -> None:
+def run_per_step(batch: int, reps: int = 12, steps: int = 10, threads: int | None = None) -> None:
   """Decode-step latency: ours with per-layer and with scanned layers, and torch; min/median.
 
   Less sensitive to other processes than whole `generate` runs (short, interleaved,
@@ -135,6 +153,7 @@ def run_per_step(batch: int, reps: int = 12, steps: int = 10) -> None:
   from mlx_med.core.transformer import unstack_layers
   from mlx_med.llm import checkpoint, hf_config
 
+  _pin_torch_threads(threads)
   with tempfile.TemporaryDirectory() as tmp:
     path = random_qwen2_checkpoint(tmp)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -216,13 +235,13 @@ def main(argv=None) -> int:
   parser.add_argument("--batches", default="1,8,32")
   parser.add_argument("--new-tokens", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+  parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores XLA uses)")
   parser.add_argument("--per-step", type=int, default=None, metavar="BATCH",
                       help="instead: decode-step latency at this batch, ours vs torch (min/median of 12)")
   args = parser.parse_args(argv)
   if args.per_step:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    run_per_step(args.per_step)
+    run_per_step(args.per_step, threads=args.threads)
   elif args.gpu:
     run_gpu(batch=32, prompt_len=128, new_tokens=args.new_tokens, repeats=args.repeats)
   else:

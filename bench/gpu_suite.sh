@@ -20,7 +20,7 @@
 set -u
 cd "$(dirname "$0")/.."
 
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 OUT="${OUT:-bench/out}"   # /bench/out/ is git-ignored
 mkdir -p "$OUT"
 TOTAL_S=470                      # 8 min = 480 s, minus a margin for teardown
@@ -61,10 +61,13 @@ step() {
 
 if compgen -G ".whl/*.whl" > /dev/null; then
   echo "=== installing $(ls .whl/*.whl | wc -l) wheel(s) from .whl/ into $SITE"
-  if ! "$PY" -m pip install --quiet --no-index --no-deps --upgrade --target "$SITE" .whl/*.whl; then
-    SUMMARY+=("FAIL  wheel install from .whl/"); summary; exit 1
+  if "$PY" -m pip install --quiet --no-index --no-deps --upgrade --target "$SITE" .whl/*.whl; then
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    # No pip: pure-python wheels are zip archives Python imports from directly.
+    echo "pip install failed; putting the wheel files themselves on PYTHONPATH (pure-python wheels only)"
+    for w in "$PWD"/.whl/*.whl; do export PYTHONPATH="$w${PYTHONPATH:+:$PYTHONPATH}"; done
   fi
-  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The test suite pins JAX to the CPU unless told which accelerator to expect.
