@@ -109,7 +109,12 @@ def make_ours(cfg, tokens: np.ndarray, seed: int = 0) -> tuple[Callable[[], Any]
   optimizer, schedule = make_optimizer(_optimizer_config())
   params = init_params(cfg, jax.random.key(seed))
   holder = {"state": init_train_state(params, optimizer, seed), "metrics": None}
-  step_fn = jax.jit(make_train_step(cfg, optimizer, schedule), donate_argnums=(0,))
+  try:  # the train step takes a task object (mlx_med.core.lm_task); older trees took the config
+    from mlx_med.core.lm_task import DecoderLMTask
+    what = DecoderLMTask(cfg, seq_len=tokens.shape[1] - 1)
+  except ImportError:
+    what = cfg
+  step_fn = jax.jit(make_train_step(what, optimizer, schedule), donate_argnums=(0,))
   batch = _batch(tokens)
 
   def step():
