@@ -56,32 +56,51 @@ def _parse_bool(text: str) -> bool:
 
 
 def _convert(key: str, current: Any, text: str) -> Any:
-  """Converts `text` to the type of `current` (the value the config already holds)."""
-  try:
-    if isinstance(current, bool):
+  """Converts `text` to the type of `current` (the value the config already holds).
+
+  A value that does not fit is a one-line error naming the key, the type it wants
+  and an example built from the current value.
+  """
+  kind = type(current).__name__
+
+  def wrong(what: str) -> ConfigError:
+    return ConfigError(f"--config.{key}={text}: expected {what} for {key} (the config holds {current!r}; "
+                       f"e.g. --config.{key}={current!r})")
+
+  if isinstance(current, bool):
+    try:
       return _parse_bool(text)
-    if isinstance(current, int):
-      value = ast.literal_eval(text)
-      if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"not an integer: {text!r}")
-      return value
-    if isinstance(current, float):
-      return float(ast.literal_eval(text)) if text.strip() not in ("inf", "-inf", "nan") else float(text)
-    if isinstance(current, str):
+    except ValueError:
+      raise wrong("bool (true/false, yes/no, on/off, 1/0)") from None
+  if isinstance(current, int):
+    try:
+      value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+      value = None
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise wrong("int (a whole number)")
+    return value
+  if isinstance(current, float):
+    try:
+      return float(text.strip())
+    except ValueError:
+      raise wrong("float (a number such as 0.001, 1e-3 or inf)") from None
+  if isinstance(current, str):
+    return text
+  if isinstance(current, (tuple, list)):
+    try:
+      value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+      raise wrong(f"{kind} (a Python literal such as {(1, 2) if kind == 'tuple' else [1, 2]})") from None
+    if not isinstance(value, (tuple, list)):
+      value = (value,)
+    return type(current)(value)
+  if current is None:
+    try:
+      return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
       return text
-    if isinstance(current, (tuple, list)):
-      value = ast.literal_eval(text)
-      if not isinstance(value, (tuple, list)):
-        value = (value,)
-      return type(current)(value)
-    if current is None:
-      try:
-        return ast.literal_eval(text)
-      except (ValueError, SyntaxError):
-        return text
-  except (ValueError, SyntaxError) as e:
-    raise ConfigError(f"--config.{key}={text}: expected {type(current).__name__} ({e})") from None
-  raise ConfigError(f"--config.{key}: cannot override a value of type {type(current).__name__} from the command line")
+  raise ConfigError(f"--config.{key}: cannot override a value of type {kind} from the command line")
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:

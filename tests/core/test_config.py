@@ -46,6 +46,29 @@ def test_bad_overrides_are_clear_errors(config_file, override, message):
     config_lib.get_config(config_file, [override])
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("model.num_layers=many", "--config.model.num_layers=many: expected int (a whole number) for model.num_layers "
+                              "(the config holds 4; e.g. --config.model.num_layers=4)"),
+    ("model.num_layers=1e3", "expected int (a whole number) for model.num_layers"),
+    ("model.lr=fast", "--config.model.lr=fast: expected float (a number such as 0.001, 1e-3 or inf) for model.lr "
+                      "(the config holds 0.001; e.g. --config.model.lr=0.001)"),
+    ("model.axes=[1,", "expected tuple (a Python literal such as (1, 2)) for model.axes"),
+    ("model.remat=maybe", "expected bool (true/false, yes/no, on/off, 1/0) for model.remat"),
+])
+def test_wrong_type_names_key_type_and_example(config_file, override, expected):
+  # The message is ours: no Python parser internals (e.g. "malformed node or string <ast.Name ...>").
+  with pytest.raises(config_lib.ConfigError) as info:
+    config_lib.get_config(config_file, [override])
+  message = str(info.value)
+  assert expected in message and "\n" not in message
+  assert "malformed" not in message and "ast." not in message and "object at 0x" not in message
+
+
+def test_float_overrides_accept_ints_exponents_and_inf(config_file):
+  for text, value in (("2", 2.0), ("1e-4", 1e-4), ("inf", float("inf")), (" 0.5 ", 0.5)):
+    assert config_lib.get_config(config_file, [f"model.lr={text}"]).model.lr == value
+
+
 def test_bad_files(tmp_path, config_file):
   with pytest.raises(config_lib.ConfigError, match="does not exist"):
     config_lib.get_config(str(tmp_path / "missing.py"))
