@@ -36,6 +36,24 @@ def _train(args, overrides: list[str]) -> int:
   return 0
 
 
+class _NoBackendProbeInfo(logging.Filter):
+  """Drops JAX's INFO records about platforms it probed and did not find.
+
+  On a machine without a TPU, JAX logs "Unable to initialize backend 'tpu': ...
+  libtpu.so ..." at INFO when it looks for one; that is expected, not a problem.
+  Warnings and errors pass, and so does everything under -v.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not str(record.msg).startswith("Unable to initialize backend")
+
+
+def quiet_backend_probe_logs() -> None:
+  logger = logging.getLogger("jax._src.xla_bridge")
+  if not any(isinstance(f, _NoBackendProbeInfo) for f in logger.filters):
+    logger.addFilter(_NoBackendProbeInfo())
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="mlx-med", description="mlx_med: medical foundation models in JAX")
   parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -78,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   if not args.verbose:  # Orbax logs every checkpoint phase at INFO through absl
     logging.getLogger("absl").setLevel(logging.WARNING)
+    quiet_backend_probe_logs()
   if overrides and args.command != "train":
     parser.error("--config.* overrides apply to `train` only")
   try:

@@ -115,6 +115,41 @@ class BatchingEngine:
       deadline = min(time.monotonic() + self.batch_wait_s, start + 10 * self.batch_wait_s)
     return jobs
 
+  def warm_up(self) -> int:
+    """Compiles the sampler's programs for the common request shapes before serving.
+
+    Without it the first request of each new shape waits for XLA (seconds per shape,
+    longer for big models). One short generation runs per batch-size bucket up to
+    `max_batch_rows`, with a prompt of the smallest prompt bucket and the smallest
+    new-token bucket, in the model's default sampling mode without logprobs or
+    penalties: that compiles the prefill, the decode chunk and the window read that
+    such requests use, streamed or not. Longer prompts, larger `max_tokens` (an unset
+    one means "the rest of the context"), logprobs or penalties still compile their
+    shape on first use. Returns the number of shapes compiled.
+    """
+    from mlx_med.core.sampler import bucket
+
+    sampler = self.lm.sampler
+    plen, new = sampler.min_prompt_bucket, sampler.min_new_bucket
+    if plen + new > self.lm.cfg.max_seq_len:
+      logger.info("warm-up skipped: the smallest shape (%d + %d tokens) exceeds the context", plen, new)
+      return 0
+    sampling = self.lm.sampling_params(max_tokens=new)
+    rows = bucket(1, minimum=sampler.min_batch_bucket)
+    last = bucket(self.max_batch_rows, minimum=sampler.min_batch_bucket)
+    sizes = []
+    while rows <= last:
+      sizes.append(rows)
+      rows *= 2
+    logger.info("warm-up: compiling %d shape(s) (batch rows %s, prompts <= %d tokens, <= %d new tokens); "
+                "--no-warmup skips this", len(sizes), ",".join(map(str, sizes)), plen, new)
+    started = time.monotonic()
+    for rows in sizes:
+      for _ in self.lm.stream_tokens([[sampler.pad_id] * plen] * rows, sampling, chunk_size=self.chunk_size):
+        pass
+    logger.info("warm-up done in %.1fs", time.monotonic() - started)
+    return len(sizes)
+
   def _loop(self) -> None:
     while not self._stop.is_set():
       jobs = self._take_batch()
@@ -690,6 +725,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
   parser.add_argument("--min-prompt-bucket", type=int, default=16, help="smallest padded prompt length")
   parser.add_argument("--mesh", default=None,
                       help="shard over devices, e.g. data=-1,tensor=2 (default: one device, no sharding)")
+  parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                      help="compile the common request shapes (each batch-size bucket, short prompts and "
+                           "completions) before accepting requests (default: on)")
   parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also MLX_MED_API_KEY)")
   parser.add_argument("--log-level", default="info")
   return parser
@@ -726,10 +764,15 @@ def run_server(args: argparse.Namespace) -> int:
   import uvicorn
 
   logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  if args.log_level.lower() != "debug":
+    from mlx_med.cli import quiet_backend_probe_logs
+    quiet_backend_probe_logs()
   if args.host not in ("127.0.0.1", "localhost", "::1") and not (args.api_key):
     logger.warning("binding %s without --api-key: anyone who can reach this address can query the model",
                    args.host)
   server, app = build_server(args)
+  if args.warmup:
+    server.engine.warm_up()
   server.engine.start()
   logger.info("serving %s (%d layers, context %d) on http://%s:%d/v1", server.model_name, server.lm.cfg.num_layers,
               server.max_model_len, args.host, args.port)

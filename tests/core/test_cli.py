@@ -32,3 +32,27 @@ def test_unknown_variant_and_task(tmp_path, capsys):
   bad.write_text("import ml_collections\ndef get_config(arg=None):\n  return ml_collections.ConfigDict({'task': 'nope'})\n")
   assert cli.main(["train", "--config", str(bad), "--workdir", str(tmp_path / "w")]) == 2
   assert "config.task='nope'" in capsys.readouterr().err
+
+
+def test_no_tpu_probe_info_line_without_a_tpu():
+  # JAX logs "Unable to initialize backend 'tpu': ... libtpu.so ..." at INFO while it
+  # looks for platforms; the CLI (and `mlx-med serve`) drop that record unless -v.
+  import subprocess
+  import sys
+
+  code = ("import logging, sys\n"
+          "logging.basicConfig(level=logging.INFO)\n"
+          "if sys.argv[1] == 'quiet':\n"
+          "  from mlx_med.cli import quiet_backend_probe_logs; quiet_backend_probe_logs()\n"
+          "import jax; jax.devices()\n"
+          "logging.getLogger('jax._src.xla_bridge').warning('a real warning')\n")
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  run = lambda mode: subprocess.run([sys.executable, "-c", code, mode], env=env, capture_output=True, text=True,
+                                    timeout=120)
+  loud = run("loud")
+  if "Unable to initialize backend 'tpu'" not in loud.stderr:
+    pytest.skip("JAX did not probe for a TPU here (a TPU is present or its probe is disabled)")
+  quiet = run("quiet")
+  assert quiet.returncode == 0, quiet.stderr
+  assert "Unable to initialize backend" not in quiet.stderr and "libtpu" not in quiet.stderr
+  assert "a real warning" in quiet.stderr
