@@ -11,7 +11,6 @@ import os
 from typing import Any
 
 import grain.python as grain
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -52,7 +51,3 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self.manager.close()
 
-
-def abstract_like(tree: Any) -> Any:
-  """ShapeDtypeStructs carrying each array's sharding (restore targets)."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

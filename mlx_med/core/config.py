@@ -154,12 +154,8 @@ def get_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.Confi
   return apply_overrides(load_config_file(spec), overrides)
 
 
-def config_to_json(config: ml_collections.ConfigDict) -> str:
-  return config.to_json_best_effort(indent=2, sort_keys=True)
-
-
 def default_train_config() -> ml_collections.ConfigDict:
-  """The `train` section every decoder experiment starts from."""
+  """The `train` section every experiment starts from."""
   return ml_collections.ConfigDict(dict(
       steps=1000,
       batch_size=32,  # global, across all hosts
@@ -182,6 +178,9 @@ def default_train_config() -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       async_checkpointing=True,
       max_nan_streak=5,
+      ema_decay=0.0,  # > 0: keep an EMA of the params (e.g. 0.999); eval and export use it
+      # name -> {pattern: regex on "/"-joined param paths, lr_scale, weight_decay (-1 = default)}
+      param_groups=ml_collections.ConfigDict(),
   ))
 
 

@@ -9,7 +9,7 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import grain.python as grain
 import jax
@@ -42,10 +42,10 @@ def make_loader(source: Any, global_batch_size: int, seed: int, *, shuffle: bool
 
 
 def to_global(batch: dict[str, np.ndarray], shardings: dict[str, jax.sharding.Sharding]) -> dict[str, jax.Array]:
-  """Assembles per-host numpy batches into global sharded arrays."""
-  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()
-          if k in shardings}
-
-
-def take(iterator: Iterator, n: int) -> list:
-  return [next(iterator) for _ in range(n)]
+  """Assembles per-host numpy batches into global sharded arrays; the keys must match exactly."""
+  if set(batch) != set(shardings):
+    unknown, missing = sorted(set(batch) - set(shardings)), sorted(set(shardings) - set(batch))
+    raise ValueError(f"batch keys {sorted(batch)} do not match the task's batch_axes {sorted(shardings)}"
+                     + (f"; unknown: {unknown}" if unknown else "") + (f"; missing: {missing}" if missing else "")
+                     + " (add the key to the task's batch_axes, or drop it from the data source)")
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}

@@ -75,9 +75,10 @@ def truncate_metrics_after(path: str, step: int) -> None:
 class Progress:
   """A one-line progress display: step, loss, tokens/s and ETA (tqdm when on a terminal)."""
 
-  def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):
+  def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train", unit: str = "tokens"):
     self.enabled = enabled and jax.process_index() == 0
     self.total, self.step = total, initial
+    self.rate_label = {"tokens": "tok/s", "examples": "ex/s"}.get(unit, f"{unit}/s")
     self._start_time, self._start_step = None, initial
     self._bar = None
     if self.enabled:
@@ -85,14 +86,14 @@ class Progress:
       self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr,
                        mininterval=1.0, smoothing=0.1)
 
-  def update(self, step: int, tokens_per_second: float | None = None, **scalars) -> None:
+  def update(self, step: int, units_per_second: float | None = None, **scalars) -> None:
     if not self.enabled:
       return
     if self._start_time is None:
       self._start_time, self._start_step = time.perf_counter(), step
     postfix = {k: f"{v:.4g}" for k, v in scalars.items()}
-    if tokens_per_second:
-      postfix["tok/s"] = f"{tokens_per_second:,.0f}"
+    if units_per_second:
+      postfix[self.rate_label] = f"{units_per_second:,.0f}"
     self._bar.set_postfix(postfix, refresh=False)
     self._bar.update(step - self.step)
     self.step = step

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -38,11 +39,58 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
+def _param_path(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def param_group_labels(params: Any, groups) -> Any:
+  """Each parameter's group name: the first group whose `pattern` (a regex searched in the
+  "/"-joined parameter path, e.g. "lm_head/") matches, else "default"."""
+  compiled = [(name, re.compile(str(g.pattern))) for name, g in groups.items()]
+  used = set()
+
+  def label(path, _):
+    text = _param_path(path)
+    for name, pattern in compiled:
+      if pattern.search(text):
+        used.add(name)
+        return name
+    return "default"
+
+  labels = jax.tree_util.tree_map_with_path(label, params)
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  unused = [name for name, _ in compiled if name not in used]
+  if unused and leaves:  # (optax also calls this on leafless placeholder trees)
+    raise ValueError(f"train.param_groups {unused}: pattern matches no parameter (paths look like "
+                     f"{_param_path(leaves[0][0])!r})")
+  return labels
+
+
 def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (decay on matrices only) with global-norm clipping; `cfg.param_groups` (optional)
+  gives groups of parameters their own `lr_scale` and `weight_decay` (-1 = the default's)."""
   schedule = make_schedule(cfg)
   chain = []
   if float(cfg.grad_clip) > 0:
     chain.append(optax.clip_by_global_norm(float(cfg.grad_clip)))
-  chain.append(optax.adamw(schedule, b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps),
-                           weight_decay=float(cfg.weight_decay), mask=_decay_mask))
+
+  def adamw(lr_scale: float, weight_decay: float):
+    lr = schedule if lr_scale == 1.0 else (lambda step: lr_scale * schedule(step))
+    return optax.adamw(lr, b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps), weight_decay=weight_decay,
+                       mask=_decay_mask)
+
+  groups = cfg.get("param_groups") or {}
+  if not groups:
+    chain.append(adamw(1.0, float(cfg.weight_decay)))
+  else:
+    transforms = {"default": adamw(1.0, float(cfg.weight_decay))}
+    for name, g in groups.items():
+      if name == "default":
+        raise ValueError("train.param_groups: 'default' is reserved for parameters no group matches")
+      unknown = set(g.keys()) - {"pattern", "lr_scale", "weight_decay"}
+      if unknown or "pattern" not in g:
+        raise ValueError(f"train.param_groups.{name}: keys are pattern, lr_scale, weight_decay (got {sorted(g)})")
+      decay = float(g.get("weight_decay", -1.0))
+      transforms[name] = adamw(float(g.get("lr_scale", 1.0)), float(cfg.weight_decay) if decay < 0 else decay)
+    chain.append(optax.multi_transform(transforms, lambda params: param_group_labels(params, groups)))
   return optax.chain(*chain), schedule

@@ -1,52 +1,58 @@
-"""Parameter creation and sharding: abstract shapes, logical specs, jitted sharded init.
+"""Parameter creation and sharding for any model: abstract shapes, logical specs, sharded init.
 
+A model is given as an init function `rng -> params` whose leaves may carry Flax
+logical-partitioning boxes, as a `Task` (its `init`), or as a `DecoderConfig`.
 Parameters are created directly in their sharded layout (a jitted init with
 `out_shardings`), so no device ever holds the full model unless the mesh says so.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from mlx_med.core import sharding as sharding_lib
-from mlx_med.core.transformer import Decoder, DecoderConfig
+from mlx_med.core.task import Task
+from mlx_med.core.transformer import DecoderConfig
+
+InitFn = Callable[[jax.Array], Any]
 
 
-def _dummy_tokens(batch: int = 1, length: int = 8):
-  return jnp.zeros((batch, length), jnp.int32)
+def as_init_fn(model: DecoderConfig | Task | InitFn) -> InitFn:
+  if isinstance(model, DecoderConfig):
+    from mlx_med.core.lm_task import decoder_init_fn
+    return decoder_init_fn(model)
+  if isinstance(model, Task):
+    return model.init
+  if callable(model):
+    return model
+  raise TypeError(f"expected a DecoderConfig, a Task or an init function rng -> params, got {type(model).__name__}")
 
 
-def logical_specs(cfg: DecoderConfig) -> Any:
-  """Pytree (like params) of PartitionSpecs holding *logical* axis names."""
-  abstract = jax.eval_shape(lambda r: Decoder(cfg).init(r, _dummy_tokens()), jax.random.key(0))
-  return nn.get_partition_spec(abstract)["params"]
+def logical_specs(model) -> Any:
+  """Pytree (like params) of PartitionSpecs holding *logical* axis names (P() = replicated)."""
+  return nn.get_partition_spec(jax.eval_shape(as_init_fn(model), jax.random.key(0)))
 
 
-def abstract_params(cfg: DecoderConfig) -> Any:
+def abstract_params(model) -> Any:
   """Pytree of ShapeDtypeStruct for the (unboxed) parameters."""
-  abstract = jax.eval_shape(lambda r: nn.unbox(Decoder(cfg).init(r, _dummy_tokens())), jax.random.key(0))
-  return abstract["params"]
+  return jax.eval_shape(lambda r: nn.unbox(as_init_fn(model)(r)), jax.random.key(0))
 
 
-def param_shardings(cfg: DecoderConfig, rules: sharding_lib.ShardingRules) -> Any:
+def param_shardings(model, rules: sharding_lib.ShardingRules) -> Any:
   """NamedSharding per parameter on `rules.mesh`."""
-  return sharding_lib.tree_shardings(rules, logical_specs(cfg), abstract_params(cfg))
+  return sharding_lib.tree_shardings(rules, logical_specs(model), abstract_params(model))
 
 
-def init_params(cfg: DecoderConfig, rng: jax.Array, rules: sharding_lib.ShardingRules | None = None) -> Any:
-  """Random parameters, created sharded when `rules` is given."""
-  model = Decoder(cfg)
-
-  def init(r):
-    return nn.unbox(model.init(r, _dummy_tokens()))["params"]
-
+def init_params(model, rng: jax.Array, rules: sharding_lib.ShardingRules | None = None) -> Any:
+  """Random (unboxed) parameters, created sharded when `rules` is given."""
+  init = as_init_fn(model)
+  fn = lambda r: nn.unbox(init(r))
   if rules is None:
-    return jax.jit(init)(rng)
-  return jax.jit(init, out_shardings=param_shardings(cfg, rules))(rng)
+    return jax.jit(fn)(rng)
+  return jax.jit(fn, out_shardings=param_shardings(model, rules))(rng)
 
 
 def count_params(params: Any) -> int:

@@ -1,22 +1,32 @@
-"""The training loop shared by every decoder workload (EHR pretraining, LLM SFT, ...).
+"""The one training loop of the project, for every model family (a `Task`).
 
-One `jax.jit` step with explicit in/out shardings and donated state; params and
-optimizer state are created sharded; grain feeds per-host batches; Orbax saves
-state + iterator every `ckpt_every` steps and the loop resumes from the newest
-checkpoint in `workdir` when restarted with the same command. Metrics go to
-metrics.jsonl and TensorBoard, progress to a bar with tokens/s and ETA.
+`Trainer(config, workdir, task, train_source, eval_source)` is used in three parts:
+
+* `setup()`  — mesh and sharding rules from the config, the optimizer, the train
+  state created sharded by a jitted init (or restored from the newest checkpoint
+  in `workdir`), one `jax.jit` train step with in/out shardings and donated state,
+  the eval step, the grain loader and the Orbax checkpointer;
+* `step(batch)` — one update on a host batch (a dict of numpy arrays, exactly the
+  task's `batch_axes` keys); an RL loop calls this with batches it makes itself;
+* `run()` — the loop: steps, metrics (metrics.jsonl, TensorBoard, a progress bar
+  with throughput and ETA), periodic eval, checkpoints every `ckpt_every` steps,
+  a checkpoint at the next step boundary on SIGTERM, and `callbacks` after each step.
+
+`train(...)` does all three. Restarted with the same command, a run resumes from
+its newest checkpoint (state and data-iterator position) and ends bitwise equal to
+an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -30,12 +40,13 @@ from mlx_med.core import metrics as metrics_lib
 from mlx_med.core import optim
 from mlx_med.core import params as params_lib
 from mlx_med.core import sharding as sharding_lib
+from mlx_med.core.task import Task
 from mlx_med.core.train_step import init_train_state, make_eval_step, make_train_step
-from mlx_med.core.transformer import DecoderConfig
 
 log = logging.getLogger("mlx_med.train")
 
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+# (trainer, step) -> None, called after each step (and its checkpoint, if any).
+StepCallback = Callable[["Trainer", int], None]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,6 +60,7 @@ class TrainResult:
   eval_loss: float | None
   workdir: str
   state: Any = None
+  eval_metrics: dict | None = None
 
 
 def mesh_from_config(config) -> tuple[jax.sharding.Mesh, sharding_lib.ShardingRules]:
@@ -58,23 +70,43 @@ def mesh_from_config(config) -> tuple[jax.sharding.Mesh, sharding_lib.ShardingRu
   return mesh, rules
 
 
-def state_shardings(model_cfg: DecoderConfig, optimizer: optax.GradientTransformation, rules, seed: int):
-  """Abstract train state and its NamedShardings (params by logical axes; moments like params)."""
-  p_shard = params_lib.param_shardings(model_cfg, rules)
-  abstract_params = params_lib.abstract_params(model_cfg)
-  abstract_state = jax.eval_shape(lambda p: init_train_state(p, optimizer, seed), abstract_params)
+def state_shardings(task: Task, optimizer: optax.GradientTransformation, rules, seed: int, ema: bool = False):
+  """Abstract train state and its NamedShardings (params by logical axes; moments and EMA like params)."""
+  p_shard = params_lib.param_shardings(task, rules)
+  abstract_params = params_lib.abstract_params(task)
+  abstract_state = jax.eval_shape(lambda p: init_train_state(p, optimizer, seed, ema), abstract_params)
   replicated = rules.replicated()
-  opt_shard = optax.tree_map_params(
-      optimizer, lambda _, s: s, abstract_state["opt_state"], p_shard,
-      transform_non_params=lambda _: replicated)
+  opt_shard = _like_params(abstract_state["opt_state"], abstract_params, p_shard, replicated)
   shardings = {k: replicated for k in abstract_state}
   shardings["params"] = p_shard
   shardings["opt_state"] = opt_shard
+  if ema:
+    shardings["ema_params"] = p_shard
   return abstract_state, shardings
 
 
-def batch_shardings(rules) -> dict:
-  return {k: rules.named(("batch", "length")) for k in BATCH_KEYS}
+def _like_params(tree, abstract_params, p_shard, default):
+  """Shardings for an optimizer state: a leaf whose key path ends with a parameter's path
+  and has that parameter's shape (Adam moments, masked or per-group states) is sharded
+  like the parameter; anything else (counts, scalars) gets `default`."""
+  by_path = {}
+  for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0], jax.tree.leaves(p_shard)):
+    by_path[tuple(map(str, path))] = (leaf.shape, sh)
+  depths = sorted({len(k) for k in by_path}, reverse=True)
+
+  def pick(path, leaf):
+    keys = tuple(map(str, path))
+    for depth in depths:
+      hit = by_path.get(keys[-depth:])
+      if hit is not None and hit[0] == leaf.shape:
+        return hit[1]
+    return default
+
+  return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def batch_shardings(task: Task, rules) -> dict:
+  return {k: rules.named(tuple(axes)) for k, axes in task.batch_axes.items()}
 
 
 def plot_loss_curve(metrics_path: str, out_png: str) -> str | None:
@@ -93,7 +125,7 @@ def plot_loss_curve(metrics_path: str, out_png: str) -> str | None:
   if evals:
     ax.plot(*zip(*evals), "o-", label="eval loss")
   ax.set_xlabel("step")
-  ax.set_ylabel("cross-entropy (nats/token)")
+  ax.set_ylabel("loss")
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
@@ -104,152 +136,199 @@ def plot_loss_curve(metrics_path: str, out_png: str) -> str | None:
   return out_png
 
 
-def evaluate(eval_step, params, source, config, rules, shardings) -> float | None:
-  if source is None or len(source) == 0:
-    return None
-  t = config.train
-  loader = data_lib.make_loader(source, int(t.eval_batch_size or t.batch_size), seed=0, shuffle=False, num_epochs=1)
-  total, count = 0.0, 0.0
-  for i, batch in enumerate(loader):
-    if t.eval_batches > 0 and i >= t.eval_batches:
-      break
-    out = eval_step(params, data_lib.to_global(batch, shardings))
-    total += float(out["loss_sum"])
-    count += float(out["tokens"])
-  return total / count if count else None
+class Trainer:
+  """Setup, step and loop for one run in `workdir` (see the module docstring)."""
 
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, task: Task, train_source=None,
+               eval_source=None, *, progress: bool = True, callbacks: Sequence[StepCallback] = ()):
+    self.config, self.workdir, self.task = config, workdir, task
+    self.train_source, self.eval_source = train_source, eval_source
+    self.progress, self.callbacks = progress, list(callbacks)
+    self.state = None
+    self.start_step = 0
+    self._setup_done = False
 
-def train(config: ml_collections.ConfigDict, workdir: str, model_cfg: DecoderConfig, train_source,
-          eval_source=None, progress: bool = True) -> TrainResult:
-  """Trains (or resumes) in `workdir`. `config.train`, `config.mesh`, `config.seed` are read."""
-  t = config.train
-  os.makedirs(workdir, exist_ok=True)
-  mesh, rules = mesh_from_config(config)
-  optimizer, schedule = optim.make_optimizer(t)
-  if t.batch_size % t.grad_accum:
-    raise ValueError(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
+  # ---------------------------------------------------------------- setup
+  def setup(self) -> "Trainer":
+    config, t = self.config, self.config.train
+    os.makedirs(self.workdir, exist_ok=True)
+    if t.batch_size % t.grad_accum:
+      raise ValueError(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
+    self.seed = int(config.seed)
+    self.mesh, self.rules = mesh_from_config(config)
+    self.optimizer, self.schedule = optim.make_optimizer(t)
+    self.ema_decay = float(t.get("ema_decay", 0.0))
+    if not 0.0 <= self.ema_decay < 1.0:
+      raise ValueError(f"train.ema_decay={self.ema_decay} must be in [0, 1) (0 = no EMA)")
+    ema = self.ema_decay > 0
+    self.abstract_state, self.state_shardings = state_shardings(self.task, self.optimizer, self.rules, self.seed, ema)
+    self.batch_shardings = batch_shardings(self.task, self.rules)
 
-  abstract_state, state_sh = state_shardings(model_cfg, optimizer, rules, int(config.seed))
-  b_sh = batch_shardings(rules)
+    task, optimizer, seed = self.task, self.optimizer, self.seed
+    self._init_fn = jax.jit(lambda: init_train_state(nn.unbox(task.init(jax.random.key(seed))), optimizer, seed, ema),
+                            out_shardings=self.state_shardings)
+    self._step_fn = jax.jit(
+        make_train_step(task, optimizer, self.schedule, int(t.grad_accum), self.rules, self.ema_decay),
+        in_shardings=(self.state_shardings, self.batch_shardings), out_shardings=(self.state_shardings, None),
+        donate_argnums=(0,))
+    self._eval_fn = jax.jit(make_eval_step(task, self.rules),
+                            in_shardings=(self.state_shardings["params"], self.batch_shardings))
 
-  init_fn = jax.jit(lambda: init_train_state(_init_params_unjitted(model_cfg, int(config.seed)), optimizer,
-                                             int(config.seed)), out_shardings=state_sh)
-  step_fn = jax.jit(make_train_step(model_cfg, optimizer, schedule, int(t.grad_accum), rules),
-                    in_shardings=(state_sh, b_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
-  eval_fn = jax.jit(make_eval_step(model_cfg, rules), in_shardings=(state_sh["params"], b_sh))
+    self.iterator = None
+    if self.train_source is not None:
+      worker_count = int(config.data.get("worker_count", 0)) if "data" in config else 0
+      self.iterator = iter(data_lib.make_loader(self.train_source, int(t.batch_size), seed=self.seed,
+                                                worker_count=worker_count))
+    self.checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(self.workdir, "checkpoints"), keep=int(t.keep_checkpoints), save_every=int(t.ckpt_every),
+        async_save=bool(t.async_checkpointing))
+    self.metrics_path = os.path.join(self.workdir, "metrics.jsonl")
+    latest = self.checkpointer.latest_step()
+    if latest is not None:
+      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              self.abstract_state, self.state_shardings)
+      self.state = self.checkpointer.restore(latest, abstract, self.iterator)
+      self.start_step = latest
+      metrics_lib.truncate_metrics_after(self.metrics_path, latest)
+      log.info("resumed from step %d in %s", latest, self.checkpointer.directory)
+    else:
+      self.state = self._init_fn()
+      self.start_step = 0
+      if jax.process_index() == 0:
+        with open(os.path.join(self.workdir, "config.json"), "w") as f:
+          f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
-  loader = data_lib.make_loader(train_source, int(t.batch_size), seed=int(config.seed),
-                                worker_count=int(config.data.get("worker_count", 0)) if "data" in config else 0)
-  iterator = iter(loader)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(t.keep_checkpoints),
-                                       save_every=int(t.ckpt_every), async_save=bool(t.async_checkpointing))
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  start = checkpointer.latest_step()
-  if start is not None:
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
-    state = checkpointer.restore(start, abstract, iterator)
-    metrics_lib.truncate_metrics_after(metrics_path, start)
-    log.info("resumed from step %d in %s", start, checkpointer.directory)
-  else:
-    start = 0
-    state = init_fn()
+    self.unit, self.units_per_example = self.task.throughput_unit
+    self.flops_per_example = self.task.train_flops_per_example
+    peak_dtype = getattr(getattr(self.task, "cfg", None), "dtype", "bfloat16")
+    self.peak_flops = float(config.get("peak_flops_per_device", 0.0)) or flops_lib.device_peak_flops(peak_dtype)
+    self.num_params = params_lib.count_params(self.state["params"])
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+      log.info("model: %s, %s parameters; mesh %s; %s train FLOPs/example", self.task.describe(),
+               f"{self.num_params:,}", dict(self.mesh.shape),
+               f"{self.flops_per_example:.3g}" if self.flops_per_example else "?")
+    self._setup_done = True
+    return self
 
-  seq_len = int(getattr(train_source, "seq_len", 0)) or None
-  flops_per_token = flops_lib.train_flops_per_token(model_cfg, seq_len) if seq_len else None
-  peak = float(config.get("peak_flops_per_device", 0.0)) or flops_lib.device_peak_flops(model_cfg.dtype)
-  n_params = params_lib.count_params(state["params"])
-  if jax.process_index() == 0:
-    log.info("model: %s parameters; mesh %s; %s train FLOPs/token", f"{n_params:,}", dict(mesh.shape),
-             f"{flops_per_token:.3g}" if flops_per_token else "?")
+  # ---------------------------------------------------------------- step
+  def step(self, batch: dict[str, np.ndarray]) -> dict:
+    """One update on this host's part of a global batch; returns the step's metrics (device arrays)."""
+    global_batch = data_lib.to_global(batch, self.batch_shardings)
+    self.state, metrics = self._step_fn(self.state, global_batch)
+    return metrics
 
-  writer = metrics_lib.MetricsWriter(workdir)
-  bar = metrics_lib.Progress(int(t.steps), initial=start, enabled=progress)
-  stop_requested = {"flag": False}
-
-  def on_sigterm(signum, frame):  # preemption: checkpoint at the next step boundary
-    stop_requested["flag"] = True
-
-  previous_handler = None
-  try:
-    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
-  except ValueError:  # not in the main thread
-    pass
-
-  last_loss, eval_loss = None, None
-  fault_kill_step = int(os.environ["MLX_MED_FAULT_KILL_AT_STEP"]) if os.environ.get("MLX_MED_FAULT_KILL_AT_STEP") else None
-  pending = None  # metrics of the previous step, read one step late to keep dispatch async
-  window_start, window_steps = time.perf_counter(), 0
-  step = start
-  try:
-    while step < t.steps:
-      batch = data_lib.to_global(next(iterator), b_sh)
-      state, metrics = step_fn(state, batch)
-      step += 1
-      window_steps += 1
-      if step == start + 1:  # leave compilation out of the throughput figures
-        jax.block_until_ready(metrics)
-        window_start, window_steps = time.perf_counter(), 0
-      if pending is not None:
-        _check_finite(pending, int(t.max_nan_streak))
-      pending = metrics
-      if step % t.log_every == 0 or step == t.steps:
-        host = jax.device_get(metrics)
-        _check_finite(host, int(t.max_nan_streak))
-        now = time.perf_counter()
-        elapsed = max(now - window_start, 1e-9)
-        tokens_per_s = window_steps * int(t.batch_size) * (seq_len or 0) / elapsed if window_steps else 0.0
-        row = {k: host[k] for k in ("loss", "grad_norm", "lr", "nan_skips") if k in host}
-        row["tokens_per_s"] = tokens_per_s
-        mfu = flops_lib.mfu(tokens_per_s, model_cfg, seq_len, jax.device_count(), peak) if seq_len else None
-        if mfu is not None:
-          row["mfu"] = mfu
-        writer.write(step, row)
-        last_loss = float(host["loss"])
-        bar.update(step, tokens_per_s, loss=last_loss)
-        window_start, window_steps = time.perf_counter(), 0
-      if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps) and eval_source is not None:
-        eval_loss = evaluate(eval_fn, state["params"], eval_source, config, rules, b_sh)
-        if eval_loss is not None:
-          writer.write(step, {"eval_loss": eval_loss})
-        window_start, window_steps = time.perf_counter(), 0
-      checkpointer.save(step, state, iterator, force=(step == t.steps) or stop_requested["flag"])
-      if fault_kill_step is not None and step == fault_kill_step:
-        # Fault injection for the resume test: die like a preempted VM would, after the
-        # last checkpoint is durable but with unsaved steps since.
-        checkpointer.wait()
-        os.kill(os.getpid(), signal.SIGKILL)
-      if stop_requested["flag"]:
-        log.warning("SIGTERM: saved step %d; exiting so the job can be restarted", step)
+  def evaluate(self, params=None) -> dict | None:
+    """Eval loss and metrics over `eval_source` (at most train.eval_batches batches)."""
+    source = self.eval_source
+    if source is None or len(source) == 0:
+      return None
+    t = self.config.train
+    params = self.eval_params() if params is None else params
+    loader = data_lib.make_loader(source, int(t.eval_batch_size or t.batch_size), seed=0, shuffle=False,
+                                  num_epochs=1)
+    sums: dict[str, float] = {}
+    for i, batch in enumerate(loader):
+      if t.eval_batches > 0 and i >= t.eval_batches:
         break
-    if pending is not None:
-      _check_finite(jax.device_get(pending), int(t.max_nan_streak))
-  finally:
-    checkpointer.close()
-    bar.close()
-    writer.flush()
-    writer.close()
-    if previous_handler is not None:
-      signal.signal(signal.SIGTERM, previous_handler)
-  checksum = float(jax.jit(lambda p: sum(jnp.sum(x.astype(jnp.float64) if jax.config.jax_enable_x64 else x)
-                                          for x in jax.tree.leaves(p)))(state["params"]))
-  print(f"[process {jax.process_index()}] final step {step} loss {last_loss} params_checksum {checksum!r}",
-        flush=True)
-  if jax.process_index() == 0:
-    plot_loss_curve(metrics_path, os.path.join(workdir, "loss_curve.png"))
-  return TrainResult(step, last_loss, eval_loss, workdir, state)
+      out = jax.device_get(self._eval_fn(params, data_lib.to_global(batch, self.batch_shardings)))
+      for k, v in out.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+    weight = sums.pop("weight", 0.0)
+    if not weight:
+      return None
+    return {("eval_loss" if k == "loss_sum" else f"eval_{k}"): v / weight for k, v in sums.items()}
+
+  def eval_params(self):
+    """The parameters evaluated and exported: the EMA when train.ema_decay > 0."""
+    return self.state.get("ema_params", self.state["params"])
+
+  # ---------------------------------------------------------------- loop
+  def run(self) -> TrainResult:
+    if not self._setup_done:
+      self.setup()
+    if self.iterator is None:
+      raise ValueError("Trainer.run needs a train_source; call Trainer.step(batch) to feed batches yourself")
+    t = self.config.train
+    writer = metrics_lib.MetricsWriter(self.workdir)
+    bar = metrics_lib.Progress(int(t.steps), initial=self.start_step, enabled=self.progress, unit=self.unit)
+    stop_requested = {"flag": False}
+
+    def on_sigterm(signum, frame):  # preemption: checkpoint at the next step boundary
+      stop_requested["flag"] = True
+
+    previous_handler = None
+    try:
+      previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not in the main thread
+      pass
+
+    max_streak = int(t.max_nan_streak)
+    last_loss, eval_out = None, None
+    pending = None  # metrics of the previous step, read one step late to keep dispatch async
+    window_start, window_steps = time.perf_counter(), 0
+    step = self.start_step
+    units_per_step = int(t.batch_size) * int(self.units_per_example)
+    try:
+      while step < t.steps:
+        metrics = self.step(next(self.iterator))
+        step += 1
+        window_steps += 1
+        if step == self.start_step + 1:  # leave compilation out of the throughput figures
+          jax.block_until_ready(metrics)
+          window_start, window_steps = time.perf_counter(), 0
+        if pending is not None:
+          check_finite(pending, max_streak)
+        pending = metrics
+        if step % t.log_every == 0 or step == t.steps:
+          host = jax.device_get(metrics)
+          check_finite(host, max_streak)
+          elapsed = max(time.perf_counter() - window_start, 1e-9)
+          rate = window_steps * units_per_step / elapsed if window_steps else 0.0
+          row = {k: v for k, v in host.items() if k not in ("finite", "nan_streak", "weight")}
+          row[f"{self.unit}_per_s"] = rate
+          if self.flops_per_example and self.peak_flops and window_steps:
+            examples_per_s = window_steps * int(t.batch_size) / elapsed
+            row["mfu"] = examples_per_s * self.flops_per_example / (self.peak_flops * jax.device_count())
+          writer.write(step, row)
+          last_loss = float(host["loss"])
+          bar.update(step, rate, loss=last_loss)
+          window_start, window_steps = time.perf_counter(), 0
+        if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps) and self.eval_source is not None:
+          eval_out = self.evaluate()
+          if eval_out is not None:
+            writer.write(step, eval_out)
+          window_start, window_steps = time.perf_counter(), 0
+        self.checkpointer.save(step, self.state, self.iterator, force=(step == t.steps) or stop_requested["flag"])
+        for callback in self.callbacks:
+          callback(self, step)
+        if stop_requested["flag"]:
+          log.warning("SIGTERM: saved step %d; exiting so the job can be restarted", step)
+          break
+      if pending is not None:
+        check_finite(jax.device_get(pending), max_streak)
+    finally:
+      self.checkpointer.close()
+      bar.close()
+      writer.flush()
+      writer.close()
+      if previous_handler is not None:
+        signal.signal(signal.SIGTERM, previous_handler)
+    checksum = float(jax.jit(lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(p)))(self.state["params"]))
+    print(f"[process {jax.process_index()}] final step {step} loss {last_loss} params_checksum {checksum!r}",
+          flush=True)
+    if jax.process_index() == 0:
+      plot_loss_curve(self.metrics_path, os.path.join(self.workdir, "loss_curve.png"))
+    eval_loss = eval_out.get("eval_loss") if eval_out else None
+    return TrainResult(step, last_loss, eval_loss, self.workdir, self.state, eval_out)
 
 
-def _init_params_unjitted(model_cfg: DecoderConfig, seed: int):
-  import flax.linen as nn
-  from mlx_med.core.transformer import Decoder
-  tokens = jnp.zeros((1, 8), jnp.int32)
-  return nn.unbox(Decoder(model_cfg).init(jax.random.key(seed), tokens))["params"]
+def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_source, eval_source=None,
+          progress: bool = True, callbacks: Sequence[StepCallback] = ()) -> TrainResult:
+  """Trains (or resumes) `task` in `workdir`; reads `config.train`, `config.mesh`, `config.seed`."""
+  return Trainer(config, workdir, task, train_source, eval_source, progress=progress, callbacks=callbacks).run()
 
 
-def _check_finite(metrics, max_streak: int) -> None:
+def check_finite(metrics, max_streak: int) -> None:
   streak = int(np.asarray(metrics["nan_streak"]))
   if max_streak > 0 and streak >= max_streak:
     raise NonFiniteLossError(

@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
 
 from mlx_med.core import trainer
+from mlx_med.core.lm_task import DecoderLMTask
 from mlx_med.core.transformer import DecoderConfig
 
 log = logging.getLogger("mlx_med.ehr.pretrain")
@@ -93,7 +94,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> DecoderC
   return DecoderConfig.from_config(values)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> trainer.TrainResult:
+def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
+        callbacks: Sequence[trainer.StepCallback] = ()) -> trainer.TrainResult:
   model_config(config, 1)  # fail fast on a bad model section, before any data work
   data = prepare_data(config, workdir, progress)
   model_cfg = model_config(config, data.tokenizer.vocab_size)
@@ -101,4 +103,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) 
     log.info("data: %s train / %s eval examples of %d tokens; vocabulary %d -> embedding %d",
              len(data.train_source), len(data.eval_source) if data.eval_source is not None else 0,
              int(config.data.seq_len), data.tokenizer.vocab_size, model_cfg.vocab_size)
-  return trainer.train(config, workdir, model_cfg, data.train_source, data.eval_source, progress=progress)
+  task = DecoderLMTask(model_cfg, seq_len=int(config.data.seq_len))
+  return trainer.train(config, workdir, task, data.train_source, data.eval_source, progress=progress,
+                       callbacks=callbacks)

@@ -35,7 +35,6 @@ def _env(devices: int) -> dict:
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
-  env.pop("MLX_MED_FAULT_KILL_AT_STEP", None)
   return env
 
 
@@ -44,6 +43,26 @@ def _train_cmd(workdir, cohort, *extra):
           "--no-progress", f"--config.data.meds_root={cohort}", "--config.train.steps=10",
           "--config.train.ckpt_every=4", "--config.train.eval_every=0", "--config.train.log_every=1",
           "--config.train.batch_size=8", "--config.data.seq_len=64", *extra]
+
+
+# The run that gets killed: the same training as `mlx-med train ...`, with a step callback
+# that dies like a preempted VM would, after the last checkpoint is durable but with
+# unsaved steps since.
+_KILLED_RUN = """
+import os, signal, sys
+from mlx_med.core import config as config_lib
+from mlx_med.core.config import split_config_args
+from mlx_med.ehr import pretrain
+overrides, rest = split_config_args(sys.argv[1:])
+config_path, workdir, kill_at = rest
+
+def kill(trainer, step):
+  if step == int(kill_at):
+    trainer.checkpointer.wait()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+pretrain.run(config_lib.get_config(config_path, overrides), workdir, progress=False, callbacks=[kill])
+"""
 
 
 def _final_params(workdir):
@@ -68,9 +87,10 @@ def test_sigkill_and_restart_resumes_bitwise(tmp_path, cohort):
   uninterrupted = subprocess.Popen(_train_cmd(straight, cohort), env=_env(1), cwd=REPO,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   cmd = _train_cmd(killed, cohort)
-  env = _env(1)
-  env["MLX_MED_FAULT_KILL_AT_STEP"] = "6"  # checkpoint at 4 is durable; steps 5-6 are lost
-  first = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, timeout=600)
+  overrides = [a for a in cmd if a.startswith("--config.")]
+  # Checkpoint at 4 is durable; steps 5-6 are lost.
+  first = subprocess.run([sys.executable, "-c", _KILLED_RUN, CONFIG, str(killed), "6", *overrides], env=_env(1),
+                         cwd=REPO, capture_output=True, timeout=600)
   _, err = uninterrupted.communicate(timeout=600)
   assert uninterrupted.returncode == 0, err[-2000:]
   assert first.returncode == -signal.SIGKILL, first.stderr.decode()[-2000:]

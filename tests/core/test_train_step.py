@@ -1,17 +1,20 @@
-"""Train-step semantics: accumulation equals one big batch, NaN guard, schedules, FLOPs."""
+"""Train-step semantics: accumulation equals one big batch (also without resharding), NaN guard,
+EMA, parameter groups, schedules, FLOPs."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from mlx_med.core import config as config_lib
-from mlx_med.core import flops, optim, trainer
-from mlx_med.core.train_step import init_train_state, make_train_step, token_cross_entropy
+from mlx_med.core import flops, optim, params as params_lib, sharding, trainer
+from mlx_med.core.lm_task import DecoderLMTask, token_cross_entropy
+from mlx_med.core.train_step import init_train_state, make_train_step
 from mlx_med.core.transformer import DecoderConfig
 
 CFG = DecoderConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64)
+TASK = DecoderLMTask(CFG, seq_len=12)
 
 
 def _batch(b=4, t=12, seed=0):
@@ -34,22 +37,16 @@ def _train_cfg(**kw):
 def setup():
   """One optimizer, initial params and compiled single-batch step shared by the tests (compiles are slow)."""
   opt, sched = optim.make_optimizer(_train_cfg())
-  params = trainer._init_params_unjitted(CFG, 0)
-  return opt, sched, params, jax.jit(make_train_step(CFG, opt, sched, 1))
+  params = params_lib.init_params(TASK, jax.random.key(0))
+  return opt, sched, params, jax.jit(make_train_step(TASK, opt, sched, 1))
 
 
 def test_grad_accumulation_equals_full_batch(setup):
   opt, sched, params, step1 = setup
-  outs = []
-  for accum in (1, 2):
-    state = init_train_state(params, opt, 0)
-    step = step1 if accum == 1 else jax.jit(make_train_step(CFG, opt, sched, accum))
-    state, metrics = step(state, _batch())
-    outs.append((state, metrics))
-  (s1, m1), (s2, m2) = outs
+  s1, m1 = step1(init_train_state(params, opt, 0), _batch())
+  s2, m2 = jax.jit(make_train_step(TASK, opt, sched, 2))(init_train_state(params, opt, 0), _batch())
   np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"])):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+  chex.assert_trees_all_close(s1["params"], s2["params"], atol=1e-6, rtol=0)
 
 
 def test_nan_guard_skips_update_and_counts(setup):
@@ -60,12 +57,58 @@ def test_nan_guard_skips_update_and_counts(setup):
   new_state, metrics = step(state, bad)
   assert not bool(metrics["finite"])
   assert int(new_state["nan_skips"]) == 1 and int(new_state["nan_streak"]) == 1
-  for a, b in zip(jax.tree.leaves(new_state["params"]), jax.tree.leaves(params)):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(new_state["params"], params)
   new_state, metrics = step(new_state, _batch())
   assert bool(metrics["finite"]) and int(new_state["nan_streak"]) == 0 and int(new_state["nan_skips"]) == 1
+  chex.assert_tree_all_finite(new_state["params"])
   with pytest.raises(trainer.NonFiniteLossError, match="consecutive steps"):
-    trainer._check_finite({"nan_streak": np.int32(3)}, 3)
+    trainer.check_finite({"nan_streak": np.int32(3)}, 3)
+
+
+def test_batch_keys_must_match_the_task(setup):
+  opt, sched, params, step = setup
+  extra = dict(_batch(), image=np.zeros((4, 2), np.float32))
+  with pytest.raises(ValueError, match="do not match"):
+    jax.eval_shape(make_train_step(TASK, opt, sched, 1), init_train_state(params, opt, 0), extra)
+  missing = {k: v for k, v in _batch().items() if k != "loss_mask"}
+  with pytest.raises(ValueError, match="do not match"):
+    jax.eval_shape(make_train_step(TASK, opt, sched, 1), init_train_state(params, opt, 0), missing)
+  rules = sharding.ShardingRules(sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]))
+  from mlx_med.core import data
+  with pytest.raises(ValueError, match=r"unknown: \['image'\]"):
+    data.to_global(extra, trainer.batch_shardings(TASK, rules))
+
+
+def test_ema_tracks_params_and_is_skipped_on_nan(setup):
+  opt, sched, params, _ = setup
+  step = jax.jit(make_train_step(TASK, opt, sched, 1, ema_decay=0.9))
+  state = init_train_state(params, opt, 0, ema=True)
+  new, _ = step(state, _batch())
+  expected = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, params, new["params"])
+  chex.assert_trees_all_close(new["ema_params"], expected, atol=1e-7, rtol=0)
+  bad = _batch()
+  bad["loss_mask"] = bad["loss_mask"] * np.float32(np.nan)
+  after_bad, _ = step(new, bad)
+  chex.assert_trees_all_equal(after_bad["ema_params"], new["ema_params"])
+
+
+def test_param_groups_scale_lr_and_weight_decay():
+  params = {"body": {"kernel": jnp.ones((2, 2))}, "head": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  groups = config_lib.ml_collections.ConfigDict({"head": {"pattern": "^head/", "lr_scale": 10.0, "weight_decay": 0.0}})
+  cfg = _train_cfg(schedule="constant", lr=0.01, weight_decay=0.5, grad_clip=0.0, param_groups=groups)
+  opt, _ = optim.make_optimizer(cfg)
+  updates, _ = opt.update(grads, opt.init(params), params)
+  # Adam's first step is -lr * g / (|g| + eps) with g = 1; decoupled decay adds -lr * wd * p
+  # on matrices only (the default group's 0.5; the head group sets 0).
+  adam = 1.0 / (1.0 + 1e-5)
+  np.testing.assert_allclose(updates["body"]["kernel"], -0.01 * (adam + 0.5), rtol=1e-6)
+  np.testing.assert_allclose(updates["head"]["kernel"], -0.1 * adam, rtol=1e-6)
+  np.testing.assert_allclose(updates["head"]["bias"], -0.1 * adam, rtol=1e-6)
+  bad = config_lib.ml_collections.ConfigDict({"typo": {"pattern": "^nothing/"}})
+  opt, _ = optim.make_optimizer(_train_cfg(param_groups=bad))
+  with pytest.raises(ValueError, match="matches no parameter"):
+    opt.init(params)
 
 
 def test_cross_entropy_against_hand_computation():
@@ -98,6 +141,7 @@ def test_flops_count_by_hand():
   expected = 96 + 192 + 4 * 2 * 2 * (seq + 1) / 2 + 80
   assert flops.forward_flops_per_token(cfg, seq) == expected
   assert flops.train_flops_per_token(cfg, seq) == 3 * expected
+  assert DecoderLMTask(cfg, seq).train_flops_per_example == seq * 3 * expected
   # MFU is unknown on CPU and exact given a peak.
   assert flops.mfu(100.0, cfg, seq, 1, None) is None
   assert flops.mfu(100.0, cfg, seq, 2, 1e6) == pytest.approx(100 * 3 * expected / 2e6)
