@@ -106,8 +106,6 @@ class DecoderConfig:
     total = self.num_layers * layer + d
     if include_embeddings:
       total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
-    elif not self.tie_embeddings:
-      total += 0
     return total
 
 

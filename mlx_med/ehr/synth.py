@@ -730,7 +730,7 @@ def _generate_chunk(rng: np.random.Generator, first_index: int, n: int, voc: _Vo
 
   labels: dict[str, dict[str, np.ndarray]] = {}
   if adm is not None:
-    _admission_events(rng, ev, voc, adm, cond, cond_code, ckd_level, dm_control, male, birth, on_med, med_code_ids, med_col, statin, warfarin, n_cond, stats)
+    _admission_events(rng, ev, voc, adm, cond, cond_code, ckd_level, dm_control, male, on_med, med_code_ids, statin, warfarin, n_cond, stats)
     labels = _label_rows(adm, max_admissions)
   stats["outpatient_visits"] = nv
 
@@ -777,7 +777,7 @@ def _pool_search(voc: _Vocabulary, pool: np.ndarray, u: np.ndarray) -> np.ndarra
   return np.clip(np.searchsorted(shifted, pool + u), offsets[pool], offsets[pool + 1] - 1)
 
 
-def _admission_events(rng, ev, voc, adm, cond, cond_code, ckd_level, dm_control, male, birth, on_med, med_code_ids, med_col, statin, warfarin, n_cond, stats) -> None:
+def _admission_events(rng, ev, voc, adm, cond, cond_code, ckd_level, dm_control, male, on_med, med_code_ids, statin, warfarin, n_cond, stats) -> None:
   """Writes every event of every admission; vectorised over admissions."""
   K = len(_CONDITIONS)
   s, t_a, t_d, los, reason = adm["subject"], adm["t_a"], adm["t_d"], adm["los"], adm["reason"]

@@ -118,7 +118,7 @@ def test_subject_split_across_shards(make_meds_root, h):
   assert msg.startswith(str(root / "data" / "b.parquet"))
 
 
-def test_splits_file_problems(make_meds_root, h, tmp_path):
+def test_splits_file_problems(make_meds_root, h):
   root = make_meds_root({"0": h.events_table(_good_rows(h))}, {1: "train", 2: "train"})
   path = root / "metadata" / "subject_splits.parquet"
   pq.write_table(pa.table({"subject_id": pa.array([1, 2, 1], pa.int64()), "split": ["train", "train", "held_out"]}), path)

@@ -79,7 +79,7 @@ def test_value_bins_fit_on_train_only(make_meds_root, h):
   assert enc.stats.unk_events == 10 and enc.stats.unk_codes == {"ONLY_IN_HELD_OUT"}
 
 
-def _subject(h, times, codes, values=None):
+def _subject(times, codes, values=None):
   values = [np.nan] * len(codes) if values is None else values
   return SubjectEvents(
     subject_id=1,
@@ -105,7 +105,7 @@ def test_time_gap_tokens(tiny_tokenizer, h):
   gaps = [1 * MINUTE, 5 * MINUTE, 20 * MINUTE, 90 * MINUTE, DAY + 60 * MINUTE, 400 * DAY, 20 * 365 * DAY]
   times = [None, h.us(1950, 6, 1), t0] + list(t0 + np.cumsum(gaps))
   codes = ["GENDER//F", "MEDS_BIRTH"] + ["A"] * (len(gaps) + 1)
-  tokens, tok_times = tok.encode(_subject(h, times, codes))
+  tokens, tok_times = tok.encode(_subject(times, codes))
   names = [tok.tokens[t] for t in tokens]
   a = names.index("[AGE 45-50]")
   assert names[: a + 1] == ["[TIMELINE_START]", "GENDER//F", "MEDS_BIRTH", "[AGE 45-50]"]
@@ -115,7 +115,7 @@ def test_time_gap_tokens(tiny_tokenizer, h):
   assert tok_times[-1] == TIME_END and np.all(tok_times[1:] >= tok_times[:-1])  # (diff would overflow)
   assert np.all(tok_times[: a + 1] == TIME_NULL)
   # A 20-year gap exceeds max_gap_repeats (5) years: encoded as capped and counted.
-  batch_stats = tok.encode_batch(_as_batch(_subject(h, times, codes))).stats
+  batch_stats = tok.encode_batch(_as_batch(_subject(times, codes))).stats
   assert batch_stats.gaps_capped == 1
 
 
@@ -130,7 +130,7 @@ def test_gap_bins_are_configurable(tiny_tokenizer, h, make_meds_root):
   config = dataclasses.replace(tiny_tokenizer.config, time_gap_bins=(("1h", 3600.0), ("1d", 86400.0)), max_gap_repeats=2)
   rows = [(1, h.us(2000, 1, 1), "A", None), (1, h.us(2000, 1, 1, 2), "A", None), (1, h.us(2000, 1, 4), "A", None)]
   tok = TimelineTokenizer(config).fit(MEDSReader(make_meds_root({"0": h.events_table(rows)}, {1: "train"}, name="gaps")))
-  names = [tok.tokens[t] for t in tok.encode(_subject(h, [r[1] for r in rows], ["A"] * 3))[0]]
+  names = [tok.tokens[t] for t in tok.encode(_subject([r[1] for r in rows], ["A"] * 3))[0]]
   assert names == ["[TIMELINE_START]", "[AGE unknown]", "A", "[GAP 1h]", "A", "[GAP 1d]", "[GAP 1d]", "[GAP 1h]", "A", "[TIMELINE_END]"]
 
 
@@ -141,10 +141,10 @@ def test_hierarchical_codes_and_specials(tiny_tokenizer, h):
   assert tok.hierarchy_tokens("ICD10CM//I10") == ["[ICD10CM chapter 09]"]
   assert tok.hierarchy_tokens("ICD10PCS//0SRD0J9") == ["[ICD10PCS prefix 0]", "[ICD10PCS prefix 0SR]"]
   assert icd10cm_chapter("D50") == 3 and icd10cm_chapter("D49") == 2 and icd10cm_chapter("O9A") == 15 and icd10cm_chapter("T50") == 19
-  tokens, _ = tok.encode(_subject(h, [h.us(2000)], ["ICD10CM//E11.9"]))
+  tokens, _ = tok.encode(_subject([h.us(2000)], ["ICD10CM//E11.9"]))
   assert [tok.tokens[t] for t in tokens[2:5]] == ["[ICD10CM chapter 04]", "[ICD10CM category E11]", "ICD10CM//E11.9"]
   # An unseen code of a known category keeps its hierarchy tokens in front of [UNK].
-  tokens, _ = tok.encode(_subject(h, [h.us(2000)], ["ICD10CM//E11.65"]))
+  tokens, _ = tok.encode(_subject([h.us(2000)], ["ICD10CM//E11.65"]))
   decoded = tok.decode(tokens)
   assert decoded[2].code == "[UNK]" and decoded[2].levels == ("[ICD10CM chapter 04]", "[ICD10CM category E11]")
   flat = TimelineTokenizer(dataclasses.replace(tok.config, code_hierarchy=()))
@@ -160,9 +160,9 @@ def test_protected_codes_survive_min_count(make_meds_root, h):
 
 def test_age_token(tiny_tokenizer, h):
   tok = tiny_tokenizer
-  tokens, _ = tok.encode(_subject(h, [h.us(1950, 6, 1), h.us(2010, 7, 1)], ["MEDS_BIRTH", "A"]))
+  tokens, _ = tok.encode(_subject([h.us(1950, 6, 1), h.us(2010, 7, 1)], ["MEDS_BIRTH", "A"]))
   assert [tok.tokens[t] for t in tokens] == ["[TIMELINE_START]", "MEDS_BIRTH", "[AGE 60-65]", "A", "[TIMELINE_END]"]
-  tokens, _ = tok.encode(_subject(h, [h.us(1900, 1, 1), h.us(2010, 7, 1)], ["MEDS_BIRTH", "A"]))
+  tokens, _ = tok.encode(_subject([h.us(1900, 1, 1), h.us(2010, 7, 1)], ["MEDS_BIRTH", "A"]))
   assert tok.tokens[tokens[2]] == "[AGE 100+]"
 
 
