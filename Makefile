@@ -1,19 +1,38 @@
 # The two commands a new user needs: `make demo` and `make test`.
-# Each creates .venv on first use and installs what it needs; nothing else is done by hand.
+# Each creates .venv on first use and installs only what it needs; nothing else is done by hand.
+#   make demo  -> the core package (jax, flax, ...; no torch, no transformers, no test tools)
+#   make test  -> adds the serving stack, transformers, CPU-only PyTorch (the reference the parity
+#                 tests compare against) and the test tools; after `make demo` it only adds those.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-stamp
+CORE_STAMP := $(VENV)/.core-stamp
+STAMP      := $(VENV)/.installed-stamp
+# PyPI's Linux torch wheel depends on the CUDA stack (several GB of nvidia-* wheels). The tests
+# need the CPU build only, which PyTorch's own index serves: torch is installed from there first
+# (without dependencies), so the pinned requirement is already met when the extras are installed.
+# `make test TORCH_INDEX=` skips this and takes torch from your pip configuration instead.
+TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
+TORCH_VERSION := $(shell sed -n 's/.*"torch==\([^"]*\)".*/\1/p' pyproject.toml)
 
 .PHONY: demo test bench clean-venv
 
-$(STAMP): pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[hf,serve,test]'
-	touch $(STAMP)
 
-demo: $(STAMP)
+$(CORE_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(STAMP): pyproject.toml $(CORE_STAMP)
+ifneq ($(strip $(TORCH_INDEX)),)
+	$(PY) -m pip install -q --no-deps --index-url $(TORCH_INDEX) 'torch==$(TORCH_VERSION)'
+endif
+	$(PY) -m pip install -q -e '.[hf,serve,test]'
+	touch $@
+
+demo: $(CORE_STAMP)
 	$(PY) -m mlx_med.demo
 
 test: $(STAMP)

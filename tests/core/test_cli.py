@@ -56,3 +56,29 @@ def test_no_tpu_probe_info_line_without_a_tpu():
   assert quiet.returncode == 0, quiet.stderr
   assert "Unable to initialize backend" not in quiet.stderr and "libtpu" not in quiet.stderr
   assert "a real warning" in quiet.stderr
+
+
+def test_make_demo_installs_the_core_only_and_make_test_adds_cpu_torch(tmp_path):
+  # What each command would run on a fresh clone (make -n: print, do not run).
+  import shutil
+  import subprocess
+  import tomllib
+
+  if shutil.which("make") is None:
+    pytest.skip("make is not installed")
+  for name in ("Makefile", "pyproject.toml"):
+    shutil.copy(os.path.join(REPO, name), tmp_path / name)
+  dry = lambda *target: subprocess.run(["make", "-n", *target], cwd=tmp_path, capture_output=True, text=True,
+                                       check=True).stdout
+  demo = dry("demo")
+  assert "pip install -q -e .\n" in demo and "[" not in demo and "torch" not in demo, demo
+  test = dry("test")
+  assert "--no-deps --index-url https://download.pytorch.org/whl/cpu 'torch==2.13.0'" in test, test
+  assert "-e '.[hf,serve,test]'" in test and "pytest" in test
+  assert "index-url" not in dry("test", "TORCH_INDEX=")
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+    project = tomllib.load(f)["project"]
+  import re
+  core = {re.split(r"[<>=!~\[ ;]", dep)[0].lower() for dep in project["dependencies"]}
+  assert core.isdisjoint({"torch", "transformers", "pytest", "tensorboard"}), core
+  assert f"torch=={test.split('torch==')[1].split(chr(39))[0]}" in project["optional-dependencies"]["hf"]
