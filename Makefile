@@ -36,7 +36,7 @@ demo: $(CORE_STAMP)
 	$(PY) -m mlx_med.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=20 tests
 
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py
