@@ -8,9 +8,15 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import glob
 import importlib
 import logging
+import os
 import sys
+import textwrap
+
+from mlx_med import __version__
 
 # Each config names its task; the task's `run(config, workdir, args)` does the work.
 TASKS = {
@@ -25,6 +31,9 @@ def _train(args, overrides: list[str]) -> int:
   from mlx_med.core import config as config_lib
   from mlx_med.core import distributed
 
+  if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+    raise config_lib.ConfigError(f"--workdir {args.workdir!r} is a file, not a directory; choose a directory path "
+                                 "(it is created if missing)")
   distributed.maybe_initialize(args.distributed, args.coordinator, args.num_processes, args.process_id)
   config = config_lib.get_config(args.config, overrides)
   task = config.get("task")
@@ -54,13 +63,43 @@ def quiet_backend_probe_logs() -> None:
     logger.addFilter(_NoBackendProbeInfo())
 
 
+def config_catalog(root: str | None = None) -> str:
+  """The shipped experiment configs with their variants, read from each file's docstring.
+
+  A config documents itself: the docstring's first line says what it runs and a
+  "Variants:" line names the `:variant` arguments its get_config accepts.
+  """
+  root = root or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+  lines = []
+  for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
+    if os.path.basename(path).startswith("_"):
+      continue
+    try:
+      with open(path, encoding="utf-8") as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+    except (OSError, SyntaxError):
+      continue
+    shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
+    summary = doc.strip().splitlines()[0] if doc.strip() else ""
+    variants = next((line.split(":", 1)[1].strip() for line in doc.splitlines()
+                     if line.strip().lower().startswith("variants:")), "(none documented)")
+    lines.append(f"  {shown}  {summary}")
+    lines.extend(textwrap.wrap(f"variants: {variants}", width=96, initial_indent="      ",
+                               subsequent_indent="        "))
+  if not lines:
+    return ""
+  return "configs (--config PATH:VARIANT):\n" + "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="mlx-med", description="mlx_med: medical foundation models in JAX")
+  parser.add_argument("--version", action="version", version=f"mlx-med {__version__}")
   parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
   sub = parser.add_subparsers(dest="command", required=True)
 
   train = sub.add_parser("train", help="train or resume an experiment from a config file",
-                         description="Overrides: --config.section.key=value (unknown keys are errors).")
+                         description="Overrides: --config.section.key=value (unknown keys are errors).",
+                         epilog=config_catalog(), formatter_class=argparse.RawDescriptionHelpFormatter)
   train.add_argument("--config", required=True, help="path/to/config.py[:variant]")
   train.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard, plots")
   train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")

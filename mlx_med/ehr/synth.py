@@ -1014,7 +1014,8 @@ def generate_cohort(
     raise ValueError(f"num_subjects must be >= 1, got {num_subjects}")
   out = Path(out_dir)
   if out.exists() and not overwrite:
-    raise FileExistsError(f"{out}: already exists; fix: choose another --out or pass overwrite=True (--overwrite)")
+    raise FileExistsError(f"{out}: already exists; choose another output directory, or replace it "
+                          "(--overwrite on the command line, overwrite=True from Python)")
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
   start = time.perf_counter()

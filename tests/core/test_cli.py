@@ -82,3 +82,40 @@ def test_make_demo_installs_the_core_only_and_make_test_adds_cpu_torch(tmp_path)
   core = {re.split(r"[<>=!~\[ ;]", dep)[0].lower() for dep in project["dependencies"]}
   assert core.isdisjoint({"torch", "transformers", "pytest", "tensorboard"}), core
   assert f"torch=={test.split('torch==')[1].split(chr(39))[0]}" in project["optional-dependencies"]["hf"]
+
+
+def test_version(capsys):
+  from mlx_med import __version__
+
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["--version"])
+  assert exit_info.value.code == 0
+  assert capsys.readouterr().out.strip() == f"mlx-med {__version__}"
+
+
+def test_train_help_lists_each_config_and_its_variants(capsys):
+  with pytest.raises(SystemExit):
+    cli.main(["train", "--help"])
+  out = capsys.readouterr().out
+  assert "configs (--config PATH:VARIANT):" in out
+  line = next(i for i, text in enumerate(out.splitlines()) if "configs/ehr/pretrain.py" in text)
+  variants = out.splitlines()[line + 1]
+  assert variants.strip().startswith("variants:") and all(v in variants for v in ("smoke", "small", "base"))
+
+
+def test_workdir_that_is_a_file_is_one_line_error(tmp_path, capsys):
+  path = tmp_path / "a_file"
+  path.write_text("not a directory")
+  assert cli.main(["train", "--config", SMOKE, "--workdir", str(path)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "is a file, not a directory" in err and len(err.splitlines()) == 1, err
+
+
+def test_synth_into_existing_directory_names_the_flag(tmp_path, capsys):
+  (tmp_path / "cohort").mkdir()
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["ehr", "synth", "--subjects", "5", "--out", str(tmp_path / "cohort"), "--quiet"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert "already exists" in err and "--overwrite on the command line" in err
+  assert "overwrite=True (--overwrite)" not in err
