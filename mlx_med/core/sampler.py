@@ -41,6 +41,7 @@ import functools
 import math
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -368,7 +369,10 @@ def _project_to_vocab(module: Decoder, hidden: jax.Array) -> jax.Array:
                                              "cache_dtype"))
 def _prefill(params, prompt, rows: RowParams, *, cfg: DecoderConfig, rules, max_new: int, num_top: int,
              mode: str = "sorted", penalties: bool = False, cache_dtype=None) -> DecodeState:
+  # Trace-time checks: a per-row knob of the wrong length would otherwise broadcast silently.
+  chex.assert_rank(prompt, 2)
   batch, plen = prompt.shape
+  chex.assert_tree_shape_prefix(rows, (batch,))
   model = Decoder(cfg, rules)
   pad = plen - rows.prompt_lens  # left padding per row
   slots = jnp.arange(plen, dtype=jnp.int32)[None, :]
@@ -408,6 +412,7 @@ def _prefill(params, prompt, rows: RowParams, *, cfg: DecoderConfig, rules, max_
 @functools.partial(jax.jit, static_argnames=("cfg", "rules", "num_top", "mode"), donate_argnums=(1,))
 def _decode(params, state: DecodeState, rows: RowParams, stop_at, *, cfg: DecoderConfig, rules,
             num_top: int, mode: str = "sorted") -> DecodeState:
+  chex.assert_tree_shape_prefix(rows, state.last.shape)
   model = Decoder(cfg, rules)
   cache_len = state.cache["segment_ids"].shape[1]
   max_new = state.tokens.shape[1]

@@ -1,11 +1,13 @@
 """The batched KV-cache sampler against a cache-free reference, plus its controls.
 
-A tiny random decoder keeps compiles cheap; most tests share one batch/prompt/new
-bucket (4, 16, 16) so the jitted prefill/decode compile once for the module.
+The shared tiny generation decoder keeps compiles cheap; most tests share one
+batch/prompt/new bucket (4, 16, 16) so the jitted prefill/decode compile once for the
+module (and `test_buckets_bound_retraces` holds the sampler to that).
 """
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,16 +17,16 @@ from mlx_med.core import params as params_lib
 from mlx_med.core import sampler as sampler_lib
 from mlx_med.core import sharding as sharding_lib
 from mlx_med.core.sampler import RowParams, Sampler, SamplingParams
-from mlx_med.core.transformer import Decoder, DecoderConfig
+from mlx_med.core.transformer import Decoder
+from tiny import TINY_GENERATE as CFG
+from tiny import tiny_params
 
-CFG = DecoderConfig(vocab_size=97, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
-                    max_seq_len=128, qkv_bias=True, init_std=0.3)
 PROMPTS = [[5, 17, 3, 88, 41], [9, 2, 60, 33, 71, 12, 50, 8, 19, 44, 6], [70, 71]]
 
 
 @pytest.fixture(scope="module")
 def params():
-  return params_lib.init_params(CFG, jax.random.key(0))
+  return tiny_params(CFG)
 
 
 @pytest.fixture(scope="module")
@@ -92,20 +94,25 @@ def _rows(n, **values):
   return RowParams(**{k: jnp.asarray(v) for k, v in base.items()})
 
 
-@pytest.fixture(scope="module")
-def sample_fn():
-  return jax.jit(functools.partial(sampler_lib._sample_tokens, mode="sorted"))
+class SampleTokensTest(chex.TestCase):
+  """The truncation rules hold whether `_sample_tokens` runs under jit or op by op."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_truncation_keeps_exactly_the_allowed_tokens(self):
+    _check_truncation(self.variant(functools.partial(sampler_lib._sample_tokens, mode="sorted")))
 
 
-def test_truncation_keeps_exactly_the_allowed_tokens(sample_fn):
+def _check_truncation(sample_fn):
   n = 4000
   probs = np.array([0.5, 0.3, 0.15, 0.05], np.float32)
   logits = jnp.asarray(np.broadcast_to(np.log(probs), (n, 4)))
   step = jnp.int32(3)
 
   def freq(**kw):
-    tokens = np.asarray(sample_fn(logits, _rows(n, **kw), step))
-    return np.bincount(tokens, minlength=4) / n
+    tokens = sample_fn(logits, _rows(n, **kw), step)
+    chex.assert_shape(tokens, (n,))
+    chex.assert_type(tokens, jnp.int32)
+    return np.bincount(np.asarray(tokens), minlength=4) / n
 
   plain = freq()
   np.testing.assert_allclose(plain, probs, atol=0.03)
@@ -202,7 +209,7 @@ def test_think_budget_forces_the_closing_tag(params, sampler):
   sp = SamplingParams(max_new_tokens=12, temperature=0.0, think_budget=4, think_close_ids=close)
   free = sampler.generate(params, PROMPTS, SamplingParams(max_new_tokens=12, temperature=0.0))
   out = sampler.generate(params, PROMPTS, [sp, sp, sp])
-  for o, f in zip(out, free):
+  for o, f in zip(out, free, strict=True):
     assert o.tokens[:4] == f.tokens[:4]
     assert tuple(o.tokens[4:6]) == close
     assert o.forced == [False] * 4 + [True, True] + [False] * 6
@@ -221,13 +228,32 @@ def test_top_logprobs_are_the_most_likely_tokens(params, sampler, forward):
   np.testing.assert_allclose([v for _, v in out.top_logprobs[0]], np.sort(logp)[::-1][:3], atol=2e-5)
 
 
-def test_prompt_and_length_buckets_bound_recompiles(params, sampler):
-  sampler.generate(params, PROMPTS, SamplingParams(max_new_tokens=12, temperature=0.0))
-  before = (sampler_lib._prefill._cache_size(), sampler_lib._decode._cache_size())
-  # Different prompt lengths (<= 16), batch (<= 4) and max_new (<= 16): same buckets, no compile.
-  sampler.generate(params, [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [4], [7, 7]],
+def test_buckets_bound_retraces(params, monkeypatch):
+  """One trace of prefill and of decode per entry of the sampler's `compiled_shapes`.
+
+  Fresh jits of the same functions (with the sampler's own jit options) count their
+  traces; prompt lengths, batch sizes and max_new inside one bucket, chunked streaming,
+  and new seeds or truncation knobs within one sampling mode must reuse the program.
+  """
+  chex.clear_trace_counter()
+  expected_shapes = 2  # (4, 16, 16, 0, greedy, False) and (4, 16, 16, 0, sorted, False)
+  monkeypatch.setattr(sampler_lib, "_prefill", jax.jit(
+      chex.assert_max_traces(sampler_lib._prefill.__wrapped__, n=expected_shapes),
+      static_argnames=("cfg", "rules", "max_new", "num_top", "mode", "penalties", "cache_dtype")))
+  monkeypatch.setattr(sampler_lib, "_decode", jax.jit(
+      chex.assert_max_traces(sampler_lib._decode.__wrapped__, n=expected_shapes),
+      static_argnames=("cfg", "rules", "num_top", "mode"), donate_argnums=(1,)))
+  sampler = Sampler(CFG, pad_id=0)
+  greedy = sampler.generate(params, PROMPTS, SamplingParams(max_new_tokens=12, temperature=0.0))
+  # Different prompt lengths (<= 16), batch (<= 4) and max_new (<= 16): same buckets.
+  sampler.generate(params, [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [4], [7, 7], [8]],
                    SamplingParams(max_new_tokens=7, temperature=0.0))
-  assert (sampler_lib._prefill._cache_size(), sampler_lib._decode._cache_size()) == before
+  streamed = [u for updates in sampler.stream(params, PROMPTS, SamplingParams(max_new_tokens=12, temperature=0.0),
+                                              chunk_size=3) for u in updates if u.finished]
+  assert sorted((u.index, u.output.tokens) for u in streamed) == [(i, o.tokens) for i, o in enumerate(greedy)]
+  for seed, knobs in ((1, dict(top_p=0.9)), (2, dict(top_k=5)), (3, dict(top_k=7, top_p=0.5))):
+    sampler.generate(params, PROMPTS, SamplingParams(max_new_tokens=9, temperature=0.8, seed=seed, **knobs))
+  assert len(sampler.compiled_shapes) == expected_shapes, sampler.compiled_shapes
 
 
 def test_bad_requests_are_clear_errors(params, sampler):
@@ -241,6 +267,11 @@ def test_bad_requests_are_clear_errors(params, sampler):
     sampler.generate(params, [[]], SamplingParams())
   with pytest.raises(ValueError, match="detokenize"):
     sampler.generate(params, [[1]], SamplingParams(stop_strings=("x",)))
+  # Per-row knobs for fewer rows than the prompt batch fail at trace time, not by broadcasting.
+  tokens, rows, max_new, num_top, mode, _ = sampler._prepare(PROMPTS, [SamplingParams(temperature=0.0)] * 3)
+  with pytest.raises(AssertionError, match="shape prefix"):
+    sampler_lib._prefill(params, tokens, jax.tree.map(lambda x: x[:1], rows), cfg=CFG, rules=None,
+                         max_new=max_new, num_top=num_top, mode=mode)
 
 
 def test_sharded_sampling_equals_unsharded(params, sampler):
@@ -253,12 +284,12 @@ def test_sharded_sampling_equals_unsharded(params, sampler):
               SamplingParams(max_new_tokens=10, temperature=0.7, top_k=5, seed=4)]
   ours = sharded.generate(sharded_params, PROMPTS, sampling)
   ref = sampler.generate(params, PROMPTS, sampling)
-  for a, b in zip(ours, ref):
+  for a, b in zip(ours, ref, strict=True):
     assert a.tokens == b.tokens
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
   # The KV cache really is split: batch over data*fsdp, kv heads over tensor.
   tokens, rows, max_new, num_top, mode, _ = sharded._prepare(PROMPTS, sampling)
   state = sampler_lib._prefill(sharded_params, tokens, rows, cfg=CFG, rules=rules, max_new=max_new, num_top=num_top,
                                mode=mode)
-  shard_shape = state.cache["k"].addressable_shards[0].data.shape
-  assert shard_shape[1] == state.cache["k"].shape[1] // 4 and shard_shape[3] == CFG.num_kv_heads // 2
+  layers, batch, length, kv_heads, head_dim = state.cache["k"].shape  # stacked layout: [L, B, S, K, D]
+  chex.assert_shape(state.cache["k"].addressable_shards[0].data, (layers, batch // 4, length, kv_heads // 2, head_dim))
