@@ -3,6 +3,7 @@ every transition is trained exactly once, caching works, and task histories neve
 
 from __future__ import annotations
 
+import chex
 import numpy as np
 import pytest
 
@@ -31,8 +32,9 @@ def _check_rows(source: PretrainingSource) -> None:
   for i in range(len(source)):
     ex = source[i]
     assert set(ex) == {"inputs", "targets", "segment_ids", "positions", "loss_mask"}
-    assert ex["inputs"].dtype == np.int32 and ex["loss_mask"].dtype == np.float32
-    assert all(v.shape == (L,) for v in ex.values())
+    chex.assert_type([ex["inputs"], ex["targets"], ex["segment_ids"], ex["positions"], ex["loss_mask"]],
+                     [np.int32, np.int32, np.int32, np.int32, np.float32])
+    chex.assert_shape(list(ex.values()), (L,))
     seg, pos, mask = ex["segment_ids"], ex["positions"], ex["loss_mask"]
     subjects = source.row_subjects(i)
     assert len(set(subjects.tolist())) == len(subjects)  # one piece per patient per row
@@ -101,7 +103,8 @@ def test_grain_can_batch_the_source(train_stream):
   source = PretrainingSource(train_stream, SEQ_LEN, "packed")
   dataset = grain.MapDataset.source(source).shuffle(seed=0).batch(4)
   batch = dataset[0]
-  assert batch["inputs"].shape == (4, SEQ_LEN) and batch["loss_mask"].dtype == np.float32
+  chex.assert_shape(list(batch.values()), (4, SEQ_LEN))
+  chex.assert_type(batch["loss_mask"], np.float32)
 
 
 def test_source_pickles_by_cache_path(train_stream):

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import chex
 import jax
 import ml_dtypes
 import numpy as np
@@ -54,10 +55,11 @@ def test_sharded_load_reads_only_each_devices_shard(sharded_dir, cfg, reference,
   weights = checkpoint.HFWeights(sharded_dir)
   params = checkpoint.load_hf_params(sharded_dir, cfg, rules, weights=weights)
   expected_shardings = params_lib.param_shardings(cfg, rules)
+  chex.assert_trees_all_equal_structs(params, reference, expected_shardings)
   flat_params = jax.tree_util.tree_leaves_with_path(params)
   flat_ref = dict(jax.tree_util.tree_leaves_with_path(reference))
   split = 0
-  for (path, array), sharding in zip(flat_params, jax.tree.leaves(expected_shardings)):
+  for (path, array), sharding in zip(flat_params, jax.tree.leaves(expected_shardings), strict=True):
     assert array.sharding == sharding, path
     full = np.asarray(flat_ref[path])
     assert len(array.addressable_shards) == 8
@@ -86,9 +88,7 @@ def test_save_sharded_index_loads_in_transformers(sharded_dir, cfg, reference, h
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   tokens = [3, 14, 15, 92, 65, 35]
   np.testing.assert_array_equal(_logits(reloaded, tokens), _logits(hf_model, tokens))
-  again = checkpoint.load_hf_params(out, cfg)
-  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(reference)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(checkpoint.load_hf_params(out, cfg), reference)  # structure too, bit for bit
   with pytest.raises(FileExistsError):
     checkpoint.save_hf_checkpoint(out, reference, cfg)
   checkpoint.save_hf_checkpoint(out, reference, cfg, overwrite=True, dtype="bfloat16")
@@ -104,8 +104,7 @@ def test_orbax_round_trip(sharded_dir, cfg, reference, tmp_path):
   rules = sharding_lib.ShardingRules(sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
   restored, restored_cfg, hf = checkpoint.load_orbax(orbax_dir, rules)
   assert restored_cfg == cfg and hf["model_type"] == "qwen2"
-  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(reference)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(restored, reference)
   assert restored["layers"]["mlp"]["up_proj"]["kernel"].sharding == \
       params_lib.param_shardings(cfg, rules)["layers"]["mlp"]["up_proj"]["kernel"]
   back = checkpoint.orbax_to_hf(orbax_dir, str(tmp_path / "hf_again"))

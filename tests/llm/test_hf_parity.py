@@ -38,14 +38,14 @@ def test_padded_batch_logits_match(case):
   name, model, _, cfg, params = case
   lm = LocalLM(cfg, params, tokenizer=None)
   ours = lm.logits(PROMPTS)
-  for prompt, got in zip(PROMPTS, ours):
+  for prompt, got in zip(PROMPTS, ours, strict=True):
     np.testing.assert_allclose(got, _reference_logits(model, prompt), atol=1e-4, rtol=0, err_msg=name)
 
 
 def test_greedy_generation_is_token_identical(case):
   name, model, _, cfg, params = case
   outs = Sampler(cfg).generate(params, PROMPTS, SamplingParams(max_new_tokens=32, temperature=0.0))
-  for prompt, out in zip(PROMPTS, outs):
+  for prompt, out in zip(PROMPTS, outs, strict=True):
     with torch.no_grad():
       ref = model.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
                            eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
