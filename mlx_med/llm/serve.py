@@ -22,6 +22,7 @@ unless the operator deliberately exposes it (then set --api-key).
 import argparse
 import asyncio
 import dataclasses
+import hmac
 import json
 import logging
 import math
@@ -544,7 +545,10 @@ def create_app(server: OpenAIServer):
   @app.middleware("http")
   async def _auth(request: Request, call_next):
     if server.api_key and request.url.path.startswith("/v1/"):
-      if request.headers.get("authorization", "") != f"Bearer {server.api_key}":
+      # Constant-time comparison (of bytes: a header may hold non-ASCII text), so response
+      # timing does not reveal how much of a guessed key was right.
+      given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+      if not hmac.compare_digest(given, f"Bearer {server.api_key}".encode("utf-8", "surrogateescape")):
         return error(APIError("invalid API key", status=401, type="authentication_error", code="invalid_api_key"))
     return await call_next(request)
 

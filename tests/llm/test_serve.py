@@ -229,3 +229,20 @@ def test_cli_registers_serve_bound_to_loopback():
   args = parser.parse_args(["serve", "--model", "/models/qwen", "--port", "9001"])
   assert args.command == "serve" and args.func is serve.run_server
   assert (args.model, args.host, args.port) == ("/models/qwen", "127.0.0.1", 9001)
+
+
+def test_api_key_guards_v1_routes_only():
+  import types
+
+  from fastapi.testclient import TestClient
+
+  from mlx_med.llm import serve
+
+  lm = types.SimpleNamespace(cfg=types.SimpleNamespace(max_seq_len=64))  # /v1/models needs no model
+  app = serve.create_app(serve.OpenAIServer(lm, None, model_name="m", api_key="s3cret"))
+  with TestClient(app) as http:
+    assert http.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).json()["data"][0]["id"] == "m"
+    for headers in ({}, {"Authorization": "Bearer s3cre"}, {"Authorization": "Bearer s3cret2"},
+                    {"Authorization": "s3cret"}, {"Authorization": "Bearer s\u00e9cret".encode()}):
+      _assert_error(http.get("/v1/models", headers=headers), 401, code="invalid_api_key")
+    assert http.get("/health").status_code == 200
