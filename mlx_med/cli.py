@@ -41,7 +41,15 @@ def _train(args, overrides: list[str]) -> int:
     raise config_lib.ConfigError(f"{args.config}: config.task={task!r} is not one of {sorted(TASKS)}")
   module_name, _, fn_name = TASKS[task].partition(":")
   run = getattr(importlib.import_module(module_name), fn_name)
-  run(config, args.workdir, progress=not args.no_progress)
+  from mlx_med.core.memory import MemoryBudgetError
+  from mlx_med.core.trainer import TrainingInterrupted
+  try:
+    run(config, args.workdir, progress=not args.no_progress, allow_config_change=args.allow_config_change)
+  except MemoryBudgetError as e:
+    raise config_lib.ConfigError(f"{args.config}: {e}") from e
+  except TrainingInterrupted as e:
+    print(f"mlx-med: {e}", file=sys.stderr)
+    return e.exit_code
   return 0
 
 
@@ -102,7 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=config_catalog(), formatter_class=argparse.RawDescriptionHelpFormatter)
   train.add_argument("--config", required=True, help="path/to/config.py[:variant]")
   train.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard, plots")
-  train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+  train.add_argument("--no-progress", action="store_true",
+                     help="no progress bar: one plain log line per train.log_every steps (for batch jobs)")
+  train.add_argument("--allow-config-change", action="store_true",
+                     help="resume a workdir although loop settings changed (train.steps, log/eval/ckpt "
+                          "intervals); changes to the model, data or optimizer are always refused")
   train.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (pods, SLURM)")
   train.add_argument("--coordinator", help="host:port of process 0 for a manual multi-process run")
   train.add_argument("--num-processes", type=int)
@@ -148,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
       raise
     print(f"mlx-med: error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints and exits itself)
+    if args.verbose:
+      raise
+    print("mlx-med: interrupted (Ctrl-C)", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -178,6 +178,7 @@ def default_train_config() -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       async_checkpointing=True,
       max_nan_streak=5,
+      check_memory=True,  # refuse a run whose estimated memory exceeds the device's (mlx_med.core.memory)
       ema_decay=0.0,  # > 0: keep an EMA of the params (e.g. 0.999); eval and export use it
       # name -> {pattern: regex on "/"-joined param paths, lr_scale, weight_decay (-1 = default)}
       param_groups=ml_collections.ConfigDict(),

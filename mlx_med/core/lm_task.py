@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -71,6 +70,28 @@ class DecoderLMTask(Task):
   @property
   def throughput_unit(self) -> tuple[str, int]:
     return ("tokens", int(self.seq_len or 0))
+
+  def activation_bytes_per_example(self) -> float | None:
+    """What the backward pass holds for one sequence (an estimate, within ~2x).
+
+    Per token and layer: remat "none" keeps every intermediate, "dots" the matmul
+    outputs, "full" the layer input; during the backward pass one layer's whole
+    working set is live again. Backends "xla" and "jax" materialise the fp32
+    attention scores and probabilities [heads, T, T]. The fp32 logits and their
+    gradient add 3 x vocab x 4 bytes per token.
+    """
+    if not self.seq_len:
+      return None
+    c, t = self.cfg, int(self.seq_len)
+    b = jnp.dtype(c.dtype).itemsize
+    hd, h, k, d, m = c.resolved_head_dim, c.num_heads, c.num_kv_heads, c.d_model, c.mlp_dim
+    matmul_outputs = ((h + 2 * k) * hd + h * hd + d + 2 * m + d) * b
+    everything = matmul_outputs + (5 * d + m) * b
+    scores = 2 * h * t * 4 if c.attention_backend in ("xla", "jax") else 0
+    kept = {"none": everything + scores, "dots": matmul_outputs + d * b, "full": d * b}[c.remat]
+    working_set = everything + scores
+    per_token = c.num_layers * kept + (working_set if c.remat != "none" else 0) + 3 * c.vocab_size * 4 + 2 * d * b
+    return float(per_token * t)
 
   def describe(self) -> str:
     c = self.cfg

@@ -1,4 +1,5 @@
-"""Run metrics: JSONL (always), TensorBoard (tensorboardX), and a progress bar.
+"""Run metrics: JSONL (always), TensorBoard (tensorboardX), and progress (a bar on a
+terminal, or one plain log line per log interval for batch jobs).
 
 Only scalars are logged; no patient records ever reach a log line.
 """
@@ -6,6 +7,7 @@ Only scalars are logged; no patient records ever reach a log line.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -15,11 +17,15 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+log = logging.getLogger("mlx_med.train")
+
 
 class MetricsWriter:
   """Appends {"step": s, **scalars} lines to metrics.jsonl and mirrors them to TensorBoard."""
 
-  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True, purge_step: int | None = None):
+    """`purge_step`: on resume, the first step that will be logged again. TensorBoard then
+    hides the events at and after it from the earlier run (as metrics.jsonl is truncated)."""
     self.enabled = enabled and jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
@@ -28,7 +34,7 @@ class MetricsWriter:
       if tensorboard:
         try:
           from tensorboardX import SummaryWriter
-          self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+          self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
         except ImportError:  # TensorBoard is optional; JSONL is the record
           self._tb = None
 
@@ -72,30 +78,45 @@ def truncate_metrics_after(path: str, step: int) -> None:
   os.replace(tmp, path)
 
 
-class Progress:
-  """A one-line progress display: step, loss, tokens/s and ETA (tqdm when on a terminal)."""
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
-  def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train", unit: str = "tokens"):
-    self.enabled = enabled and jax.process_index() == 0
+
+class Progress:
+  """Step, loss, throughput and ETA: a tqdm bar (`bar=True`), else one plain log line per update."""
+
+  def __init__(self, total: int, initial: int = 0, bar: bool = True, desc: str = "train", unit: str = "tokens"):
+    self.active = jax.process_index() == 0
     self.total, self.step = total, initial
     self.rate_label = {"tokens": "tok/s", "examples": "ex/s"}.get(unit, f"{unit}/s")
     self._start_time, self._start_step = None, initial
     self._bar = None
-    if self.enabled:
+    if self.active and bar:
       from tqdm import tqdm
       self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr,
                        mininterval=1.0, smoothing=0.1)
 
   def update(self, step: int, units_per_second: float | None = None, **scalars) -> None:
-    if not self.enabled:
+    if not self.active:
       return
+    now = time.perf_counter()
     if self._start_time is None:
-      self._start_time, self._start_step = time.perf_counter(), step
-    postfix = {k: f"{v:.4g}" for k, v in scalars.items()}
+      self._start_time, self._start_step = now, step
+    values = {k: f"{v:.4g}" for k, v in scalars.items()}
     if units_per_second:
-      postfix[self.rate_label] = f"{units_per_second:,.0f}"
-    self._bar.set_postfix(postfix, refresh=False)
-    self._bar.update(step - self.step)
+      values[self.rate_label] = f"{units_per_second:,.0f}"
+    if self._bar is not None:
+      self._bar.set_postfix(values, refresh=False)
+      self._bar.update(step - self.step)
+    else:
+      done = step - self._start_step
+      eta = (now - self._start_time) / done * (self.total - step) if done > 0 else None
+      fields = " ".join(f"{k} {v}" for k, v in values.items())
+      log.info("step %d/%d (%d%%) %s%s", step, self.total, 100 * step // max(self.total, 1), fields,
+               f" ETA {_duration(eta)}" if eta is not None else "")
     self.step = step
 
   def close(self) -> None:

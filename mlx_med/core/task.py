@@ -21,8 +21,9 @@ towers. A capability describes its model and loss with one small `Task` object:
   of all micro-batches first, the loss's gradient w.r.t. them, then one backward
   per micro-batch); otherwise `train.grad_accum > 1` is refused.
 * optional: `eval_metrics(params, batch, *, rules)` (defaults to the loss at
-  train=False), `train_flops_per_example` (for MFU), and `throughput_unit`
-  (the name and count of units in one example: tokens for a language model).
+  train=False), `train_flops_per_example` (for MFU), `throughput_unit` (the name
+  and count of units in one example: tokens for a language model), and
+  `activation_bytes_per_example()` (for the memory check before compiling).
 
 `DecoderLMTask` in `mlx_med.core.lm_task` is one implementation; a short example
 of a new family is in docs/DESIGN.md ("Adding a model family").
@@ -88,6 +89,11 @@ class Task:
 
   #: (unit name, units per example) for throughput figures, e.g. ("tokens", 2048)
   throughput_unit: tuple[str, int] = ("examples", 1)
+
+  def activation_bytes_per_example(self) -> float | None:
+    """Training activation memory of one example (an estimate), for the pre-compile
+    memory check (`mlx_med.core.memory`); None = unknown, only params and optimizer are checked."""
+    return None
 
   def describe(self) -> str:
     return type(self).__name__

@@ -10,16 +10,20 @@
   task's `batch_axes` keys); an RL loop calls this with batches it makes itself;
 * `run()` — the loop: steps, metrics (metrics.jsonl, TensorBoard, a progress bar
   with throughput and ETA), periodic eval, checkpoints every `ckpt_every` steps,
-  a checkpoint at the next step boundary on SIGTERM, and `callbacks` after each step.
+  a checkpoint at the next step boundary on SIGTERM or Ctrl-C (then
+  `TrainingInterrupted`), and `callbacks` after each step.
 
 `train(...)` does all three. Restarted with the same command, a run resumes from
 its newest checkpoint (state and data-iterator position) and ends bitwise equal to
-an uninterrupted run.
+an uninterrupted run. A workdir belongs to one run (`claim_workdir`), and a run
+that cannot fit in device memory is refused before anything is compiled
+(`mlx_med.core.memory`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -36,6 +40,7 @@ import optax
 from mlx_med.core import checkpoint as ckpt_lib
 from mlx_med.core import data as data_lib
 from mlx_med.core import flops as flops_lib
+from mlx_med.core import memory as memory_lib
 from mlx_med.core import metrics as metrics_lib
 from mlx_med.core import optim
 from mlx_med.core import params as params_lib
@@ -51,6 +56,90 @@ StepCallback = Callable[["Trainer", int], None]
 
 class NonFiniteLossError(RuntimeError):
   """Raised after `max_nan_streak` consecutive steps with NaN/Inf loss or gradients."""
+
+
+class TrainingInterrupted(Exception):
+  """SIGINT (Ctrl-C) or SIGTERM stopped the run after it saved a checkpoint; rerun to resume.
+
+  `exit_code` (128 + signal number: 130 for SIGINT, 143 for SIGTERM) is what `mlx-med
+  train` exits with, non-zero so that schedulers requeue the job instead of marking it done.
+  """
+
+  def __init__(self, signal_name: str, signum: int, step: int, checkpoint_dir: str):
+    self.signal_name, self.step, self.checkpoint_dir = signal_name, step, checkpoint_dir
+    self.exit_code = 128 + signum
+    super().__init__(f"{signal_name}: stopped after step {step}; last checkpoint: step {step} in {checkpoint_dir}; "
+                     "run the same command again to resume")
+
+
+class ConfigMismatchError(ValueError):
+  """The workdir holds a run made with another config (one line naming the differing keys)."""
+
+
+# Keys that change how a run is driven, not what it computes; `allow_config_change`
+# lets a resumed run change them (e.g. train.steps to train longer).
+RESUMABLE_CHANGES = frozenset({
+    "train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.eval_batch_size",
+    "train.ckpt_every", "train.keep_checkpoints", "train.async_checkpointing", "train.max_nan_streak",
+    "train.check_memory", "data.worker_count", "peak_flops_per_device",
+})
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict:
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def claim_workdir(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False) -> None:
+  """A workdir belongs to one run: its config.json is written at the first start and
+  compared on every restart. A difference is refused with one line naming the keys;
+  `allow_config_change` accepts differences in RESUMABLE_CHANGES only."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir {workdir} is a file, not a directory; choose another path")
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      stored = json.load(f)
+    old, new = _flatten(stored), _flatten(current)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
+    if not changed:
+      return
+    blocking = [k for k in changed if not (allow_config_change and k in RESUMABLE_CHANGES)]
+    if blocking:
+      shown = ", ".join(f"{k} ({old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r})" for k in blocking[:6])
+      more = f" and {len(blocking) - 6} more" if len(blocking) > 6 else ""
+      hint = ("; --allow-config-change accepts these loop settings" if all(k in RESUMABLE_CHANGES for k in blocking)
+              else "; use a new --workdir for a different run, or repeat the original overrides")
+      raise ConfigMismatchError(f"{workdir} belongs to a run with another config: {shown}{more}{hint}")
+    log.warning("resuming %s with changed settings: %s", workdir, ", ".join(changed))
+  if jax.process_index() == 0:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def check_memory(config: ml_collections.ConfigDict, task: Task, what: str | None = None) -> memory_lib.MemoryEstimate:
+  """Estimates the run's memory from abstract shapes (nothing compiled or allocated) and
+  raises MemoryBudgetError when it cannot fit; skipped with train.check_memory=False."""
+  t = config.train
+  _, rules = mesh_from_config(config)
+  optimizer, _ = optim.make_optimizer(t)
+  abstract, shardings = state_shardings(task, optimizer, rules, int(config.seed), float(t.get("ema_decay", 0.0)) > 0)
+  return _check_state_memory(t, task, abstract, shardings, rules, what)
+
+
+def _check_state_memory(t, task, abstract, shardings, rules, what=None) -> memory_lib.MemoryEstimate:
+  est = memory_lib.estimate(task, abstract, shardings, rules.named(("batch",)), int(t.batch_size), int(t.grad_accum))
+  if bool(t.get("check_memory", True)):
+    memory_lib.check_fits(est, what=what or f"{task.describe()} at train.batch_size={int(t.batch_size)}")
+  return est
 
 
 @dataclasses.dataclass
@@ -140,8 +229,10 @@ class Trainer:
   """Setup, step and loop for one run in `workdir` (see the module docstring)."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, task: Task, train_source=None,
-               eval_source=None, *, progress: bool = True, callbacks: Sequence[StepCallback] = ()):
+               eval_source=None, *, progress: bool = True, callbacks: Sequence[StepCallback] = (),
+               allow_config_change: bool = False):
     self.config, self.workdir, self.task = config, workdir, task
+    self.allow_config_change = allow_config_change
     self.train_source, self.eval_source = train_source, eval_source
     self.progress, self.callbacks = progress, list(callbacks)
     self.state = None
@@ -151,7 +242,7 @@ class Trainer:
   # ---------------------------------------------------------------- setup
   def setup(self) -> "Trainer":
     config, t = self.config, self.config.train
-    os.makedirs(self.workdir, exist_ok=True)
+    claim_workdir(config, self.workdir, self.allow_config_change)
     if t.batch_size % t.grad_accum:
       raise ValueError(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
     self.seed = int(config.seed)
@@ -163,6 +254,7 @@ class Trainer:
     ema = self.ema_decay > 0
     self.abstract_state, self.state_shardings = state_shardings(self.task, self.optimizer, self.rules, self.seed, ema)
     self.batch_shardings = batch_shardings(self.task, self.rules)
+    self.memory = _check_state_memory(t, self.task, self.abstract_state, self.state_shardings, self.rules)
 
     task, optimizer, seed = self.task, self.optimizer, self.seed
     self._init_fn = jax.jit(lambda: init_train_state(nn.unbox(task.init(jax.random.key(seed))), optimizer, seed, ema),
@@ -194,9 +286,6 @@ class Trainer:
     else:
       self.state = self._init_fn()
       self.start_step = 0
-      if jax.process_index() == 0:
-        with open(os.path.join(self.workdir, "config.json"), "w") as f:
-          f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
     self.unit, self.units_per_example = self.task.throughput_unit
     self.flops_per_example = self.task.train_flops_per_example
@@ -204,9 +293,9 @@ class Trainer:
     self.peak_flops = float(config.get("peak_flops_per_device", 0.0)) or flops_lib.device_peak_flops(peak_dtype)
     self.num_params = params_lib.count_params(self.state["params"])
     if jax.process_index() == 0:
-      log.info("model: %s, %s parameters; mesh %s; %s train FLOPs/example", self.task.describe(),
+      log.info("model: %s, %s parameters; mesh %s; %s train FLOPs/example; memory %s", self.task.describe(),
                f"{self.num_params:,}", dict(self.mesh.shape),
-               f"{self.flops_per_example:.3g}" if self.flops_per_example else "?")
+               f"{self.flops_per_example:.3g}" if self.flops_per_example else "?", self.memory.describe())
     self._setup_done = True
     return self
 
@@ -249,18 +338,22 @@ class Trainer:
     if self.iterator is None:
       raise ValueError("Trainer.run needs a train_source; call Trainer.step(batch) to feed batches yourself")
     t = self.config.train
-    writer = metrics_lib.MetricsWriter(self.workdir)
-    bar = metrics_lib.Progress(int(t.steps), initial=self.start_step, enabled=self.progress, unit=self.unit)
-    stop_requested = {"flag": False}
+    writer = metrics_lib.MetricsWriter(self.workdir, purge_step=self.start_step + 1 if self.start_step else None)
+    bar = metrics_lib.Progress(int(t.steps), initial=self.start_step, bar=self.progress, unit=self.unit)
+    stop = {"signum": None}
 
-    def on_sigterm(signum, frame):  # preemption: checkpoint at the next step boundary
-      stop_requested["flag"] = True
+    def on_signal(signum, frame):  # Ctrl-C or preemption: checkpoint at the next step boundary
+      stop["signum"] = signum
+      log.warning("%s: saving a checkpoint after this step, then stopping (Ctrl-C again aborts without saving)",
+                  signal.Signals(signum).name)
+      signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    previous_handler = None
-    try:
-      previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
-    except ValueError:  # not in the main thread
-      pass
+    previous_handlers = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      try:
+        previous_handlers[signum] = signal.signal(signum, on_signal)
+      except ValueError:  # not in the main thread
+        pass
 
     max_streak = int(t.max_nan_streak)
     last_loss, eval_out = None, None
@@ -297,12 +390,15 @@ class Trainer:
           eval_out = self.evaluate()
           if eval_out is not None:
             writer.write(step, eval_out)
+            if jax.process_index() == 0:
+              log.info("eval at step %d: %s", step, " ".join(f"{k} {v:.4g}" for k, v in eval_out.items()))
           window_start, window_steps = time.perf_counter(), 0
-        self.checkpointer.save(step, self.state, self.iterator, force=(step == t.steps) or stop_requested["flag"])
+        saved = self.checkpointer.save(step, self.state, self.iterator, force=step == t.steps)
         for callback in self.callbacks:
           callback(self, step)
-        if stop_requested["flag"]:
-          log.warning("SIGTERM: saved step %d; exiting so the job can be restarted", step)
+        if stop["signum"] is not None:
+          if not saved:
+            self.checkpointer.save(step, self.state, self.iterator, force=True)
           break
       if pending is not None:
         check_finite(jax.device_get(pending), max_streak)
@@ -311,8 +407,10 @@ class Trainer:
       bar.close()
       writer.flush()
       writer.close()
-      if previous_handler is not None:
-        signal.signal(signal.SIGTERM, previous_handler)
+      for signum, handler in previous_handlers.items():
+        signal.signal(signum, handler)
+    if stop["signum"] is not None:
+      raise TrainingInterrupted(signal.Signals(stop["signum"]).name, stop["signum"], step, self.checkpointer.directory)
     checksum = float(jax.jit(lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(p)))(self.state["params"]))
     print(f"[process {jax.process_index()}] final step {step} loss {last_loss} params_checksum {checksum!r}",
           flush=True)
@@ -323,9 +421,14 @@ class Trainer:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_source, eval_source=None,
-          progress: bool = True, callbacks: Sequence[StepCallback] = ()) -> TrainResult:
-  """Trains (or resumes) `task` in `workdir`; reads `config.train`, `config.mesh`, `config.seed`."""
-  return Trainer(config, workdir, task, train_source, eval_source, progress=progress, callbacks=callbacks).run()
+          progress: bool = True, callbacks: Sequence[StepCallback] = (), allow_config_change: bool = False
+          ) -> TrainResult:
+  """Trains (or resumes) `task` in `workdir`; reads `config.train`, `config.mesh`, `config.seed`.
+
+  Raises TrainingInterrupted after saving a checkpoint when SIGINT or SIGTERM arrives.
+  """
+  return Trainer(config, workdir, task, train_source, eval_source, progress=progress, callbacks=callbacks,
+                 allow_config_change=allow_config_change).run()
 
 
 def check_finite(metrics, max_streak: int) -> None:

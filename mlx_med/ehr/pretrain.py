@@ -95,14 +95,20 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> DecoderC
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
-        callbacks: Sequence[trainer.StepCallback] = ()) -> trainer.TrainResult:
-  model_config(config, 1)  # fail fast on a bad model section, before any data work
+        callbacks: Sequence[trainer.StepCallback] = (), allow_config_change: bool = False) -> trainer.TrainResult:
+  """Claims the workdir, checks that the model fits, prepares the data, trains (or resumes)."""
+  seq_len = int(config.data.seq_len)
+  # Fail fast, before any data work: a bad model section, a workdir of another run, or a
+  # model that cannot fit (checked with the smallest vocabulary; rechecked with the real one).
+  guess = model_config(config, int(config.model.vocab_size) or _VOCAB_MULTIPLE)
+  trainer.check_memory(config, DecoderLMTask(guess, seq_len=seq_len))
+  trainer.claim_workdir(config, workdir, allow_config_change)
   data = prepare_data(config, workdir, progress)
   model_cfg = model_config(config, data.tokenizer.vocab_size)
   if jax.process_index() == 0:
     log.info("data: %s train / %s eval examples of %d tokens; vocabulary %d -> embedding %d",
              len(data.train_source), len(data.eval_source) if data.eval_source is not None else 0,
-             int(config.data.seq_len), data.tokenizer.vocab_size, model_cfg.vocab_size)
-  task = DecoderLMTask(model_cfg, seq_len=int(config.data.seq_len))
+             seq_len, data.tokenizer.vocab_size, model_cfg.vocab_size)
+  task = DecoderLMTask(model_cfg, seq_len=seq_len)
   return trainer.train(config, workdir, task, data.train_source, data.eval_source, progress=progress,
-                       callbacks=callbacks)
+                       callbacks=callbacks, allow_config_change=allow_config_change)
