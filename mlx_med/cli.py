@@ -31,9 +31,6 @@ def _train(args, overrides: list[str]) -> int:
   from mlx_med.core import config as config_lib
   from mlx_med.core import distributed
 
-  if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
-    raise config_lib.ConfigError(f"--workdir {args.workdir!r} is a file, not a directory; choose a directory path "
-                                 "(it is created if missing)")
   distributed.maybe_initialize(args.distributed, args.coordinator, args.num_processes, args.process_id)
   config = config_lib.get_config(args.config, overrides)
   task = config.get("task")

@@ -99,7 +99,8 @@ def claim_workdir(config: ml_collections.ConfigDict, workdir: str, allow_config_
   compared on every restart. A difference is refused with one line naming the keys;
   `allow_config_change` accepts differences in RESUMABLE_CHANGES only."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(f"--workdir {workdir} is a file, not a directory; choose another path")
+    raise ValueError(f"--workdir {workdir!r} is a file, not a directory; choose a directory path "
+                     "(it is created if missing)")
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json_best_effort())
