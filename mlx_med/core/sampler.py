@@ -529,7 +529,8 @@ class Sampler:
     self.min_batch_bucket = min_batch_bucket
     self.cache_dtype = cache_dtype
     self._rng = np.random.default_rng(seed)
-    self.compiled_shapes: set[tuple] = set()  # (batch, prompt, new, top) seen; for tests/bench
+    # (batch, prompt, new, top, mode, penalties) buckets seen: one prefill and one decode program each.
+    self.compiled_shapes: set[tuple] = set()
 
   # ---- preparing a batch
 
