@@ -315,6 +315,9 @@ def history_before(tokens: np.ndarray, times: np.ndarray, prediction_time_us: in
   Times never decrease along a timeline, so this is one searchsorted; [TIMELINE_END] has
   time INT64_MAX and so is never included (it would leak that no further events follow).
   """
+  if len(tokens) != len(times):
+    raise ValueError(f"history_before: {len(tokens)} tokens but {len(times)} times; pass one subject's "
+                     "(tokens, times) pair as TokenStream.subject returns it")
   cut = int(np.searchsorted(times, np.int64(prediction_time_us), side="right"))
   return np.asarray(tokens[:cut])
 

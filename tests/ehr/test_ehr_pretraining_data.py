@@ -161,3 +161,6 @@ def test_history_before_excludes_the_future(train_stream, cohort_root):
     else:
       np.testing.assert_array_equal(examples.inputs[i, :n], hist)
     assert np.all(examples.inputs[i, n:] == PAD_ID)
+  tokens, times = train_stream.subject(0)
+  with pytest.raises(ValueError, match="tokens but .* times"):
+    history_before(tokens, times[1:], int(times[-2]))
