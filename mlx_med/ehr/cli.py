@@ -1,4 +1,4 @@
-"""`mlx-med ehr ...` commands: synth, tokenize, validate.
+"""`mlx-med ehr ...` commands: synth, tokenize, validate, evaluate.
 
 The main console script calls `register(subparsers)`; each command's `func` takes the parsed
 args and returns an exit code. Bad input prints one line to stderr and exits with status 2
@@ -83,8 +83,40 @@ def _cmd_validate(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+  from mlx_med.ehr.evaluate import EVAL_FILE, EVALUATORS, evaluate_run
+  from mlx_med.ehr.meds import MEDSFormatError
+  from mlx_med.ehr.tokenizer import VocabFormatError
+
+  tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+  evaluators = [e.strip() for e in args.evaluators.split(",") if e.strip()]
+  if args.max_examples is not None and args.max_examples < 1:
+    _bad_input(f"--max-examples must be >= 1, got {args.max_examples}")
+  if not Path(args.workdir).is_dir():
+    _bad_input(f"--workdir {args.workdir}: not a directory; fix: pass the workdir of a finished `mlx-med train --config configs/ehr/pretrain.py` run")
+  try:
+    out = evaluate_run(args.workdir, tasks=tasks, labels_dir=args.labels, meds_root=args.meds_root, evaluators=evaluators,
+                       num_trajectories=args.trajectories, max_new_tokens=args.max_new_tokens, max_examples=args.max_examples,
+                       bootstrap=args.bootstrap, seed=args.seed, progress=not args.quiet)
+  except (MEDSFormatError, VocabFormatError, ValueError) as e:
+    _bad_input(str(e))
+  for task, entry in out["tasks"].items():
+    print(f"{task}: n={entry['n']} prevalence={_fmt(entry['prevalence'])} oracle_auroc={_fmt(entry['oracle_auroc'])}")
+    for name in EVALUATORS:
+      r = entry.get(name)
+      if r is None:
+        continue
+      if "skipped" in r:
+        print(f"  {name}: skipped ({r['skipped']})")
+        continue
+      ci = lambda v: "n/a" if v is None else f"[{v[0]:.3f}, {v[1]:.3f}]"  # noqa: E731
+      print(f"  {name}: AUROC {_fmt(r['auroc'])} {ci(r['auroc_ci'])}  AUPRC {_fmt(r['auprc'])} {ci(r['auprc_ci'])}")
+  print(f"wrote {Path(args.workdir) / EVAL_FILE} in {out['settings']['seconds']} s")
+  return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-  """Adds the `ehr` command (with synth / tokenize / validate) to a subparsers object."""
+  """Adds the `ehr` command (with synth / tokenize / validate / evaluate) to a subparsers object."""
   ehr = subparsers.add_parser("ehr", help="EHR data: synthetic MEDS cohorts, validation, tokenization")
   sub = ehr.add_subparsers(dest="ehr_command", required=True)
 
@@ -112,6 +144,20 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
   val.add_argument("--meds-root", type=Path, required=True)
   val.add_argument("--quiet", action="store_true")
   val.set_defaults(func=_cmd_validate)
+
+  ev = sub.add_parser("evaluate", help="clinical utility of a trained run: zero-shot, linear probe and count baseline -> eval.json")
+  ev.add_argument("--workdir", type=Path, required=True, help="a finished `mlx-med train --config configs/ehr/pretrain.py` run")
+  ev.add_argument("--tasks", default=None, help="comma-separated: mortality,readmission,long_stay (default), or file stems under --labels (default: all)")
+  ev.add_argument("--labels", type=Path, default=None, help="folder of MEDS label parquet files, one per task (file stem = task, as ACES writes them)")
+  ev.add_argument("--meds-root", type=Path, default=None, help="MEDS root the run was trained on (default: the run's data.meds_root or its synthetic cohort)")
+  ev.add_argument("--evaluators", default="zero_shot,probe,baseline")
+  ev.add_argument("--trajectories", type=int, default=20, help="zero-shot futures sampled per label row")
+  ev.add_argument("--max-new-tokens", type=int, default=None, help="zero-shot trajectory limit (default: half the model's context)")
+  ev.add_argument("--max-examples", type=int, default=None, help="cap on label rows per split (fixed-seed sample)")
+  ev.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for the 95%% intervals")
+  ev.add_argument("--seed", type=int, default=0)
+  ev.add_argument("--quiet", action="store_true")
+  ev.set_defaults(func=_cmd_evaluate)
   return ehr
 
 
