@@ -56,7 +56,7 @@ from mlx_med.ehr import labels as labels_lib
 from mlx_med.ehr.meds import BIRTH_CODE, DEATH_CODE, HELD_OUT_SPLIT, TRAIN_SPLIT, TUNING_SPLIT
 
 GENERATOR_NAME = "mlx_med.ehr.synth"
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 SPLIT_NAMES = (TRAIN_SPLIT, TUNING_SPLIT, HELD_OUT_SPLIT)
 
 # All generator times are float days since 2000-01-01 (UTC); they are rounded to whole
@@ -67,6 +67,9 @@ _FOLLOW_UP_SPAN_DAYS = 6 * 365.25
 _DATA_END = float((dt.date(2024, 1, 1) - dt.date(2000, 1, 1)).days)
 _HOUR = 1.0 / 24.0
 _YEAR = 365.25
+_RECENT_DAYS = 45.0  # e-folding time of the risk carried over from a previous discharge
+_CHEMO_EVERY_DAYS = 21.0  # chemotherapy cycle length
+_MAX_RENAL_DRIFT = 2.0  # cap on the chronic log-creatinine drift
 
 
 # ----------------------------------------------------------------------------------- code book
@@ -439,6 +442,7 @@ class _Context:
   icu: np.ndarray
   statin: np.ndarray
   warfarin: np.ndarray
+  cr_shift: np.ndarray  # log-creatinine above the CKD stage: own baseline + chronic drift + acute injury
 
   def c(self, name: str) -> np.ndarray:
     return self.cond[:, _COND_INDEX[name]]
@@ -461,13 +465,13 @@ def _measure(key: str, x: _Context) -> np.ndarray:
     case "HBA1C":
       return np.maximum(4.0, 5.3 + x.c("t2dm") * (1.6 + 0.9 * x.dm_control) + x.noise(0.3))
     case "CREATININE":
-      return (0.8 + 0.2 * x.male) * np.exp(ckd_effect + 0.7 * x.rx("acute_kidney_injury") + 0.25 * x.rx("sepsis") + 0.1 * x.acute + 0.1 * x.c("hf") + x.noise(0.12))
+      return np.minimum(25.0, (0.8 + 0.2 * x.male) * np.exp(ckd_effect + x.cr_shift + 0.05 * x.acute + 0.1 * x.c("hf") + x.noise(0.07)))
     case "BUN":
-      return 14 * np.exp(0.4 * ckd_effect + 0.5 * x.rx("acute_kidney_injury") + 0.25 * x.c("hf") + 0.08 * x.acute + 0.3 * x.rx("gi_bleed") + x.noise(0.2))
+      return 14 * np.exp(0.4 * ckd_effect + 0.6 * x.cr_shift + 0.25 * x.c("hf") + 0.08 * x.acute + 0.3 * x.rx("gi_bleed") + x.noise(0.2))
     case "SODIUM":
       return 139 - 2.5 * x.c("hf") - 3.0 * x.c("cirrhosis") - 1.0 * x.acute - 2.0 * x.rx("hf_exacerbation") + x.noise(2.5)
     case "POTASSIUM":
-      return 4.1 + 0.25 * x.ckd + 0.5 * x.rx("acute_kidney_injury") + 0.6 * x.rx("hyperglycemic_crisis") + x.noise(0.35)
+      return 4.1 + 0.25 * x.ckd + 0.4 * np.maximum(x.cr_shift, 0.0) + 0.6 * x.rx("hyperglycemic_crisis") + x.noise(0.35)
     case "BICARBONATE":
       return 25 - 1.2 * x.acute - 9.0 * x.rx("hyperglycemic_crisis") - 0.8 * x.ckd + 2.0 * x.c("copd") + x.noise(2.0)
     case "WBC":
@@ -564,6 +568,21 @@ def _generate_chunk(rng: np.random.Generator, first_index: int, n: int, voc: _Vo
   burden = cond @ burden_w + _CKD_BURDEN[ckd_level] + 0.3 * age_dec0 + 0.3 * np.maximum(dm_control, 0) * cond[:, _COND_INDEX["t2dm"]]
   n_cond = cond.sum(axis=1)
 
+  # Kidney trajectory: an own creatinine baseline and a chronic drift (log-creatinine per year
+  # of follow-up), faster with diabetes (worse when poorly controlled), hypertension and CKD.
+  # The drift is only visible as a trend across a subject's creatinine values.
+  t2dm_ = cond[:, _COND_INDEX["t2dm"]]
+  cr_base = rng.normal(0.0, 0.15, n)
+  kd_rate = np.exp(rng.normal(-2.7 + 0.7 * t2dm_ + 0.5 * cond[:, _COND_INDEX["htn"]] + 0.6 * (ckd_level > 0) + 0.3 * t2dm_ * np.maximum(dm_control, 0), 0.9))
+
+  def renal_drift(rows: np.ndarray, day: np.ndarray) -> np.ndarray:
+    return np.minimum(kd_rate[rows] * np.maximum(day - t0[rows], 0.0) / _YEAR, _MAX_RENAL_DRIFT)
+
+  # One chemotherapy course for most subjects with cancer: outpatient cycles every 21 days.
+  has_course = cond[:, _COND_INDEX["cancer"]] & (rng.random(n) < 0.6)
+  chemo_start = np.where(has_course, np.floor(t0 + 1.0 + rng.random(n) * 4 * _YEAR) + (8 + 8 * rng.random(n)) * _HOUR, np.inf)
+  chemo_cycles = rng.integers(4, 7, n)
+
   # Chronic medications.
   med_names = sorted(voc.med_ids)
   med_col = {m: j for j, m in enumerate(med_names)}
@@ -593,6 +612,10 @@ def _generate_chunk(rng: np.random.Generator, first_index: int, n: int, voc: _Vo
   reason_male = np.array([r.male for r in _REASONS])
   reason_arr = {f: np.array([getattr(r, f) for r in _REASONS]) for f in ("severity", "icu", "mortality", "los", "readmit")}
 
+  neutropenic_boost = np.zeros(len(_REASONS))
+  neutropenic_boost[[_REASON_INDEX["sepsis"], _REASON_INDEX["pneumonia"]]] = (2.0, 1.0)
+  cardiorenal = cond[:, _COND_INDEX["hf"]] & (ckd_level >= 2)
+
   t = t0.copy()
   active = np.ones(n, bool)
   readmit_next = np.zeros(n, bool)
@@ -621,14 +644,29 @@ def _generate_chunk(rng: np.random.Generator, first_index: int, n: int, voc: _Vo
     m = len(a)
     t_a = t_adm[admitted]
     age_dec_a = age_dec[admitted]
-    logits = reason_logw + cond[a].astype(float) @ reason_boost + np.outer(age_dec_a, reason_age) + np.outer(male[a], reason_male)
+    # Timing: days since the previous discharge, and whether a chemotherapy cycle 4-14 days
+    # ago (after any previous stay) puts this admission in the neutropenic window.
+    t_prev = t[a]
+    recent = np.where(num_adm[a] > 0, np.exp(-(t_a - t_prev) / _RECENT_DAYS), 0.0)
+    last_cycle = chemo_start[a] + _CHEMO_EVERY_DAYS * np.clip(np.floor((t_a - chemo_start[a]) / _CHEMO_EVERY_DAYS), 0, chemo_cycles[a] - 1)
+    since_cycle = t_a - last_cycle
+    neutropenic = (since_cycle >= 4.0) & (since_cycle <= 14.0) & (last_cycle > t_prev)
+    renal = renal_drift(a, t_a)
+    logits = reason_logw + cond[a].astype(float) @ reason_boost + np.outer(age_dec_a, reason_age) + np.outer(male[a], reason_male) + np.outer(neutropenic, neutropenic_boost)
     reason = _categorical(rng, _softmax(logits))
     severity = reason_arr["severity"][reason] + rng.normal(size=m)
+    # Acute kidney injury: a creatinine rise over the subject's own current level, partly
+    # recovered by discharge.
+    aki_mu = -0.3 + 1.1 * (reason == _REASON_INDEX["acute_kidney_injury"]) + 0.4 * (reason == _REASON_INDEX["sepsis"]) + 0.3 * (reason == _REASON_INDEX["hf_exacerbation"]) + 0.15 * severity + 0.2 * renal
+    aki = np.maximum(aki_mu + 0.45 * rng.normal(size=m), 0.0)
+    recovery = rng.beta(2.0, 1.2, m)
     p_icu = _sigmoid(-2.5 + 1.3 * severity + reason_arr["icu"][reason])
     icu = rng.random(m) < p_icu
-    p_mort = _sigmoid(-4.4 + 0.9 * severity + 0.5 * burden[a] + 0.3 * age_dec_a + reason_arr["mortality"][reason])
+    hidden_mort = 1.5 * renal + 1.6 * aki + 1.0 * recent + 1.8 * neutropenic + 0.8 * cardiorenal[a]
+    p_mort = _sigmoid(-5.9 + 0.9 * severity + 0.3 * burden[a] + 0.3 * age_dec_a + reason_arr["mortality"][reason] + hidden_mort)
     died = rng.random(m) < p_mort
-    los_mu = 0.6 + 0.35 * severity + 0.15 * burden[a] + 0.1 * age_dec_a + 0.5 * icu + reason_arr["los"][reason]
+    hidden_los = 0.45 * renal + 0.55 * aki + 0.5 * recent + 0.5 * neutropenic
+    los_mu = 0.3 + 0.35 * severity + 0.08 * burden[a] + 0.1 * age_dec_a + 0.5 * icu + reason_arr["los"][reason] + hidden_los
     los_sd = 0.55
     los = 1.0 + np.exp(los_mu + los_sd * rng.normal(size=m))
     p_long = _normal_sf((math.log(6.0) - los_mu) / los_sd)  # P(LOS > 7 days) given the state
@@ -642,7 +680,11 @@ def _generate_chunk(rng: np.random.Generator, first_index: int, n: int, voc: _Vo
       axis=1,
     )
     disposition = np.where(died, 4, _categorical(rng, _softmax(disp_logits)))
-    p_readmit = _sigmoid(-2.6 + 0.45 * burden[a] + 0.25 * severity + reason_arr["readmit"][reason] + 0.4 * (disposition == 2) + 0.15 * np.minimum(num_adm[a], 5))
+    # Heart-failure exacerbations discharged without a loop diuretic come back more often.
+    hf_exac = reason == _REASON_INDEX["hf_exacerbation"]
+    loop_at_discharge = hf_exac & (rng.random(m) < 0.6)
+    hidden_readmit = 1.5 * renal + 3.0 * aki * (1.0 - recovery) + 1.8 * recent + hf_exac * (1.5 * ~loop_at_discharge - 0.5)
+    p_readmit = _sigmoid(-3.7 + 0.3 * burden[a] + 0.25 * severity + reason_arr["readmit"][reason] + 0.4 * (disposition == 2) + 0.1 * np.minimum(num_adm[a], 5) + hidden_readmit)
     readmitted = ~died & (rng.random(m) < p_readmit)
     t_d = t_a + los
     adm_parts.append(
@@ -650,6 +692,7 @@ def _generate_chunk(rng: np.random.Generator, first_index: int, n: int, voc: _Vo
         subject=a, t_a=t_a, t_d=t_d, los=los, reason=reason, severity=severity, icu=icu, died=died,
         disposition=disposition, p_mort=p_mort, p_long=p_long, p_readmit=p_readmit, readmitted=readmitted,
         index=np.full(m, k), elective=np.array([_REASONS[r].elective for r in reason]), age_dec=age_dec_a,
+        renal=renal, aki=aki, recovery=recovery, loop_at_discharge=loop_at_discharge,
       )
     )
     num_adm[a] += 1
@@ -672,14 +715,8 @@ def _generate_chunk(rng: np.random.Generator, first_index: int, n: int, voc: _Vo
   # Visit events span up to 40 minutes; keep them clear of the end of the record (death).
   v_ok = first | ((v_day > t0[v_subj]) & (v_day < record_end[v_subj] - _HOUR))
   v_subj, v_day, first = v_subj[v_ok], v_day[v_ok], first[v_ok]
-  if adm is not None:  # Drop visits that would fall inside a hospital stay.
-    key_adm = adm["subject"] * 1e6 + adm["t_a"]
-    order = np.argsort(key_adm)
-    key_sorted = key_adm[order]
-    pos = np.searchsorted(key_sorted, v_subj * 1e6 + v_day, side="right") - 1
-    inside = (pos >= 0) & (adm["subject"][order][np.maximum(pos, 0)] == v_subj) & (v_day < adm["t_d"][order][np.maximum(pos, 0)])
-    keep = ~inside | first
-    v_subj, v_day, first = v_subj[keep], v_day[keep], first[keep]
+  keep = ~_inside_stay(adm, v_subj, v_day) | first  # no visits inside a hospital stay
+  v_subj, v_day, first = v_subj[keep], v_day[keep], first[keep]
   nv = len(v_subj)
   visit_kind = np.where(rng.random(nv) < 0.7, voc.book.id("OUTPATIENT_VISIT//PRIMARY_CARE"), voc.book.id("OUTPATIENT_VISIT//SPECIALTY"))
   ev.add(v_subj, v_day, visit_kind, order=0)
@@ -712,12 +749,29 @@ def _generate_chunk(rng: np.random.Generator, first_index: int, n: int, voc: _Vo
       rng=rng, male=male[v_subj[r]].astype(float), age_dec=v_age_dec[r], cond=cond[v_subj[r]].astype(float),
       ckd=ckd_level[v_subj[r]], dm_control=dm_control[v_subj[r]], reason=np.full(len(r), -1), acute=zeros[r],
       phase=zeros[r], icu=zeros[r], statin=statin[v_subj[r]].astype(float), warfarin=warfarin[v_subj[r]].astype(float),
+      cr_shift=cr_base[v_subj[r]] + renal_drift(v_subj[r], v_day[r]),
     )
     offset = (5 if key in ("SBP", "HEART_RATE", "BMI", "SPO2") else 40) / 1440.0
     values = np.round(_measure(key, ctx), _LABS[_LAB_INDEX[key]].decimals)
     ev.add(v_subj[r], v_day[r] + offset, voc.lab_ids[_LAB_INDEX[key]], values, order=2)
   rows, meds = np.nonzero(on_med[v_subj] & (rng.random((nv, len(med_names))) < 0.35))
   ev.add(v_subj[rows], v_day[rows] + 20 / 1440.0, med_code_ids[meds], order=3)
+
+  # Chemotherapy cycles (skipped while in hospital), each with a white-cell count at its
+  # nadir ten days later.
+  c_subj = np.repeat(np.flatnonzero(has_course), chemo_cycles[has_course])
+  c_day = chemo_start[c_subj] + _CHEMO_EVERY_DAYS * _ragged_arange(chemo_cycles[has_course])
+  keep = (c_day < record_end[c_subj] - _HOUR) & ~_inside_stay(adm, c_subj, c_day)
+  c_subj, c_day = c_subj[keep], c_day[keep]
+  ev.add(c_subj, c_day, voc.book.id("OUTPATIENT_VISIT//SPECIALTY"), order=0)
+  ev.add(c_subj, c_day + 30 / 1440.0, voc.book.id("ICD10PCS//3E04305"), order=4)
+  ev.add(c_subj, c_day + 40 / 1440.0, voc.med_ids["ONDANSETRON"], order=4)
+  ev.add(c_subj, c_day + 60 / 1440.0, voc.med_ids["CARBOPLATIN"], order=4)
+  nadir = c_day + 10.0
+  keep = (rng.random(len(c_subj)) < 0.7) & (nadir < record_end[c_subj] - _HOUR) & ~_inside_stay(adm, c_subj, nadir)
+  wbc = np.round(7.2 * np.exp(-1.1 + rng.normal(0.0, 0.3, int(keep.sum()))), _LABS[_LAB_INDEX["WBC"]].decimals)
+  ev.add(c_subj[keep], nadir[keep], voc.lab_ids[_LAB_INDEX["WBC"]], wbc, order=2)
+  stats["chemotherapy_cycles"] = int(len(c_subj))
 
   # Out-of-hospital deaths (in-hospital deaths are written with their admission).
   in_hospital_death = np.zeros(n, bool)
@@ -730,7 +784,7 @@ def _generate_chunk(rng: np.random.Generator, first_index: int, n: int, voc: _Vo
 
   labels: dict[str, dict[str, np.ndarray]] = {}
   if adm is not None:
-    _admission_events(rng, ev, voc, adm, cond, cond_code, ckd_level, dm_control, male, on_med, med_code_ids, statin, warfarin, n_cond, stats)
+    _admission_events(rng, ev, voc, adm, cond, cond_code, ckd_level, dm_control, male, on_med, med_code_ids, statin, warfarin, n_cond, cr_base, stats)
     labels = _label_rows(adm, max_admissions)
   stats["outpatient_visits"] = nv
 
@@ -746,6 +800,17 @@ def _generate_chunk(rng: np.random.Generator, first_index: int, n: int, voc: _Vo
     labels=labels,
     stats=stats,
   )
+
+
+def _inside_stay(adm: dict[str, np.ndarray] | None, subj: np.ndarray, day: np.ndarray) -> np.ndarray:
+  """Whether each (subject, day) falls inside one of the subject's hospital stays."""
+  if adm is None or len(subj) == 0:
+    return np.zeros(len(subj), bool)
+  key_adm = adm["subject"] * 1e6 + adm["t_a"]
+  order = np.argsort(key_adm)
+  pos = np.searchsorted(key_adm[order], subj * 1e6 + day, side="right") - 1
+  at = order[np.maximum(pos, 0)]
+  return (pos >= 0) & (adm["subject"][at] == subj) & (day < adm["t_d"][at])
 
 
 def _background_dx(rng, ev: _Events, voc: _Vocabulary, subj_rows, day_rows, rate, cond, order: int) -> None:
@@ -777,7 +842,7 @@ def _pool_search(voc: _Vocabulary, pool: np.ndarray, u: np.ndarray) -> np.ndarra
   return np.clip(np.searchsorted(shifted, pool + u), offsets[pool], offsets[pool + 1] - 1)
 
 
-def _admission_events(rng, ev, voc, adm, cond, cond_code, ckd_level, dm_control, male, on_med, med_code_ids, statin, warfarin, n_cond, stats) -> None:
+def _admission_events(rng, ev, voc, adm, cond, cond_code, ckd_level, dm_control, male, on_med, med_code_ids, statin, warfarin, n_cond, cr_base, stats) -> None:
   """Writes every event of every admission; vectorised over admissions."""
   K = len(_CONDITIONS)
   s, t_a, t_d, los, reason = adm["subject"], adm["t_a"], adm["t_d"], adm["los"], adm["reason"]
@@ -808,18 +873,21 @@ def _admission_events(rng, ev, voc, adm, cond, cond_code, ckd_level, dm_control,
   ev.add(s[i], icu_in[i], in_ids[unit[i]], order=1)
   ev.add(s[i], icu_out[i], out_ids[unit[i]], order=5)
 
-  def context(rows: np.ndarray, phase: np.ndarray, in_icu: np.ndarray) -> _Context:
+  def context(rows: np.ndarray, phase: np.ndarray, in_icu: np.ndarray, frac: np.ndarray | float) -> _Context:
     subj_rows = s[rows]
+    # The acute kidney injury recovers over the stay in survivors and worsens before death.
+    aki = adm["aki"][rows] * np.where(died[rows], 1.0 + 0.3 * frac, 1.0 - adm["recovery"][rows] * frac)
     return _Context(
       rng=rng, male=male[subj_rows].astype(float), age_dec=adm["age_dec"][rows], cond=cond[subj_rows].astype(float),
       ckd=ckd_level[subj_rows], dm_control=dm_control[subj_rows], reason=reason[rows], acute=severity[rows] * phase,
       phase=phase, icu=in_icu.astype(float), statin=statin[subj_rows].astype(float), warfarin=warfarin[subj_rows].astype(float),
+      cr_shift=cr_base[subj_rows] + adm["renal"][rows] + aki,
     )
 
-  def emit(key: str, rows: np.ndarray, day: np.ndarray, phase: np.ndarray, in_icu: np.ndarray, order: int) -> None:
+  def emit(key: str, rows: np.ndarray, day: np.ndarray, phase: np.ndarray, in_icu: np.ndarray, order: int, frac: np.ndarray | float = 0.0) -> None:
     if len(rows) == 0:
       return
-    values = np.round(_measure(key, context(rows, phase, in_icu)), _LABS[_LAB_INDEX[key]].decimals)
+    values = np.round(_measure(key, context(rows, phase, in_icu, frac)), _LABS[_LAB_INDEX[key]].decimals)
     ev.add(s[rows], day, voc.lab_ids[_LAB_INDEX[key]], values, order=order)
 
   # Admission labs: the standard panel, the reason's labs, condition-driven labs.
@@ -858,7 +926,7 @@ def _admission_events(rng, ev, voc, adm, cond, cond_code, ckd_level, dm_control,
   in_icu = icu[rows] & (day >= icu_in[rows]) & (day < icu_out[rows])
   for key in _DAILY_PANEL:
     keep = rng.random(len(rows)) < 0.85
-    emit(key, rows[keep], day[keep], phase[keep], in_icu[keep], order=2)
+    emit(key, rows[keep], day[keep], phase[keep], in_icu[keep], order=2, frac=frac[keep])
 
   # ICU vitals every 4 hours (at most 12 rounds).
   dur = np.where(icu, icu_out - icu_in, 0.0)
@@ -919,10 +987,15 @@ def _admission_events(rng, ev, voc, adm, cond, cond_code, ckd_level, dm_control,
   ev.add(s[rows], t_d[rows], cond_code[s[rows], ks], order=5)
   _background_dx(rng, ev, voc, s, t_d, 1.5 + 0.3 * n_cond[s] + 0.3 * np.maximum(severity, 0), cond, order=5)
 
-  # Discharge medications for survivors.
+  # Discharge medications for survivors; after a heart-failure exacerbation the loop diuretic
+  # is the drawn decision that the readmission risk depends on.
   alive = ~died
-  rows, meds = np.nonzero(on_med[s] & alive[:, None] & (rng.random((m, n_meds)) < 0.8))
+  hf_exac = reason == _REASON_INDEX["hf_exacerbation"]
+  loop_col = med_code_ids == voc.med_ids["FUROSEMIDE"]
+  rows, meds = np.nonzero(on_med[s] & alive[:, None] & (rng.random((m, n_meds)) < 0.8) & ~(hf_exac[:, None] & loop_col[None, :]))
   ev.add(s[rows], t_d[rows], med_code_ids[meds], order=7)
+  rows = np.flatnonzero(alive & adm["loop_at_discharge"])
+  ev.add(s[rows], t_d[rows], voc.med_ids["FUROSEMIDE"], order=7)
 
 
 def _minutes(day: np.ndarray) -> np.ndarray:
