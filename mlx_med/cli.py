@@ -24,7 +24,7 @@ TASKS = {
 }
 
 # Capability packages that add sub-commands through `register(subparsers)`.
-SUBCOMMAND_MODULES = ("mlx_med.ehr.cli", "mlx_med.llm.cli")
+SUBCOMMAND_MODULES = ("mlx_med.ehr.cli", "mlx_med.llm.cli", "mlx_med.scaling.cli")
 
 
 def _train(args, overrides: list[str]) -> int:
@@ -39,14 +39,10 @@ def _train(args, overrides: list[str]) -> int:
   module_name, _, fn_name = TASKS[task].partition(":")
   run = getattr(importlib.import_module(module_name), fn_name)
   from mlx_med.core.memory import MemoryBudgetError
-  from mlx_med.core.trainer import TrainingInterrupted
   try:
     run(config, args.workdir, progress=not args.no_progress, allow_config_change=args.allow_config_change)
   except MemoryBudgetError as e:
     raise config_lib.ConfigError(f"{args.config}: {e}") from e
-  except TrainingInterrupted as e:
-    print(f"mlx-med: {e}", file=sys.stderr)
-    return e.exit_code
   return 0
 
 
@@ -116,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--coordinator", help="host:port of process 0 for a manual multi-process run")
   train.add_argument("--num-processes", type=int)
   train.add_argument("--process-id", type=int)
-  train.set_defaults(func=_train)
+  train.set_defaults(func=_train, accepts_overrides=True)
 
   for module_name in SUBCOMMAND_MODULES:
     try:
@@ -145,10 +141,11 @@ def main(argv: list[str] | None = None) -> int:
   if not args.verbose:  # Orbax logs every checkpoint phase at INFO through absl
     logging.getLogger("absl").setLevel(logging.WARNING)
     quiet_backend_probe_logs()
-  if overrides and args.command != "train":
-    parser.error("--config.* overrides apply to `train` only")
+  accepts_overrides = getattr(args, "accepts_overrides", False)
+  if overrides and not accepts_overrides:
+    parser.error("--config.* overrides apply to `train` and `scaling run` only")
   try:
-    if args.command == "train":
+    if accepts_overrides:
       return args.func(args, overrides)
     return int(args.func(args) or 0)
   except (ConfigError, ValueError, FileNotFoundError) as e:
@@ -157,11 +154,13 @@ def main(argv: list[str] | None = None) -> int:
       raise
     print(f"mlx-med: error: {e}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints and exits itself)
+  except KeyboardInterrupt as e:
+    # The training loop turns Ctrl-C / SIGTERM into TrainingInterrupted (a KeyboardInterrupt) after
+    # saving a checkpoint: its message says where to resume. Elsewhere Ctrl-C just stops.
     if args.verbose:
       raise
-    print("mlx-med: interrupted (Ctrl-C)", file=sys.stderr)
-    return 130
+    print(f"mlx-med: {e or 'interrupted (Ctrl-C)'}", file=sys.stderr)
+    return int(getattr(e, "exit_code", 130))
 
 
 if __name__ == "__main__":

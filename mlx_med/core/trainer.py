@@ -58,8 +58,10 @@ class NonFiniteLossError(RuntimeError):
   """Raised after `max_nan_streak` consecutive steps with NaN/Inf loss or gradients."""
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(KeyboardInterrupt):
   """SIGINT (Ctrl-C) or SIGTERM stopped the run after it saved a checkpoint; rerun to resume.
+
+  A KeyboardInterrupt, so that `except Exception` in a caller does not swallow the stop.
 
   `exit_code` (128 + signal number: 130 for SIGINT, 143 for SIGTERM) is what `mlx-med
   train` exits with, non-zero so that schedulers requeue the job instead of marking it done.

@@ -82,10 +82,17 @@ def _data_kwargs(config, meds_root, vocab_path, cache_dir, split, progress) -> d
               progress=progress)
 
 
+def padded_vocab_size(config: ml_collections.ConfigDict, vocab_size: int) -> int:
+  """The embedding size for a tokenizer of `vocab_size` tokens: model.vocab_size, or (when 0)
+  the tokenizer's size rounded up to a multiple of 64."""
+  configured = int(config.model.get("vocab_size", 0) or 0)
+  return configured or -(-vocab_size // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
+
+
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> DecoderConfig:
   values = dict(config.model)
   if not values.get("vocab_size"):
-    values["vocab_size"] = -(-vocab_size // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
+    values["vocab_size"] = padded_vocab_size(config, vocab_size)
   elif values["vocab_size"] < vocab_size:
     raise ValueError(f"model.vocab_size={values['vocab_size']} is smaller than the tokenizer's {vocab_size} tokens; "
                      "set it to 0 to follow the tokenizer")
