@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 
+import chex
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -73,14 +74,6 @@ def _final_params(workdir):
   return step, restored["state"]["params"]
 
 
-def _leaves(tree, prefix=""):
-  if isinstance(tree, dict):
-    for k in sorted(tree):
-      yield from _leaves(tree[k], f"{prefix}/{k}")
-  else:
-    yield prefix, np.asarray(tree)
-
-
 def test_sigkill_and_restart_resumes_bitwise(tmp_path, cohort):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   # The uninterrupted run and the run that gets killed go side by side.
@@ -102,9 +95,7 @@ def test_sigkill_and_restart_resumes_bitwise(tmp_path, cohort):
   step_a, params_a = _final_params(straight)
   step_b, params_b = _final_params(killed)
   assert step_a == step_b == 10
-  for (name_a, a), (name_b, b) in zip(_leaves(params_a), _leaves(params_b)):
-    assert name_a == name_b
-    np.testing.assert_array_equal(a, b, err_msg=name_a)
+  chex.assert_trees_all_equal(params_a, params_b)
   # The metrics log is rewound to the checkpoint, so each step appears once.
   steps = [int(line.split('"step": ')[1].split(",")[0].rstrip("}"))
            for line in (killed / "metrics.jsonl").read_text().splitlines()]
