@@ -397,12 +397,17 @@ def fit_scaling(rows: list[dict], *, loss_key: str = "val_loss", n_key: str = "p
   runs = finished_runs(rows, loss_key=loss_key, n_key=n_key)
   fit2 = approach2(runs, bootstrap=bootstrap, seed=seed, interior_only=interior_only)
   tokens = [r["tokens"] for r in runs]
+  warnings = list(fit2["warnings"])
   if all(t is not None for t in tokens):
     fit3 = approach3(np.array([r["n"] for r in runs]), np.array(tokens), np.array([r["loss"] for r in runs]),
                      starts=starts, num_starts=num_starts)
+    if len({r["budget"] for r in runs}) < 2:
+      # Along one budget D = C / (6 N): N and D move together and alpha, beta cannot be told apart.
+      warnings.append("approach 3 on a single budget cannot separate the N and D terms; its parameters are "
+                      "not identified (add budgets).")
   else:
     fit3 = None
-    fit2["warnings"].append("the runs table has no tokens column; approach 3 needs it and was skipped.")
+    warnings.append("the runs table has no tokens column; approach 3 needs it and was skipped.")
   return _jsonable({
       "settings": {"loss_key": loss_key, "n_key": n_key, "compute_key": "budget", "bootstrap": bootstrap,
                    "seed": seed, "interior_only": interior_only},
@@ -412,6 +417,7 @@ def fit_scaling(rows: list[dict], *, loss_key: str = "val_loss", n_key: str = "p
       "approach3": fit3,
       "utility": utility_trends(runs),
       "reference_exponents": {"ehr_paper": PAPER_EXPONENTS, "chinchilla": CHINCHILLA_EXPONENTS},
+      "warnings": warnings,
   })
 
 

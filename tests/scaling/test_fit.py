@@ -134,6 +134,8 @@ def test_parabola_vertex_is_exact_by_hand():
   assert p["d_opt"] == pytest.approx(1e15 / fpt(1e6), rel=1e-9)  # a grid point: interpolation is exact
   assert p["interior"] and p["convex"]
   assert out["a"] is None and "needs >= 2" in out["warnings"][-1]
+  warnings = fit.fit_scaling(rows, bootstrap=0, num_starts=1)["warnings"]
+  assert any("needs >= 2" in w for w in warnings) and any("single budget" in w for w in warnings)
 
   # Vertex halfway (in ln N) between two runs: flops/token is their geometric mean.
   centre = math.sqrt(1e5 * 1e6)
@@ -255,6 +257,7 @@ def test_write_fits_takes_csv_strings_writes_json_and_skips_unfinished(tmp_path)
   for p in a2["per_budget"]:
     assert set(p) >= {"budget", "n_opt", "d_opt", "loss_opt", "coef", "interior"} and len(p["coef"]) == 3
   assert set(on_disk["approach3"]) >= {"E", "A", "B", "alpha", "beta", "a", "b", "huber_delta", "loss"}
+  assert on_disk["warnings"] == []
   assert on_disk["approach2"]["a"] == pytest.approx(fit.fit_scaling(rows, bootstrap=50, num_starts=4)["approach2"]["a"])
 
 
