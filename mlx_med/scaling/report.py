@@ -12,9 +12,10 @@ CHINCHILLA = {"a": 0.50, "b": 0.50}  # Hoffmann et al. 2022, approach 2 (about 0
 
 
 def _f(x, spec=".3f") -> str:
-  if x is None or (isinstance(x, float) and not math.isfinite(x)):
+  """A number formatted, or n/a for a missing (None, "", NaN) value."""
+  if x is None or x == "" or (isinstance(x, float) and not math.isfinite(x)):
     return "n/a"
-  return format(x, spec)
+  return format(float(x), spec)
 
 
 def _ci(ci) -> str:
