@@ -20,11 +20,32 @@ The generative story, per subject:
     the reason and severity; ICU stays; length of stay; in-hospital death; discharge
     disposition; and a 30-day readmission drawn from an explicit probability;
   * diagnoses recorded at discharge, plus background ICD-10-CM / ICD-10-PCS codes from
-    Zipf-distributed pools (a few thousand codes) whose chapter mix follows the conditions.
+    Zipf-distributed pools (a few thousand codes) whose chapter mix follows the conditions;
+  * a kidney trajectory: each subject's own creatinine baseline plus a chronic drift (log-
+    creatinine per year of follow-up, faster with diabetes, hypertension and CKD) that every
+    creatinine, BUN and potassium value carries; on admission an acute kidney injury adds a
+    rise over the subject's current level, which recovers (partly) over the stay in the
+    daily labs of survivors and worsens before death;
+  * a chemotherapy course for most subjects with cancer: outpatient cycles every 21 days
+    (visit, infusion procedure, carboplatin, ondansetron) with a low white-cell count at the
+    nadir ten days later; an admission 4-14 days after a cycle (with no stay in between) is
+    in the neutropenic window, where sepsis and pneumonia become likelier;
+  * after a heart-failure exacerbation the loop diuretic at discharge is a drawn decision.
 
 Outcome probabilities (in-hospital mortality, length of stay > 7 days, 30-day readmission)
 are exact functions of the latent state, so their AUROC against the drawn labels is the best
 any model can reach on these labels; models see the state only through noisy events.
+
+Much of that state is deliberately invisible to a bag of code counts and readable only from
+order, timing and values in the timeline: the chronic creatinine drift (a trend across the
+subject's earlier values), the acute rise (admission creatinine against the subject's own
+history) and how far it had recovered by the last daily lab, the days since the previous
+discharge, whether a chemotherapy cycle fell 4-14 days before the admission, heart failure
+together with CKD stage 4+ (an interaction), and, for readmission after a heart-failure
+exacerbation, whether this discharge (not an earlier refill) carried the loop diuretic.
+On held_out rows a logistic regression on code counts up to prediction time
+(`mlx_med.ehr.baseline`) stays well below the true probability's AUROC on mortality and
+long stay, which leaves room for sequence models to improve with scale.
 
 Output is a valid MEDS 0.4 root, written under a temporary name and renamed when complete:
 
