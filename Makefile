@@ -15,7 +15,7 @@ STAMP      := $(VENV)/.installed-stamp
 TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
 TORCH_VERSION := $(shell sed -n 's/.*"torch==\([^"]*\)".*/\1/p' pyproject.toml)
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo scaling-demo test bench clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ endif
 
 demo: $(CORE_STAMP)
 	$(PY) -m mlx_med.demo
+
+# The EHR IsoFLOP study at smoke size (sweep, fits, clinical evaluation, report.md); see
+# configs/ehr/isoflops.py and the scaling section of docs/DESIGN.md for its current limits.
+scaling-demo: $(CORE_STAMP)
+	$(PY) -m mlx_med.cli scaling run --config configs/ehr/isoflops.py:smoke --workdir runs/scaling_smoke
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=20 tests
