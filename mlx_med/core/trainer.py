@@ -349,10 +349,13 @@ class Trainer:
       stop["signum"] = signum
       log.warning("%s: saving a checkpoint after this step, then stopping (Ctrl-C again aborts without saving)",
                   signal.Signals(signum).name)
-      signal.signal(signal.SIGINT, signal.default_int_handler)
+      if signal.SIGINT in previous_handlers:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     previous_handlers = {}
     for signum in (signal.SIGTERM, signal.SIGINT):
+      if signal.getsignal(signum) is signal.SIG_IGN:
+        continue  # e.g. SIGINT of a background job (`cmd &`, nohup): the caller chose to ignore it
       try:
         previous_handlers[signum] = signal.signal(signum, on_signal)
       except ValueError:  # not in the main thread

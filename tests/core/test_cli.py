@@ -68,8 +68,10 @@ def test_make_demo_installs_the_core_only_and_make_test_adds_cpu_torch(tmp_path)
     pytest.skip("make is not installed")
   for name in ("Makefile", "pyproject.toml"):
     shutil.copy(os.path.join(REPO, name), tmp_path / name)
-  dry = lambda *target: subprocess.run(["make", "-n", *target], cwd=tmp_path, capture_output=True, text=True,
-                                       check=True).stdout
+  # (Under `make test` the environment carries MAKELEVEL/MAKEFLAGS; a nested make would print
+  # "Entering directory" lines: --no-print-directory keeps the dry run to the commands.)
+  dry = lambda *target: subprocess.run(["make", "-n", "--no-print-directory", *target], cwd=tmp_path,
+                                       capture_output=True, text=True, check=True).stdout
   demo = dry("demo")
   assert "pip install -q -e .\n" in demo and "[" not in demo and "torch" not in demo, demo
   test = dry("test")

@@ -99,13 +99,20 @@ def test_signal_checkpoints_at_the_step_boundary_and_raises(tmp_path, signum):
       os.kill(os.getpid(), signum)
 
   config = image_config(ckpt_every=100, eval_every=0)
-  with pytest.raises(trainer.TrainingInterrupted) as info:
-    trainer.train(config, str(tmp_path), ConvClassifierTask("xent"), ImageSource(64, 0), progress=False,
-                  callbacks=[send])
+  # A test process started in the background has SIGINT ignored; the trainer respects an
+  # ignored signal, so give SIGINT its interactive default for this test.
+  outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(trainer.TrainingInterrupted) as info:
+      trainer.train(config, str(tmp_path), ConvClassifierTask("xent"), ImageSource(64, 0), progress=False,
+                    callbacks=[send])
+    restored = signal.getsignal(signal.SIGINT)
+  finally:
+    signal.signal(signal.SIGINT, outer)
   assert info.value.step == 3 and info.value.exit_code == 128 + signum
   assert "last checkpoint: step 3" in str(info.value)
   assert os.listdir(tmp_path / "checkpoints") == ["3"]
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+  assert restored is signal.default_int_handler  # handlers restored
 
 
 def _read_tfrecords(path):
@@ -137,7 +144,11 @@ def test_ctrl_c_mismatch_and_resume_from_the_command_line(tmp_path, cohort):
           "--config.train.batch_size=8", "--config.train.log_every=1", "--config.train.eval_every=0",
           "--config.train.ckpt_every=1000"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  proc = subprocess.Popen(base + ["--config.train.steps=100000"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+  # Under a background `make test` SIGINT is ignored, and a child inherits that; the interactive
+  # command gets Python's usual Ctrl-C handler first.
+  interactive = [sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                 "from mlx_med.cli import main; sys.exit(main(sys.argv[1:]))"] + base[3:]
+  proc = subprocess.Popen(interactive + ["--config.train.steps=100000"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   lines, deadline = [], time.time() + 300
   while time.time() < deadline:  # plain progress lines arrive while it trains
