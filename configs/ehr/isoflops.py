@@ -32,6 +32,14 @@ def _pretrain_config(variant):
   return module.get_config(variant)
 
 
+def _evaluation(num_trajectories, max_examples):
+  """Clinical utility of every finished run (mlx_med/ehr/evaluate.py); tasks=() turns it off.
+  max_examples: label rows per task and split (a deterministic subsample; 0 = all)."""
+  return ml_collections.ConfigDict(dict(tasks=("mortality", "readmission", "long_stay"),
+                                        evaluators=("zero_shot", "probe", "baseline"),
+                                        num_trajectories=num_trajectories, max_examples=max_examples))
+
+
 def get_config(arg=None):
   variant = arg or "smoke"
   if variant not in ("smoke", "mimic"):
@@ -53,12 +61,7 @@ def get_config(arg=None):
         aspect_ratio=16.0, head_dim=16, kv_group=1, mlp_ratio=8 / 3, min_layers=1, max_layers=8,
         min_steps=20,
     ))
-    config.evaluation = ml_collections.ConfigDict(dict(
-        tasks=("mortality", "readmission", "long_stay"),
-        evaluators=("zero_shot", "probe", "baseline"),
-        num_trajectories=8,
-        max_examples=300,  # label rows per task and split (deterministic subsample)
-    ))
+    config.evaluation = _evaluation(num_trajectories=8, max_examples=300)
   else:
     config.data.seq_len = 2048
     config.train.update(dict(batch_size=64, lr=1e-3, warmup_steps=500, log_every=50, eval_batches=0,
@@ -70,10 +73,5 @@ def get_config(arg=None):
         aspect_ratio=64.0, head_dim=64, kv_group=1, mlp_ratio=8 / 3, min_layers=2, max_layers=32,
         min_steps=100,
     ))
-    config.evaluation = ml_collections.ConfigDict(dict(
-        tasks=("mortality", "readmission", "long_stay"),
-        evaluators=("zero_shot", "probe", "baseline"),
-        num_trajectories=20,
-        max_examples=0,  # 0 = every label row
-    ))
+    config.evaluation = _evaluation(num_trajectories=20, max_examples=0)
   return config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -88,16 +89,22 @@ class ServerProcess:
     self._log.close()
 
 
-@pytest.fixture(scope="session")
-def server(qwen2_dir, tmp_path_factory):
-  """One server for the serving and client tests. Buckets are pinned (8 rows, 32 prompt
-  tokens) so every batch reuses the same few compiled programs; a long batching window
-  makes concurrent requests reliably share a batch."""
-  proc = ServerProcess(qwen2_dir, str(tmp_path_factory.mktemp("server") / "server.log"),
-                       "--min-batch-bucket", "8", "--min-prompt-bucket", "32", "--max-batch-rows", "8",
-                       "--batch-wait-ms", "150")
+@contextlib.contextmanager
+def served(model_dir: str, log_path: str, *extra_args: str):
+  """A running test server. Buckets are pinned (8 rows, 32 prompt tokens) so every batch
+  reuses the same few compiled programs; a long batching window makes concurrent requests
+  reliably share a batch."""
+  proc = ServerProcess(model_dir, log_path, "--min-batch-bucket", "8", "--min-prompt-bucket", "32",
+                       "--max-batch-rows", "8", "--batch-wait-ms", "150", *extra_args)
   try:
     proc.wait_ready()
     yield proc
   finally:
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def server(qwen2_dir, tmp_path_factory):
+  """One server for the serving and client tests."""
+  with served(qwen2_dir, str(tmp_path_factory.mktemp("server") / "server.log")) as proc:
+    yield proc

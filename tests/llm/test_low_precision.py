@@ -103,16 +103,10 @@ def test_make_client_low_precision_n_4(qwen2_dir, dtype):
 
 @pytest.fixture(scope="module")
 def bf16_server(qwen2_dir, tmp_path_factory):
-  from conftest import ServerProcess
+  from conftest import served
 
-  proc = ServerProcess(qwen2_dir, str(tmp_path_factory.mktemp("bf16_server") / "server.log"), "--dtype", "bfloat16",
-                       "--min-batch-bucket", "8", "--min-prompt-bucket", "32", "--max-batch-rows", "8",
-                       "--batch-wait-ms", "150")
-  try:
-    proc.wait_ready()
+  with served(qwen2_dir, str(tmp_path_factory.mktemp("bf16_server") / "server.log"), "--dtype", "bfloat16") as proc:
     yield proc
-  finally:
-    proc.stop()
 
 
 def test_serve_bfloat16_n_4_and_concurrent_requests(bf16_server):
