@@ -15,7 +15,7 @@ STAMP      := $(VENV)/.installed-stamp
 TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
 TORCH_VERSION := $(shell sed -n 's/.*"torch==\([^"]*\)".*/\1/p' pyproject.toml)
 
-.PHONY: demo scaling-demo test bench clean-venv
+.PHONY: demo ehr-demo test bench clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,10 +35,9 @@ endif
 demo: $(CORE_STAMP)
 	$(PY) -m mlx_med.demo
 
-# The EHR IsoFLOP study at smoke size (sweep, fits, clinical evaluation, report.md); see
-# configs/ehr/isoflops.py and the scaling section of docs/DESIGN.md for its current limits.
-scaling-demo: $(CORE_STAMP)
-	$(PY) -m mlx_med.cli scaling run --config configs/ehr/isoflops.py:smoke --workdir runs/scaling_smoke
+# One pretraining run at smoke size (a minute or two): synth -> tokenize -> train -> loss curve.
+ehr-demo: $(CORE_STAMP)
+	$(PY) -m mlx_med.cli train --config configs/ehr/pretrain.py:smoke --workdir runs/ehr_smoke
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=20 tests

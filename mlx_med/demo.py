@@ -1,7 +1,10 @@
-"""`make demo`: the EHR foundation-model smoke run, end to end on a CPU.
+"""`make demo`: the EHR scaling-law study at smoke size, end to end on a CPU.
 
-Generates a synthetic MEDS cohort, fits the timeline tokenizer, trains the smoke
-decoder for a minute or two, and prints where the metrics and the loss curve are.
+Generates a synthetic MEDS cohort, fits the timeline tokenizer, trains an IsoFLOP sweep
+(3 FLOP budgets x 5 decoder sizes, each on exactly budget / FLOPs-per-token tokens),
+scores every run's clinical utility (linear probe and count baseline beside the oracle),
+fits the scaling laws (Chinchilla approaches 2 and 3) and writes report.md with plots.
+Re-running resumes: finished runs are skipped.
 """
 
 from __future__ import annotations
@@ -13,17 +16,18 @@ from mlx_med import cli
 
 
 def main() -> int:
-  workdir = os.environ.get("MLX_MED_DEMO_WORKDIR", os.path.join("runs", "demo_ehr_smoke"))
-  print(f"mlx_med demo: EHR pretraining smoke run in {workdir}/ (re-running resumes or is instant)", flush=True)
-  rc = cli.main(["train", "--config", os.path.join("configs", "ehr", "pretrain.py") + ":smoke",
-                 "--workdir", workdir])
+  workdir = os.environ.get("MLX_MED_DEMO_WORKDIR", os.path.join("runs", "demo_scaling"))
+  print(f"mlx_med demo: EHR IsoFLOP scaling study (smoke size) in {workdir}/ (about 15 minutes on 2 CPU cores; "
+        "re-running resumes)", flush=True)
+  rc = cli.main(["scaling", "run", "--config", os.path.join("configs", "ehr", "isoflops.py") + ":smoke",
+                 "--workdir", workdir, "--no-progress"])
   if rc:
     return rc
   print("\nDone.")
-  print(f"  loss curve   : {os.path.join(workdir, 'loss_curve.png')}")
-  print(f"  metrics      : {os.path.join(workdir, 'metrics.jsonl')} (TensorBoard: {os.path.join(workdir, 'tensorboard')})")
-  print(f"  checkpoints  : {os.path.join(workdir, 'checkpoints')}")
-  print(f"  vocabulary   : {os.path.join(workdir, 'vocab.json')}")
+  print(f"  report       : {os.path.join(workdir, 'report.md')}")
+  print(f"  plots        : {os.path.join(workdir, 'plots')}/ (IsoFLOP curves, N_opt/D_opt vs compute, AUROC)")
+  print(f"  runs table   : {os.path.join(workdir, 'runs.csv')}; fits: {os.path.join(workdir, 'fits.json')}")
+  print(f"  each run     : {os.path.join(workdir, 'runs', '<run>')}/ (checkpoints, metrics.jsonl, eval.json)")
   return 0
 
 

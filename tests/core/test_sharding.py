@@ -13,9 +13,9 @@ from mlx_med.core import config as config_lib
 from mlx_med.core import optim, params as params_lib, sharding, trainer
 from mlx_med.core.lm_task import DecoderLMTask
 from mlx_med.core.train_step import init_train_state, make_train_step
-from mlx_med.core.transformer import DecoderConfig
+from tiny import TINY
 
-CFG = DecoderConfig(vocab_size=128, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, mlp_dim=128)
+CFG = TINY
 TASK = DecoderLMTask(CFG, seq_len=16)
 
 

@@ -12,8 +12,9 @@ from mlx_med.core import flops, optim, params as params_lib, sharding, trainer
 from mlx_med.core.lm_task import DecoderLMTask, token_cross_entropy
 from mlx_med.core.train_step import init_train_state, make_train_step
 from mlx_med.core.transformer import DecoderConfig
+from tiny import TINY
 
-CFG = DecoderConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64)
+CFG = TINY
 TASK = DecoderLMTask(CFG, seq_len=12)
 
 
