@@ -7,9 +7,9 @@ fresh seeded permutation; the iterator's position is part of the checkpoint, so 
 resumed run sees exactly the batches an uninterrupted run would have seen.
 
 Built on grain's dataset API (`MapDataset` -> `IterDataset`) rather than its
-`DataLoader`: the same records and state for a tenth of the per-batch overhead
-(measured on CPU, 32 records a batch: 1.8 ms against 12.4 ms), which is most of a
-step for the small models of a scaling sweep.
+`DataLoader`: the same records and state for about a quarter of the per-batch
+overhead (bench/loader_overhead.py, 32 records a batch: 3.4 ms against 12.3 ms),
+which was most of a step for the small models of a scaling sweep.
 """
 
 from __future__ import annotations
