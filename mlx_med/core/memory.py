@@ -71,7 +71,7 @@ def device_memory(device: jax.Device | None = None) -> tuple[float | None, str]:
   stats = None
   try:
     stats = device.memory_stats()
-  except Exception:  # some backends do not implement it
+  except (AttributeError, NotImplementedError, RuntimeError):  # some backends do not implement it
     stats = None
   if stats and stats.get("bytes_limit"):
     return float(stats["bytes_limit"]), f"{device.device_kind}"

@@ -91,7 +91,7 @@ def _cmd_fit(args) -> int:
 
 
 def _cmd_report(args) -> int:
-  fits_path, report_path, _ = fit_and_report(args.workdir)
+  _, report_path, _ = fit_and_report(args.workdir)
   print(f"report: {report_path}")
   return 0
 

@@ -22,7 +22,7 @@ import pytest
 from mlx_med.ehr import evaluate
 from mlx_med.ehr import labels as labels_lib
 from mlx_med.ehr.dataset import tokenize_split
-from mlx_med.ehr.meds import MEDSFormatError, MEDSReader
+from mlx_med.ehr.meds import MEDSReader
 
 AUROC_BAR = 0.6
 TRAJECTORIES = 8

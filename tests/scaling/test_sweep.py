@@ -72,7 +72,8 @@ def test_sweep_resumes_skips_finished_runs_and_emits_jobs(tmp_path, caplog):
 
   jobs = str(tmp_path / "jobs.txt")
   assert study.emit_jobs(jobs, CONFIG, ["train.lr=0.001"]) == 5
-  lines = open(jobs).read().splitlines()
+  with open(jobs) as f:
+    lines = f.read().splitlines()
   assert len(lines) == 5 and all(f"--only {r.run_id}" in line for r, line in zip(runs[1:], lines))
   assert shlex.split(lines[0])[:4] == ["mlx-med", "scaling", "run", "--config"] and "--config.train.lr=0.001" in lines[0]
 
