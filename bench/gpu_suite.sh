@@ -104,22 +104,22 @@ fi
 #    interpret mode) and the decoder's cuDNN attention backend (asserts cuDNN
 #    fused attention), against fp32 references. 6 tests; none may skip.
 #    (H200, JAX 0.11.2: 66 s.)
-step "correctness: Pallas Triton kernels + cuDNN attention (pytest -m gpu)" 110 \
+step "correctness: Pallas Triton kernels + cuDNN attention (pytest -m gpu)" 100 \
   "$PY" bench/pytest_strict.py --min-tests 6 -- -q -m gpu -p no:cacheprovider \
   tests/pallas_kernels tests/core/test_attention_paths.py
 
 # 2. Pallas kernel timings vs dense masked XLA and cuDNN attention. The bench
 #    stops starting new cases after --budget-s, leaving room to print.
-step "pallas kernels: timings (bench/attention_kernels.py --gpu)" 120 \
+step "pallas kernels: timings (bench/attention_kernels.py --gpu)" 110 \
   "$PY" bench/attention_kernels.py --gpu --budget-s 80 --json "$OUT/attention_kernels.json"
 
 # 3. Decoder training throughput / MFU (cuDNN attention, bf16). H200: 72 s,
 #    most of it the first compile.
-step "decoder MFU (bench/train_throughput.py --gpu)" 90 \
+step "decoder MFU (bench/train_throughput.py --gpu)" 80 \
   "$PY" bench/train_throughput.py --gpu --json "$OUT/train_throughput.json"
 
 # 4. LLM decode throughput of a 1.24B config. H200: 109 s, nearly all compiling.
-step "LLM decode (bench/generate_throughput.py --gpu)" 130 \
+step "LLM decode (bench/generate_throughput.py --gpu)" 120 \
   "$PY" bench/generate_throughput.py --gpu
 
 # 5. EHR zero-shot in ETHOS's setting: 32 patients x 20 trajectories x 750
