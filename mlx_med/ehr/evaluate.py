@@ -40,8 +40,9 @@ are read on that estimate.
              or hospital discharge. An ICU discharge closes the window only when time moves on,
              so a death recorded at the same minute as the ICU discharge still counts.
 Every trajectory also ends at [TIMELINE_END]. A trajectory that reaches the token limit
-(`max_new_tokens`) undecided counts as "no outcome"; eval.json reports the share of such
-trajectories (`undecided`) so a too-short limit is visible. Task files under --labels whose
+(`max_new_tokens`) undecided is censored: the risk is the share with the outcome among the
+trajectories that resolved (a row with none resolved scores 1/2); eval.json reports the share
+of undecided trajectories (`undecided`) so a too-short limit is visible. Task files under --labels whose
 stem has no definition get probe and baseline only (zero_shot says why it was skipped).
 
 Sampling stops on the device at outcome and end tokens and at any single gap token that alone
@@ -434,7 +435,8 @@ def outcome_tokens(spec: OutcomeSpec, tokenizer: Any) -> OutcomeTokens:
 def zero_shot_risk(run: LoadedRun, inputs: np.ndarray, lengths: np.ndarray, elapsed_s: np.ndarray, resolved: OutcomeTokens, *,
                    num_trajectories: int, max_new_tokens: int, seed: int = 0, batch_trajectories: int = 256,
                    sampler: Any = None) -> tuple[np.ndarray, float]:
-  """Risk per row = share of its K sampled futures with the outcome; also the share left undecided."""
+  """Risk per row = share with the outcome among its K sampled futures that resolved (see below);
+  also the share of futures left undecided at the token limit."""
   from mlx_med.core.sampler import Sampler, SamplingParams, bucket
   from mlx_med.ehr.tokenizer import PAD_ID
 
@@ -457,12 +459,18 @@ def zero_shot_risk(run: LoadedRun, inputs: np.ndarray, lengths: np.ndarray, elap
                                        seed=(seed * 1_000_003 + r * 1009 + j) % (2**32)))
     outputs = sampler.generate(run.params, prompts, sampling)
     for n, r in enumerate(rows):
-      hits = 0
+      hits, decided_here = 0, 0
       for out in outputs[n * k:(n + 1) * k]:
         hit, decided = resolved.resolve(out.tokens, float(elapsed_s[r]))
         hits += hit
-        undecided += not decided
-      risk[r] = hits / k
+        decided_here += decided
+      undecided += k - decided_here
+      # Share with the outcome among the futures that resolved within the token limit (+1/2 over
+      # +1: a row with none resolved scores 1/2, "unknown"). Counting an unresolved future as
+      # "no outcome" instead ranks sicker patients (more events a day, so fewer simulated days)
+      # as safer: measured on a smoke sweep model, AUROC 0.41 vs 0.60 (mortality), 0.48 vs 0.60
+      # (long stay), 0.68 either way (readmission, which resolves early).
+      risk[r] = (hits + 0.5) / (decided_here + 1.0)
   return risk, undecided / max(1, len(lengths) * k)
 
 

@@ -57,9 +57,10 @@ def test_probe_and_baseline_beat_chance_on_mortality(mortality_eval):
   assert entry["baseline"]["auroc"] >= AUROC_BAR, entry["baseline"]
 
 
-@pytest.mark.xfail(reason="zero-shot mortality on the 128-token smoke model is at chance (0.43-0.51 measured): with 96 "
-                          "generated tokens a third to a half of the trajectories end undecided before discharge, and "
-                          "the longer (deadlier) stays are the undecided ones", strict=False)
+@pytest.mark.xfail(reason="zero-shot mortality on this 150-step, 128-token smoke model is not clearly above chance: "
+                          "0.556 [0.449, 0.646] with unresolved futures censored (0.43-0.51 when they counted as no "
+                          "outcome); with 96 generated tokens a third to a half of the trajectories end before discharge",
+                   strict=False)
 def test_zero_shot_beats_chance_on_mortality(mortality_eval):
   entry = mortality_eval["tasks"]["mortality"]
   assert entry["zero_shot"]["auroc"] >= AUROC_BAR, entry["zero_shot"]
