@@ -64,9 +64,9 @@ def get_config(arg=None):
         aspect_ratio=16.0, head_dim=4, kv_group=1, mlp_ratio=8 / 3, min_layers=1, max_layers=8,
         min_steps=20,
     ))
-    # Zero-shot is off at smoke size: the 128-token context and short continuations leave most
-    # sampled stays unfinished, which biases its risk estimate (docs/DESIGN.md). Probe and baseline
-    # on 200 label rows per task and split take about 9 s a run.
+    # Zero-shot is off at smoke size: about 13 s a run (the demo would pass 15 minutes), and weak
+    # at a 128-token context (docs/DESIGN.md). Probe and baseline on 200 label rows per task and
+    # split take about 9 s a run.
     config.evaluation = _evaluation(num_trajectories=8, max_examples=200)
     config.evaluation.evaluators = ("probe", "baseline")
   else:
