@@ -164,12 +164,15 @@ def unicl_loss(img_emb: Array, txt_emb: Array, labels: Array | None, logit_scale
     labels = _replicated(labels)
   batch = img.shape[0]
   positives = positive_mask(labels, batch)
-  # Symmetric positives: row i of `targets` is image i's target over texts, and column j is
-  # text j's target over images.
-  targets = positives.astype(jnp.float32) / jnp.sum(positives, axis=1, keepdims=True).astype(jnp.float32)
+  # Image i's target over texts is row i of `positives` over its count; text j's target over
+  # images is column j over its count. (With multi-hot labels two positives can have different
+  # counts -- sharing is not transitive -- so the two normalisations differ.)
+  pos = positives.astype(jnp.float32)
   logits = jnp.exp(scale) * (img @ txt.T)
-  loss_i2t = -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits, axis=1), axis=1))
-  loss_t2i = -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits, axis=0), axis=0))
+  targets_i2t = pos / jnp.sum(pos, axis=1, keepdims=True)
+  targets_t2i = pos / jnp.sum(pos, axis=0, keepdims=True)
+  loss_i2t = -jnp.mean(jnp.sum(targets_i2t * jax.nn.log_softmax(logits, axis=1), axis=1))
+  loss_t2i = -jnp.mean(jnp.sum(targets_t2i * jax.nn.log_softmax(logits, axis=0), axis=0))
   loss = 0.5 * (loss_i2t + loss_t2i)
   if not return_metrics:
     return loss
