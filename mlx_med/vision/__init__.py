@@ -1,0 +1,19 @@
+"""Vision encoders and image I/O shared by the imaging capabilities (embed, seg, vlm).
+
+Encoders take NHWC images already normalised with their checkpoint's processor and return
+a `VisionOutput` (pooled vector, last hidden tokens, per-stage feature maps); the text
+tower and its tokenizer serve the image-text models. Hugging Face CLIP / SigLIP
+directories load as towers through `load_hf_towers`.
+"""
+
+from mlx_med.vision.common import VisionOutput
+from mlx_med.vision.encoders import build_image_encoder, build_text_encoder, image_encoder_config, text_encoder_config
+from mlx_med.vision.hf import HFTowers, load_hf_towers
+from mlx_med.vision.text import TextConfig, TextOutput, TextTokenizer, TextTransformer, train_text_tokenizer
+from mlx_med.vision.vit import ViT, ViTConfig
+
+__all__ = [
+    "VisionOutput", "ViTConfig", "ViT", "TextConfig", "TextOutput", "TextTransformer", "TextTokenizer",
+    "train_text_tokenizer", "build_image_encoder", "build_text_encoder", "image_encoder_config",
+    "text_encoder_config", "HFTowers", "load_hf_towers",
+]
