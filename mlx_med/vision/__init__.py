@@ -9,6 +9,8 @@ directories load as towers through `load_hf_towers`.
 from mlx_med.vision.common import VisionOutput
 from mlx_med.vision.encoders import build_image_encoder, build_text_encoder, image_encoder_config, text_encoder_config
 from mlx_med.vision.hf import HFTowers, load_hf_towers
+from mlx_med.vision.io import (WINDOW_PRESETS, FolderScan, ImageLoadError, ImageProcessorConfig, apply_window,  # noqa: F401
+                              load_and_preprocess, load_folder, load_image, preprocess, to_rgb)
 from mlx_med.vision.text import TextConfig, TextOutput, TextTokenizer, TextTransformer, train_text_tokenizer
 from mlx_med.vision.vit import ViT, ViTConfig
 
