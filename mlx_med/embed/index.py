@@ -1,0 +1,359 @@
+"""Exact top-k search over embeddings, in JAX, sharded over devices.
+
+`ExactIndex` holds an [N, E] database of embeddings with one id per row (usually the image's
+path) and answers `search(queries, k) -> (scores [Q, k], indices [Q, k])` exactly, the way
+FAISS's flat indexes do:
+
+- metric "cosine": rows and queries are L2-normalised; score = cosine similarity, descending.
+- metric "ip": raw inner product, descending (FAISS `IndexFlatIP`).
+- metric "l2": squared Euclidean distance ||q||^2 - 2 q.x + ||x||^2 (clamped at 0), ascending
+  (FAISS `IndexFlatL2`, which also reports squared distances).
+
+Ties are broken by the lower row index, for every metric and any device count.
+
+Why this shape: the database is the large operand (100k x 1024 fp32 is 400 MB), so it is split
+along N over a one-axis device mesh ("db") and never moves; the queries are replicated. Each
+device scores its rows against a batch of queries with fp32 accumulation (the database may be
+stored in bf16 to halve its memory), keeps its own top-k, and the k-per-device candidates are
+all-gathered and merged by a second top-k. `lax.top_k` puts the lower position first among
+equal values, and the gathered candidates are laid out in shard order with each shard's list
+already in index order, so the merge keeps the lower-index rule. Rows added to pad N to a
+multiple of the device count score -inf and are never returned (k > N is an error).
+
+The mesh axis uses the Explicit axis type on purpose: the only computation is one `shard_map`
+whose in/out specs state every placement, and with sharding-in-types an input placed otherwise
+is an error instead of a silent reshard of the database.
+
+Queries go through in batches of a fixed set of shapes (powers of two up to `batch_size`, the
+last batch padded), so a search compiles at most log2(batch_size) programs per k and reuses them.
+
+On disk (`save(dir)` / `ExactIndex.load(dir)`): `embeddings.npy` (as stored: normalised for
+cosine; bf16 is saved as its uint16 bit pattern), `ids.json` and `meta.json` (format, version,
+metric, count, dim, dtype). A save writes a temporary directory and renames it into place.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+FORMAT = "mlx_med.exact_index"
+VERSION = 1
+METRICS = ("cosine", "ip", "l2")
+DTYPES = ("float32", "bfloat16")
+AXIS = "db"
+_EPS = 1e-12
+
+
+class IndexInputError(ValueError):
+  """Bad input to an ExactIndex (one-line message naming what is wrong and how to fix it)."""
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+  norms = np.linalg.norm(x, axis=-1, keepdims=True)
+  return x / np.maximum(norms, _EPS)
+
+
+def _as_matrix(x: np.ndarray | Sequence, what: str, dim: int | None) -> np.ndarray:
+  x = np.asarray(x, dtype=np.float32)
+  if x.ndim == 1:
+    x = x[None, :]
+  if x.ndim != 2:
+    raise IndexInputError(f"{what} must be a 2-D array [count, dim]; got shape {x.shape}")
+  if dim is not None and x.shape[1] != dim:
+    raise IndexInputError(f"{what} have dimension {x.shape[1]} but the index holds dimension {dim}; "
+                      "embed them with the same model as the index")
+  if not np.all(np.isfinite(x)):
+    bad = int(np.flatnonzero(~np.all(np.isfinite(x), axis=1))[0])
+    raise IndexInputError(f"{what} row {bad} holds NaN or inf; drop or recompute that embedding")
+  return x
+
+
+def make_index_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A one-axis mesh ("db", Explicit) over `devices` (default: all local devices)."""
+  devices = list(devices) if devices is not None else jax.devices()
+  return Mesh(np.asarray(devices, dtype=object), (AXIS,), axis_types=(jax.sharding.AxisType.Explicit,))
+
+
+def _bucket(remaining: int, batch_size: int) -> int:
+  """The batch shape for `remaining` queries: a power of two, at most batch_size."""
+  return min(batch_size, 1 << max(0, math.ceil(math.log2(max(remaining, 1)))))
+
+
+def _layout(count: int, shards: int, block_rows: int) -> tuple[int, int]:
+  """(blocks per shard, rows per block) covering `count` rows on `shards` devices.
+
+  Each shard's rows are scored block by block, so the [batch, rows] score matrix never exceeds
+  [batch, block_rows] (100k rows x 1024 queries would otherwise be 400 MB of fp32 scores).
+  Blocks are sized evenly (a multiple of 8 rows) so that padding stays small.
+  """
+  n_local = max(1, -(-count // shards))
+  blocks = -(-n_local // block_rows)
+  rows = -(-n_local // blocks)
+  rows = -(-rows // 8) * 8
+  return blocks, rows
+
+
+@functools.lru_cache(maxsize=None)
+def _search_program(mesh: Mesh, metric: str, k: int, blocks: int, rows: int):
+  """jit(shard_map(...)) mapping (db, sqnorm, n_valid, queries) -> (scores, indices).
+
+  db [shards * blocks * rows, E] sharded along rows; queries [B, E] replicated.
+  """
+  k_block = min(k, rows)
+
+  def score_block(queries, q_sq, block, block_sq, first_row, n_valid):
+    dots = jax.lax.dot_general(queries.astype(block.dtype), block, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)  # [B, rows], fp32 accumulation
+    if metric == "l2":
+      # Rank by negated distance so that one top_k (largest first) serves every metric.
+      key = -jnp.maximum(q_sq - 2.0 * dots + block_sq[None, :], 0.0)
+    else:
+      key = dots
+    row_ids = first_row + jnp.arange(rows, dtype=jnp.int32)
+    key = jnp.where((row_ids < n_valid)[None, :], key, -jnp.inf)  # padding rows never win
+    top, local = jax.lax.top_k(key, k_block)  # lower index first among ties
+    return top, local.astype(jnp.int32) + first_row
+
+  def per_shard(db, sqnorm, n_valid, queries):
+    # db [blocks * rows, E]: this device's rows; queries [B, E]: all of them.
+    q_sq = jnp.sum(jnp.square(queries.astype(jnp.float32)), axis=1, keepdims=True)
+    offset = jax.lax.axis_index(AXIS) * (blocks * rows)
+    if blocks == 1:
+      top, idx = score_block(queries, q_sq, db, sqnorm, offset, n_valid)
+    else:
+      def step(_, xs):
+        b, block, block_sq = xs
+        return None, score_block(queries, q_sq, block, block_sq, offset + b * rows, n_valid)
+
+      _, (top, idx) = jax.lax.scan(step, None, (jnp.arange(blocks, dtype=jnp.int32),
+                                                db.reshape(blocks, rows, -1), sqnorm.reshape(blocks, rows)))
+      # [blocks, B, k_block] -> [B, blocks * k_block], in block (= index) order.
+      top = jnp.moveaxis(top, 0, 1).reshape(top.shape[1], -1)
+      idx = jnp.moveaxis(idx, 0, 1).reshape(idx.shape[1], -1)
+    cand_key = jax.lax.all_gather(top, AXIS, axis=1, tiled=True)  # [B, shards * ...], shard order
+    cand_idx = jax.lax.all_gather(idx, AXIS, axis=1, tiled=True)
+    best, pos = jax.lax.top_k(cand_key, k)  # candidates in index order: ties keep the lower index
+    found = jnp.take_along_axis(cand_idx, pos, axis=1)
+    return (-best if metric == "l2" else best), found
+
+  mapped = jax.shard_map(per_shard, mesh=mesh, in_specs=(P(AXIS, None), P(AXIS), P(), P()),
+                         out_specs=(P(), P()), check_vma=False)
+  return jax.jit(mapped)
+
+
+class ExactIndex:
+  """Exact top-k search (cosine / inner product / squared L2) sharded over devices.
+
+  Args:
+    embeddings: [N, E] float array (may be empty: [0, E] with `dim`, or None with `dim`).
+    ids: one string per row (e.g. image paths); default the row numbers as strings.
+    metric: "cosine" | "ip" | "l2".
+    dtype: storage dtype of the database, "float32" or "bfloat16" (scores accumulate in fp32).
+    devices: the devices to shard over (default all local devices).
+    batch_size: most queries per device program (a power of two).
+    block_rows: most database rows scored at once on a device (bounds the score matrix).
+    dim: embedding dimension, needed only when `embeddings` is None.
+  """
+
+  def __init__(self, embeddings: np.ndarray | None = None, ids: Sequence[str] | None = None, *, metric: str = "cosine",
+               dtype: str = "float32", devices: Sequence[jax.Device] | None = None, batch_size: int = 1024,
+               dim: int | None = None, block_rows: int = 16384):
+    if metric not in METRICS:
+      raise IndexInputError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if dtype not in DTYPES:
+      raise IndexInputError(f"unknown index dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if batch_size < 1 or batch_size & (batch_size - 1):
+      raise IndexInputError(f"batch_size must be a power of two; got {batch_size}")
+    self.metric = metric
+    self.dtype = dtype
+    self.batch_size = batch_size
+    if block_rows < 8:
+      raise IndexInputError(f"block_rows must be at least 8; got {block_rows}")
+    self.block_rows = block_rows
+    self.mesh = make_index_mesh(devices)
+    if embeddings is None:
+      if dim is None:
+        raise IndexInputError("an empty ExactIndex needs dim=<embedding dimension>")
+      embeddings = np.zeros((0, dim), np.float32)
+    x = _as_matrix(embeddings, "embeddings", dim)
+    self.dim = int(x.shape[1])
+    self._rows = np.zeros((0, self.dim), self._np_dtype)
+    self._sqnorm = np.zeros((0,), np.float32)
+    self.ids: list[str] = []
+    self._device: tuple[jax.Array, jax.Array] | None = None
+    self.add(x, ids)
+
+  # ----------------------------------------------------------------------------- building
+
+  @property
+  def _np_dtype(self):
+    return jnp.bfloat16 if self.dtype == "bfloat16" else np.float32
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  @property
+  def num_shards(self) -> int:
+    return self.mesh.devices.size
+
+  def add(self, embeddings: np.ndarray, ids: Sequence[str] | None = None) -> None:
+    """Appends rows; `ids` default to their row numbers."""
+    x = _as_matrix(embeddings, "embeddings", self.dim)
+    if ids is None:
+      ids = [str(i) for i in range(len(self.ids), len(self.ids) + len(x))]
+    ids = [str(i) for i in ids]
+    if len(ids) != len(x):
+      raise IndexInputError(f"got {len(x)} embeddings but {len(ids)} ids; give one id (e.g. a path) per row")
+    if self.metric == "cosine":
+      x = _normalise(x)
+    stored = x.astype(self._np_dtype)
+    # Norms of the stored values, so that l2 distances use exactly the vectors being multiplied.
+    sq = np.sum(np.square(stored.astype(np.float32)), axis=1)
+    self._rows = np.concatenate([self._rows, stored]) if len(self._rows) else stored
+    self._sqnorm = np.concatenate([self._sqnorm, sq]) if len(self._sqnorm) else sq
+    self.ids.extend(ids)
+    self._device = None
+
+  @property
+  def embeddings(self) -> np.ndarray:
+    """The stored rows as float32 (normalised for cosine)."""
+    return np.asarray(self._rows, np.float32)
+
+  def _device_arrays(self) -> tuple[jax.Array, jax.Array, tuple[int, int]]:
+    shards = self.num_shards
+    layout = _layout(len(self), shards, self.block_rows)
+    if self._device is None:
+      pad = shards * layout[0] * layout[1] - len(self)
+      rows = np.concatenate([self._rows, np.zeros((pad, self.dim), self._rows.dtype)]) if pad else self._rows
+      sq = np.concatenate([self._sqnorm, np.zeros((pad,), np.float32)]) if pad else self._sqnorm
+      self._device = (jax.device_put(rows, NamedSharding(self.mesh, P(AXIS, None))),
+                      jax.device_put(sq, NamedSharding(self.mesh, P(AXIS))))
+    return self._device[0], self._device[1], layout
+
+  # ------------------------------------------------------------------------------ search
+
+  def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k rows for each query: (scores [Q, k] float32, indices [Q, k] int64).
+
+    Scores are similarities (descending) for cosine/ip and squared distances (ascending) for l2.
+    """
+    if len(self) == 0:
+      raise IndexInputError("the index is empty; add embeddings before searching")
+    if not isinstance(k, (int, np.integer)) or k < 1:
+      raise IndexInputError(f"k must be a positive integer; got {k!r}")
+    if k > len(self):
+      raise IndexInputError(f"k={k} is larger than the index ({len(self)} rows); ask for at most {len(self)}")
+    q = _as_matrix(queries, "queries", self.dim)
+    if self.metric == "cosine":
+      q = _normalise(q)
+    db, sq, (blocks, rows) = self._device_arrays()
+    program = _search_program(self.mesh, self.metric, int(k), blocks, rows)
+    replicated = NamedSharding(self.mesh, P())
+    n_valid = jax.device_put(np.int32(len(self)), replicated)
+    pending = []
+    start = 0
+    while start < len(q):
+      size = _bucket(len(q) - start, self.batch_size)
+      chunk = q[start:start + size]
+      if len(chunk) < size:
+        chunk = np.concatenate([chunk, np.zeros((size - len(chunk), self.dim), np.float32)])
+      pending.append((len(q[start:start + size]), program(db, sq, n_valid, jax.device_put(chunk, replicated))))
+      start += size
+    scores = np.concatenate([np.asarray(s)[:n] for n, (s, _) in pending])
+    indices = np.concatenate([np.asarray(i)[:n] for n, (_, i) in pending]).astype(np.int64)
+    return scores, indices
+
+  def search_ids(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+    """Like `search`, with each hit as (id, score)."""
+    scores, indices = self.search(queries, k)
+    return [[(self.ids[j], float(s)) for j, s in zip(row_i, row_s)] for row_i, row_s in zip(indices, scores)]
+
+  # ---------------------------------------------------------------------------- persistence
+
+  def save(self, directory: str | os.PathLike[str]) -> Path:
+    """Writes the index to `directory` (replacing an index saved there before)."""
+    target = Path(directory)
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / "meta.json").exists())):
+      raise IndexInputError(f"{target} exists and is not an index directory; choose a new or empty directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+      shutil.rmtree(tmp)
+    tmp.mkdir()
+    rows = self._rows.view(np.uint16) if self.dtype == "bfloat16" else self._rows
+    np.save(tmp / "embeddings.npy", rows)
+    (tmp / "ids.json").write_text(json.dumps(self.ids))
+    meta = {"format": FORMAT, "version": VERSION, "metric": self.metric, "dtype": self.dtype, "count": len(self),
+            "dim": self.dim}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    old = None
+    if target.exists():
+      old = target.with_name(f".{target.name}.old-{os.getpid()}")
+      os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+      shutil.rmtree(old)
+    return target
+
+  @classmethod
+  def load(cls, directory: str | os.PathLike[str], *, devices: Sequence[jax.Device] | None = None,
+           batch_size: int = 1024) -> "ExactIndex":
+    """Reads an index written by `save`, checking its format, version and shapes."""
+    root = Path(directory)
+    meta_path = root / "meta.json"
+    if not meta_path.is_file():
+      raise IndexInputError(f"{root} is not an index directory (no meta.json); build one with `mlx-med embed index build`")
+    try:
+      meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+      raise IndexInputError(f"{meta_path} is not valid JSON ({err.msg}); rebuild the index") from None
+    if meta.get("format") != FORMAT:
+      raise IndexInputError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}; rebuild the index")
+    if meta.get("version") != VERSION:
+      raise IndexInputError(f"{meta_path} is version {meta.get('version')!r}, this code reads version {VERSION}; "
+                        "rebuild the index with this version")
+    for key in ("metric", "dtype", "count", "dim"):
+      if key not in meta:
+        raise IndexInputError(f"{meta_path} lacks {key!r}; rebuild the index")
+    emb_path, ids_path = root / "embeddings.npy", root / "ids.json"
+    for path in (emb_path, ids_path):
+      if not path.is_file():
+        raise IndexInputError(f"{path} is missing; the index directory is incomplete, rebuild it")
+    try:
+      rows = np.load(emb_path, allow_pickle=False)
+    except ValueError as err:
+      raise IndexInputError(f"{emb_path} is not a readable .npy file ({err}); rebuild the index") from None
+    expected = (meta["count"], meta["dim"])
+    if rows.shape != expected:
+      raise IndexInputError(f"{emb_path} has shape {rows.shape} but meta.json says {expected}; rebuild the index")
+    if meta["dtype"] == "bfloat16":
+      if rows.dtype != np.uint16:
+        raise IndexInputError(f"{emb_path} has dtype {rows.dtype}, expected uint16 bits of bfloat16; rebuild the index")
+      rows = rows.view(jnp.bfloat16)
+    elif rows.dtype != np.float32:
+      raise IndexInputError(f"{emb_path} has dtype {rows.dtype}, expected float32; rebuild the index")
+    try:
+      ids = json.loads(ids_path.read_text())
+    except json.JSONDecodeError as err:
+      raise IndexInputError(f"{ids_path} is not valid JSON ({err.msg}); rebuild the index") from None
+    if not isinstance(ids, list) or len(ids) != meta["count"]:
+      raise IndexInputError(f"{ids_path} holds {len(ids) if isinstance(ids, list) else 'no list of'} ids but the index has "
+                        f"{meta['count']} rows; rebuild the index")
+    index = cls(None, metric=meta["metric"], dtype=meta["dtype"], devices=devices, batch_size=batch_size,
+                dim=int(meta["dim"]))
+    # Rows are stored as saved (already normalised for cosine): no renormalisation, bit-exact.
+    index._rows = np.ascontiguousarray(rows)
+    index._sqnorm = np.sum(np.square(index._rows.astype(np.float32)), axis=1)
+    index.ids = [str(i) for i in ids]
+    return index
