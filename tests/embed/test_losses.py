@@ -283,6 +283,9 @@ def test_siglip_chunked_over_several_mesh_axes(data):
   _rel_close(got, want)
   # axis_name=None: every mesh axis is a batch axis (B / 8 rows per device).
   _rel_close(losses.siglip_loss_chunked(img, txt, scale, bias, mesh, labels=multi_hot), want)
+  # One device: no ring steps, the plain loss.
+  single = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",), axis_types=(types.Explicit,))
+  _rel_close(losses.siglip_loss_chunked(img, txt, scale, bias, single, "data", labels=multi_hot), want)
 
 
 # ---------------------------------------------------------------- bad input
