@@ -45,14 +45,15 @@ import logging
 import os
 import pathlib
 import re
-from typing import Any, NamedTuple, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
-Window = Union[str, tuple[float, float]]
+PathLike = str | os.PathLike
+Window = str | tuple[float, float]
 
 # CT display windows as (center, width) in Hounsfield units: the values usually taught and shipped
 # as viewer presets (e.g. Radiopaedia "Windowing (CT)"); institutions vary a little around them.
@@ -332,8 +333,9 @@ def _functional_item(ds, frame: int, sequence: str):
   first, then the shared groups), or None."""
   for group_name, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
     groups = ds.get(group_name)
-    if groups and len(groups) > index and sequence in groups[index] and len(groups[index][sequence]):
-      return groups[index][sequence][0]
+    items = getattr(groups[index], sequence, None) if groups and len(groups) > index else None
+    if items:
+      return items[0]
   return None
 
 
@@ -362,7 +364,7 @@ def _header_window(ds, frame: int) -> tuple[float, float, str] | None:
     return None
   center, width = _first(item.WindowCenter), _first(item.WindowWidth)
   function = str(item.get("VOILUTFunction", "") or ds.get("VOILUTFunction", "") or "LINEAR")
-  if width < 1 and function.upper() == "LINEAR" or width <= 0:
+  if width <= 0 or (width < 1 and function.strip().upper() == "LINEAR"):
     return None  # an invalid header window is ignored (full range instead) rather than failing the file
   return center, width, function
 
@@ -635,13 +637,13 @@ class ImageProcessorConfig:
       raise ValueError("image_mean and image_std need 3 values (R, G, B)")
 
   @classmethod
-  def clip(cls, size: int = 224) -> "ImageProcessorConfig":
+  def clip(cls, size: int = 224) -> ImageProcessorConfig:
     """OpenAI CLIP / HF CLIPImageProcessor: shortest edge -> size (bicubic), centre crop, OpenAI mean/std."""
     return cls(size=size, resize="shortest_edge", crop_size=(size, size), resample="bicubic",
                image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
 
   @classmethod
-  def siglip(cls, size: int = 224, resample: str = "bicubic") -> "ImageProcessorConfig":
+  def siglip(cls, size: int = 224, resample: str = "bicubic") -> ImageProcessorConfig:
     """HF SiglipImageProcessor: resize to size x size (bicubic, HF's default; big_vision itself resizes
     bilinearly: pass resample="bilinear"), no crop, mean = std = 0.5 (pixels to [-1, 1])."""
     return cls(size=size, resize="exact", crop_size=None, resample=resample,
@@ -667,7 +669,7 @@ class ImageProcessorConfig:
     return (new_long, new_short) if width <= height else (new_short, new_long)
 
   @classmethod
-  def from_dict(cls, d: dict, *, source: str = "preprocessor config") -> "ImageProcessorConfig":
+  def from_dict(cls, d: dict, *, source: str = "preprocessor config") -> ImageProcessorConfig:
     """From the fields of an HF preprocessor_config.json (CLIPImageProcessor, SiglipImageProcessor and
     the older *FeatureExtractor files)."""
     kind = str(d.get("image_processor_type") or d.get("feature_extractor_type") or "")
@@ -710,7 +712,7 @@ class ImageProcessorConfig:
                do_normalize=bool(d.get("do_normalize", True)), image_mean=mean, image_std=std)
 
   @classmethod
-  def from_hf_dir(cls, path: PathLike) -> "ImageProcessorConfig":
+  def from_hf_dir(cls, path: PathLike) -> ImageProcessorConfig:
     """Read `preprocessor_config.json` from a Hugging Face model directory (or that file itself)."""
     p = pathlib.Path(path)
     f = p / "preprocessor_config.json" if p.is_dir() else p
@@ -784,6 +786,15 @@ def load_and_preprocess(path: PathLike, *, processor: ImageProcessorConfig, **lo
 
 
 __all__ = [
-  "FolderScan", "ImageLoadError", "ImageProcessorConfig", "WINDOW_PRESETS", "apply_window", "image_format",
-  "load_and_preprocess", "load_folder", "load_image", "preprocess", "to_rgb",
+  "WINDOW_PRESETS",
+  "FolderScan",
+  "ImageLoadError",
+  "ImageProcessorConfig",
+  "apply_window",
+  "image_format",
+  "load_and_preprocess",
+  "load_folder",
+  "load_image",
+  "preprocess",
+  "to_rgb",
 ]

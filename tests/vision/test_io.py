@@ -9,15 +9,29 @@ import struct
 import numpy as np
 import pytest
 
-from mlx_med.vision.io import (WINDOW_PRESETS, ImageLoadError, ImageProcessorConfig, apply_window,
-                               load_and_preprocess, load_folder, load_image, preprocess, to_rgb)
+from mlx_med.vision.io import (
+  WINDOW_PRESETS,
+  ImageLoadError,
+  ImageProcessorConfig,
+  apply_window,
+  load_and_preprocess,
+  load_folder,
+  load_image,
+  preprocess,
+  to_rgb,
+)
 
 pydicom = pytest.importorskip("pydicom")
 nib = pytest.importorskip("nibabel")
-from PIL import Image  # noqa: E402
-from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, JPEGLSLossless,  # noqa: E402
-                         SecondaryCaptureImageStorage, generate_uid)
+from PIL import Image
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import (
+  CTImageStorage,
+  ExplicitVRLittleEndian,
+  JPEGLSLossless,
+  SecondaryCaptureImageStorage,
+  generate_uid,
+)
 
 PATIENT = "Doe^Jane"  # must never appear in an error or a log line
 
@@ -28,7 +42,7 @@ PATIENT = "Doe^Jane"  # must never appear in an error or a log line
 
 def write_dicom(path, pixels, *, photometric="MONOCHROME2", slope=None, intercept=None, center=None, width=None,
                 voi_function=None, planar=0, transfer_syntax=ExplicitVRLittleEndian, pixel_bytes=None,
-                with_pixels=True, frames=None):
+                with_pixels=True, frames=None, extra=None):
   """A DICOM Part 10 file written from scratch (no sample data): int16 grayscale or uint8 RGB."""
   meta = FileMetaDataset()
   meta.MediaStorageSOPClassUID = CTImageStorage if photometric.startswith("MONO") else SecondaryCaptureImageStorage
@@ -42,7 +56,7 @@ def write_dicom(path, pixels, *, photometric="MONOCHROME2", slope=None, intercep
   ds.Modality = "CT" if photometric.startswith("MONO") else "OT"
   if with_pixels:
     a = np.asarray(pixels)
-    rgb = photometric == "RGB"
+    rgb = photometric in ("RGB", "YBR_FULL")
     ds.Rows, ds.Columns = (a.shape[-3], a.shape[-2]) if rgb else (a.shape[-2], a.shape[-1])
     if frames:
       ds.NumberOfFrames = frames
@@ -63,6 +77,8 @@ def write_dicom(path, pixels, *, photometric="MONOCHROME2", slope=None, intercep
     ds.WindowCenter, ds.WindowWidth = center, width
   if voi_function:
     ds.VOILUTFunction = voi_function
+  for key, value in (extra or {}).items():
+    setattr(ds, key, value)
   ds.save_as(path, enforce_file_format=True)
   return path
 
@@ -117,8 +133,8 @@ def test_linear_window_by_hand_at_40_400():
 def test_window_functions_match_pydicom():
   """LINEAR / LINEAR_EXACT / SIGMOID against pydicom's own apply_windowing (an independent reading of
   the standard), rescaled from its 16-bit output range to [0, 1]."""
-  from pydicom.pixels import apply_windowing
   from pydicom.dataset import Dataset
+  from pydicom.pixels import apply_windowing
 
   x = np.arange(-1200, 1300, 7, dtype=np.float64)
   for function in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
@@ -194,6 +210,47 @@ def test_dicom_rgb_planar_configurations(tmp_path, planar):
   np.testing.assert_allclose(out, rgb / 255.0, atol=1e-7)
   with pytest.raises(ImageLoadError, match="applies to grayscale images"):
     load_image(f, window="lung")
+
+
+def test_dicom_ybr_full_is_converted_to_rgb(tmp_path):
+  y = np.arange(35, dtype=np.uint8).reshape(5, 7) * 7
+  ybr = np.stack([y, np.full_like(y, 128), np.full_like(y, 128)], -1)  # neutral chroma: R = G = B = Y
+  out = load_image(write_dicom(tmp_path / "ybr.dcm", ybr, photometric="YBR_FULL"))
+  np.testing.assert_allclose(out, np.stack([y] * 3, -1) / 255.0, atol=1e-7)
+
+
+def test_dicom_palette_color(tmp_path):
+  idx = np.array([[0, 1, 2], [255, 128, 7]], dtype=np.int16)
+  ramp = np.arange(256, dtype=np.uint16)
+  red, green, blue = ramp * 256, 65535 - ramp * 256, np.full(256, 1000, np.uint16)
+  extra = {"PixelRepresentation": 0}
+  for name, lut in (("Red", red), ("Green", green), ("Blue", blue)):
+    extra[f"{name}PaletteColorLookupTableDescriptor"] = [256, 0, 16]
+    extra[f"{name}PaletteColorLookupTableData"] = lut.astype("<u2").tobytes()
+  out = load_image(write_dicom(tmp_path / "pal.dcm", idx, photometric="PALETTE COLOR", extra=extra))
+  expected = np.stack([red[idx], green[idx], blue[idx]], -1) / 65535.0
+  np.testing.assert_allclose(out, expected, atol=1e-7)
+
+
+def test_dicom_enhanced_per_frame_rescale_and_window(tmp_path):
+  """Enhanced multi-frame objects keep rescale and window per frame in functional group sequences."""
+  from pydicom.dataset import Dataset
+
+  def group(intercept, center, width):
+    g = Dataset()
+    pvt, voi = Dataset(), Dataset()
+    pvt.RescaleSlope, pvt.RescaleIntercept, pvt.RescaleType = 1, intercept, "HU"
+    voi.WindowCenter, voi.WindowWidth = center, width
+    g.PixelValueTransformationSequence, g.FrameVOILUTSequence = [pvt], [voi]
+    return g
+
+  frames = np.stack([STORED, STORED])
+  f = write_dicom(tmp_path / "enh.dcm", frames, frames=2,
+                  extra={"PerFrameFunctionalGroupsSequence": [group(-1024, 40, 400), group(-1000, -600, 1500)]})
+  out = load_image(f)
+  np.testing.assert_allclose(out[0], linear_window(STORED - 1024.0, 40, 400), atol=1e-6)
+  np.testing.assert_allclose(out[1], linear_window(STORED - 1000.0, -600, 1500), atol=1e-6)
+  np.testing.assert_array_equal(load_image(f, window="none", frame=1), (STORED - 1000.0).astype(np.float32))
 
 
 def test_dicom_bad_files(tmp_path):
@@ -392,9 +449,11 @@ def hf_processors():
   from torch_peers import import_torchvision
 
   import_torchvision()  # transformers' image utilities import torchvision
-  from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-  from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
   from transformers import CLIPImageProcessor, SiglipImageProcessor
+  from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+  from transformers.models.siglip.image_processing_pil_siglip import (
+    SiglipImageProcessorPil,
+  )
 
   s = 32
   return {
