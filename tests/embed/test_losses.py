@@ -265,6 +265,10 @@ def test_siglip_chunked_equals_unchunked(data, meshes, axis_type):
     _rel_close(loss1, ref_siglip(img, txt, labels, scale, bias))
     for a, b in zip(g8, g1):
       _rel_close(a, b, atol=_grad_atol(b))
+  # The ring really is a ring: text chunks move by collective-permute, forward and backward,
+  # and no device gathers the batch.
+  hlo = chunked.lower(shard(img), shard(txt), scale, bias, None).compile().as_text()
+  assert "collective-permute" in hlo and "all-gather" not in hlo
   # Unsharded inputs outside jit, positional mesh/axis as in the shared interface.
   _rel_close(losses.siglip_loss_chunked(img, txt, scale, bias, mesh, "data", labels=ids),
              ref_siglip(img, txt, ids, scale, bias))
