@@ -403,24 +403,29 @@ def _load_dicom(path: pathlib.Path, window: Window, frame: int | None) -> np.nda
     return (arr.astype(np.float64) / float(2 ** bits - 1)).clip(0.0, 1.0).astype(np.float32)
 
   stack = arr if multi else arr[None]
-  out = np.empty(stack.shape, np.float64 if mode != "none" else np.float32)
-  values = np.empty(stack.shape, np.float64)
-  for i, f in enumerate(frames):
-    slope, intercept = _rescale_params(ds, f)
-    values[i] = stack[i].astype(np.float64) * slope + intercept
-  if mode == "none":
-    out = values.astype(np.float32)
-  elif explicit is not None:
-    out = apply_window(values, *explicit)
-  else:
-    header = [_header_window(ds, f) for f in frames]
-    if all(h is not None for h in header):
-      out = np.stack([apply_window(values[i], *header[i]) for i in range(len(frames))])
+  params = [_rescale_params(ds, f) for f in frames]
+
+  def modality(i: int) -> np.ndarray:  # one frame at a time: a long series never sits in float64 at once
+    slope, intercept = params[i]
+    return stack[i].astype(np.float64) * slope + intercept
+
+  out = np.empty(stack.shape, np.float32)
+  header = [_header_window(ds, f) for f in frames] if mode == "header" else []
+  if mode == "header" and not all(h is not None for h in header):  # full-range window over all frames
+    lo = min(float(np.min(modality(i))) for i in range(len(frames)))
+    hi = max(float(np.max(modality(i))) for i in range(len(frames)))
+  for i in range(len(frames)):
+    x = modality(i)
+    if mode == "none":
+      out[i] = x
+    elif explicit is not None:
+      out[i] = apply_window(x, *explicit)
+    elif all(h is not None for h in header):
+      out[i] = apply_window(x, *header[i])
     else:
-      out = _minmax(values)
+      out[i] = (x - lo) / (hi - lo) if hi > lo else 0.0
   if mode != "none" and photometric == "MONOCHROME1":
     out = 1.0 - out
-  out = out.astype(np.float32)
   return out if multi else out[0]
 
 
