@@ -44,12 +44,13 @@ cannot be contracted against another one sharded on the same mesh axis).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import chex
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 Array = jax.Array
 
@@ -284,7 +285,7 @@ def siglip_loss_chunked(img_emb: Array, txt_emb: Array, logit_scale, logit_bias,
     return jax.lax.psum(total, axes) / (b * n)
 
   if labels is None:
-    fn = lambda img, txt, scale, bias: local(img, txt, None, scale, bias)  # noqa: E731
+    fn = lambda img, txt, scale, bias: local(img, txt, None, scale, bias)
     operands = (img_emb, txt_emb, scale, bias)
     in_specs = (P(batch_spec), P(batch_spec), P(), P())
   else:

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mlx_med.embed import losses
 
@@ -228,7 +229,7 @@ def _grad_atol(g):
 def test_unicl_sharded_equals_single_device(data, meshes, axis_type):
   img, txt, ids, multi_hot = data
   mesh = meshes[axis_type]
-  shard = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))  # noqa: E731
+  shard = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
 
   def loss_and_metrics(img, txt, labels, scale):
     return losses.unicl_loss(img, txt, labels, scale, return_metrics=True)
@@ -250,7 +251,7 @@ def test_unicl_sharded_equals_single_device(data, meshes, axis_type):
 def test_siglip_chunked_equals_unchunked(data, meshes, axis_type):
   img, txt, ids, multi_hot = data
   mesh = meshes[axis_type]
-  shard = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))  # noqa: E731
+  shard = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
   scale, bias = math.log(10.0), -10.0
   argnums = (0, 1, 2, 3)
 
