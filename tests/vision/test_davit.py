@@ -1,0 +1,229 @@
+"""DaViT against timm's `davit` (CPU torch): same random weights, same outputs.
+
+Two tiny timm models cover both channel-attention variants and both downsample
+kinds: timm's DaViT (v1 channel attention, 2x2 downsample convs) and the Florence /
+MedImageInsight form (v2 channel attention, 3x3 downsample convs, named blocks). Every
+weight is perturbed away from timm's init (zero biases, unit norms) so each one
+matters. Input sizes are chosen so the stem, the downsample convs and the windows all
+need padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlx_med.core import sharding as sharding_lib
+from mlx_med.vision.davit import DaViT, DaViTConfig, convert_timm_state_dict, num_params
+
+torch = pytest.importorskip("torch")
+
+DIMS, DEPTHS, HEADS, WINDOW = (16, 32, 64, 128), (1, 1, 2, 1), (1, 2, 4, 8), 4
+
+VARIANTS = {
+    # timm's own DaViT: v1 channel attention, 2x2 downsample convs
+    "timm": (dict(down_kernel_size=2, channel_attn_v2=False, named_blocks=False),
+             dict(patch_sizes=(7, 2, 2, 2), channel_attention="v1")),
+    # Florence / MedImageInsight: v2 channel attention, 3x3 downsample convs
+    "florence": (dict(down_kernel_size=3, channel_attn_v2=True, named_blocks=True),
+                 dict(patch_sizes=(7, 3, 3, 3), channel_attention="v2")),
+}
+
+# 50 px: the stem pads to 52 (-> 13), windows of 4 pad 13 -> 16; 2x2 downsamples pad 13 -> 14.
+# 64 px: maps 16, 8, 4, 2; the last stage (2x2) pads to one 4x4 window.
+SIZES = (50, 64)
+
+
+def _timm_model(variant: str):
+  from torch_peers import import_timm
+  davit = import_timm().models.davit
+  torch.manual_seed(0)
+  model = davit.DaVit(embed_dims=DIMS, depths=DEPTHS, num_heads=HEADS, window_size=WINDOW, num_classes=0,
+                      **VARIANTS[variant][0]).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  return model
+
+
+def _timm_forward(model, images_nhwc: np.ndarray):
+  x = torch.from_numpy(images_nhwc).permute(0, 3, 1, 2).contiguous()
+  maps = []
+  with torch.no_grad():
+    pooled = model(x).numpy()
+    y = model.stem(x)
+    for stage in model.stages:
+      y = stage(y)
+      maps.append(y.permute(0, 2, 3, 1).numpy())
+  return pooled, maps
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def converted(request):
+  """(variant, timm model, our config, our params converted from its state dict)."""
+  model = _timm_model(request.param)
+  cfg = DaViTConfig(dims=DIMS, depths=DEPTHS, heads=HEADS, window_size=WINDOW, image_size=64,
+                    **VARIANTS[request.param][1])
+  params = convert_timm_state_dict(model.state_dict(), cfg)
+  return request.param, model, cfg, params
+
+
+@pytest.fixture(scope="module")
+def images():
+  rng = np.random.default_rng(0)
+  return {s: rng.standard_normal((2, s, s, 3)).astype(np.float32) for s in SIZES}
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_matches_timm(converted, images, size):
+  variant, model, cfg, params = converted
+  want_pooled, want_maps = _timm_forward(model, images[size])
+  out = jax.jit(lambda p, x: DaViT(cfg).apply({"params": p}, x))(params, images[size])
+  assert len(out.feature_maps) == 4
+  for i, (got, want) in enumerate(zip(out.feature_maps, want_maps)):
+    assert got.shape == want.shape, (variant, i)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4, err_msg=f"{variant} stage {i}")
+  np.testing.assert_allclose(np.asarray(out.pooled), want_pooled, atol=1e-4, rtol=1e-4)
+  b, h, w, c = want_maps[-1].shape
+  np.testing.assert_allclose(np.asarray(out.tokens), want_maps[-1].reshape(b, h * w, c), atol=1e-4, rtol=1e-4)
+
+
+def test_conversion_keeps_every_weight(converted):
+  variant, model, cfg, params = converted
+  ours = sum(np.size(x) for x in jax.tree.leaves(params))
+  theirs = sum(p.numel() for p in model.parameters())
+  assert ours == theirs == num_params(cfg)
+
+
+def test_conversion_errors(converted):
+  _, model, cfg, _ = converted
+  sd = dict(model.state_dict())
+  with pytest.raises(ValueError, match="unexpected key 'stages.0.extra.weight'"):
+    convert_timm_state_dict({**sd, "stages.0.extra.weight": torch.zeros(3)}, cfg)
+  with pytest.raises(ValueError, match="checkpoint and config differ"):
+    convert_timm_state_dict(sd, dataclasses.replace(cfg, depths=(1, 1, 3, 1)))
+  with pytest.raises(ValueError, match="width 16"):
+    convert_timm_state_dict(sd)  # 16 channels/head: heads cannot be inferred, cfg is required
+
+
+def test_default_heads_are_32_channels_each():
+  from torch_peers import import_timm
+  davit = import_timm().models.davit
+  model = davit.DaVit(embed_dims=(32, 64, 96, 128), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4), window_size=4,
+                      num_classes=0)
+  params = convert_timm_state_dict(model.state_dict())
+  assert params["stages_3_blocks_0_spatial"]["attn"]["qkv"]["kernel"].shape == (128, 3, 4, 32)
+
+
+# ---------------------------------------------------------------------------
+# dtype, remat, stochastic depth, axes: on the smoke preset with its own init
+# ---------------------------------------------------------------------------
+
+SMOKE = DaViTConfig.smoke()
+
+
+@pytest.fixture(scope="module")
+def smoke_params():
+  x = jnp.zeros((1, 64, 64, 3))
+  return DaViT(SMOKE).init(jax.random.key(0), x)["params"]
+
+
+@pytest.fixture(scope="module")
+def smoke_images():
+  return jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+
+
+def test_bf16_close_to_fp32(smoke_params, smoke_images):
+  params = nn.meta.unbox(smoke_params)
+  f32 = jax.jit(lambda p, x: DaViT(SMOKE).apply({"params": p}, x))(params, smoke_images)
+  cfg16 = dataclasses.replace(SMOKE, dtype="bfloat16")
+  b16 = jax.jit(lambda p, x: DaViT(cfg16).apply({"params": p}, x))(params, smoke_images)
+  assert b16.feature_maps[-1].dtype == jnp.bfloat16 and b16.pooled.dtype == jnp.float32
+  assert jax.tree.leaves(params)[0].dtype == jnp.float32
+  # pooled is LayerNorm-ed (unit scale): bf16's 8-bit mantissa through 8 blocks stays within 0.1.
+  err = float(jnp.max(jnp.abs(b16.pooled - f32.pooled)))
+  assert err < 0.1, err
+  cos = jnp.sum(b16.pooled * f32.pooled, -1) / (jnp.linalg.norm(b16.pooled, axis=-1) * jnp.linalg.norm(f32.pooled, axis=-1))
+  assert float(jnp.min(cos)) > 0.999
+
+
+def _loss_and_grad(cfg, params, images):
+  def loss(p):
+    out = DaViT(cfg).apply({"params": p}, images)
+    return jnp.sum(out.pooled ** 2) + jnp.mean(out.feature_maps[0])
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_remat_same_outputs_and_grads(smoke_params, smoke_images):
+  params = nn.meta.unbox(smoke_params)
+  l0, g0 = _loss_and_grad(SMOKE, params, smoke_images)
+  l1, g1 = _loss_and_grad(dataclasses.replace(SMOKE, remat=True), params, smoke_images)
+  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5), g1, g0)
+
+
+def test_drop_path_only_in_training_with_a_key(smoke_params, smoke_images):
+  params = nn.meta.unbox(smoke_params)
+  cfg = dataclasses.replace(SMOKE, drop_path_rate=0.5)
+  run = jax.jit(lambda p, x, key, train: DaViT(cfg).apply({"params": p}, x, train=train, rngs={"dropout": key}),
+                static_argnums=3)
+  evaluation = DaViT(cfg).apply({"params": params}, smoke_images).pooled
+  np.testing.assert_allclose(np.asarray(run(params, smoke_images, jax.random.key(0), False).pooled),
+                             np.asarray(evaluation), atol=1e-6)  # train=False ignores the key
+  a = run(params, smoke_images, jax.random.key(0), True).pooled
+  a2 = run(params, smoke_images, jax.random.key(0), True).pooled
+  b = run(params, smoke_images, jax.random.key(1), True).pooled
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(a2))
+  assert float(jnp.max(jnp.abs(a - evaluation))) > 1e-3
+  assert float(jnp.max(jnp.abs(a - b))) > 1e-3
+  with pytest.raises(ValueError, match="needs a dropout key"):
+    DaViT(cfg).apply({"params": params}, smoke_images, train=True)
+  # rate 0: training without a key is the evaluation forward
+  np.testing.assert_allclose(np.asarray(DaViT(SMOKE).apply({"params": params}, smoke_images, train=True).pooled),
+                             np.asarray(evaluation), atol=1e-6)
+
+
+def test_every_param_has_logical_axes(smoke_params):
+  leaves = jax.tree.leaves(smoke_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+  specs = nn.get_partition_spec(smoke_params)
+  known = {name for name, _ in sharding_lib.DEFAULT_RULES}
+  mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  rules = sharding_lib.ShardingRules(mesh)
+  flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  for spec, leaf in zip(flat_specs, leaves):
+    assert len(spec) == leaf.value.ndim
+    assert all(name is None or name in known for name in spec), spec
+    rules.spec(tuple(spec), leaf.value.shape)  # every name has a rule on the mesh
+
+
+def test_sharded_forward_matches_single_device(smoke_params, smoke_images):
+  params = nn.meta.unbox(smoke_params)
+  mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  rules = sharding_lib.ShardingRules(mesh)
+  specs = nn.get_partition_spec(smoke_params)
+  shardings = sharding_lib.tree_shardings(rules, specs, params)
+  sharded = jax.device_put(params, shardings)
+  x = jax.device_put(jnp.concatenate([smoke_images, smoke_images]), rules.named(("batch", None, None, None)))
+  out = jax.jit(lambda p, x: DaViT(SMOKE, rules).apply({"params": p}, x))(sharded, x)
+  ref = DaViT(SMOKE).apply({"params": params}, smoke_images)
+  np.testing.assert_allclose(np.asarray(out.pooled[:2]), np.asarray(ref.pooled), atol=1e-4, rtol=1e-4)
+
+
+def test_presets_and_errors():
+  cfg = DaViTConfig.medimageinsight()
+  assert (cfg.dims, cfg.depths, cfg.heads, cfg.window_size, cfg.patch_sizes, cfg.strides, cfg.image_size) == (
+      (256, 512, 1024, 2048), (1, 1, 9, 1), (8, 16, 32, 64), 12, (7, 3, 3, 3), (4, 2, 2, 2), 480)
+  assert 355e6 < num_params(cfg) < 365e6  # the paper's ~360M image tower (360,636,416)
+  assert num_params(DaViTConfig.tiny()) == 27_591_168  # timm davit_tiny without its 1000-class head
+  with pytest.raises(ValueError, match="not divisible by its 3 heads"):
+    DaViTConfig(dims=(16, 32, 64, 128), heads=(3, 2, 4, 8))
+  with pytest.raises(ValueError, match="one entry per stage"):
+    DaViTConfig(dims=(16, 32, 64), depths=(1, 1, 1, 1))
+  with pytest.raises(ValueError, match="NHWC"):
+    DaViT(SMOKE).init(jax.random.key(0), jnp.zeros((1, 3, 64, 64)))
