@@ -21,10 +21,11 @@ from mlx_med import __version__
 # Each config names its task; the task's `run(config, workdir, args)` does the work.
 TASKS = {
     "ehr_pretrain": "mlx_med.ehr.pretrain:run",
+    "medimageinsight": "mlx_med.embed.train:run",
 }
 
 # Capability packages that add sub-commands through `register(subparsers)`.
-SUBCOMMAND_MODULES = ("mlx_med.ehr.cli", "mlx_med.llm.cli", "mlx_med.scaling.cli")
+SUBCOMMAND_MODULES = ("mlx_med.ehr.cli", "mlx_med.llm.cli", "mlx_med.scaling.cli", "mlx_med.embed.cli")
 
 
 def _train(args, overrides: list[str]) -> int:
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_backend_probe_logs()
   accepts_overrides = getattr(args, "accepts_overrides", False)
   if overrides and not accepts_overrides:
-    parser.error("--config.* overrides apply to `train` and `scaling run` only")
+    parser.error("--config.* overrides apply to `train`, `scaling run` and `embed train` only")
   try:
     if accepts_overrides:
       return args.func(args, overrides)
