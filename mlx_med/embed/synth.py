@@ -47,8 +47,8 @@ import csv
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
