@@ -423,5 +423,9 @@ def make_loader(data_dir_or_builder: Any, split: str, *, batch_size: int, image_
   ds = ds.map(_Collate(mean, std, _encode_fn(tokenizer), with_metadata))
   iterable = ds.to_iter_dataset()
   if worker_count > 0:
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a library caller never parsed them
+      flags.FLAGS.mark_as_parsed()
     iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iterable
