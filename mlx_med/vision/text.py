@@ -4,6 +4,9 @@
 vector is the final-LayerNorm state at the end-of-text token) or SigLIP's (style
 "siglip": bidirectional attention, the pooled vector is the last position's state
 through a dense head). Both load Hugging Face weights one-to-one (`mlx_med.vision.hf`).
+There is no padding mask: SigLIP attends over the padded length by design, and in the
+causal CLIP tower padding comes after the end token, so it cannot change the pooled
+vector (HF's optional attention_mask changes only the states after the end token).
 
 `TextTokenizer` reads a `tokenizer.json` (CLIP's own, or one made by
 `train_text_tokenizer` from local text) and returns fixed-length id arrays, the
@@ -218,7 +221,7 @@ class TextTokenizer:
       raise FileNotFoundError(f"tokenizer file {path!r} does not exist (expected a Hugging Face tokenizer.json)")
     try:
       tokenizer = Tokenizer.from_file(path)
-    except Exception as e:  # the Rust side raises a generic Exception for malformed files
+    except Exception as e:  # noqa: BLE001  (the Rust side raises a bare Exception for malformed files)
       raise ValueError(f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return cls(tokenizer, context_length=context_length, style=style, pad_token=pad_token, path=path)
 

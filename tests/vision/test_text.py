@@ -102,3 +102,26 @@ def test_tokenizer_file_errors(tmp_path):
   bad.write_text("{not json")
   with pytest.raises(ValueError, match="tokenizer.json"):
     TextTokenizer.from_file(bad)
+
+
+def test_sharded_text_tower_matches_single_device(clip_tower):
+  from mlx_med.core import sharding as sharding_lib
+
+  cfg, _, variables, apply = clip_tower
+  rules = sharding_lib.ShardingRules(sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+  params = nn.unbox(variables["params"])
+  shardings = sharding_lib.tree_shardings(rules, nn.get_partition_spec(variables)["params"], params)
+  ids = jnp.asarray(np.arange(48, dtype=np.int32).reshape(4, 12) % 60)
+  sharded = jax.jit(TextTransformer(cfg, rules=rules).apply)({"params": jax.device_put(params, shardings)},
+                                                               jax.device_put(ids, rules.named(("batch", None))))
+  single = apply(variables, ids)
+  np.testing.assert_allclose(np.asarray(sharded.pooled), np.asarray(single.pooled), rtol=1e-5, atol=1e-5)
+
+
+def test_siglip_style_tokenizer_pads_to_length(trained_tokenizer):
+  tok = TextTokenizer.from_file(trained_tokenizer.path, context_length=16, style="siglip")
+  ids = tok.encode(["no acute findings.", "nodule " * 40])
+  assert ids.shape == (2, 16) and tok.bos_token_id is None
+  clip_ids = trained_tokenizer.encode(["no acute findings."])[0]
+  np.testing.assert_array_equal(ids[0], clip_ids)  # same file, same post-processor, same padding id
+  assert ids[1, -1] == tok.eos_token_id
