@@ -14,7 +14,7 @@ import flax.linen as nn
 
 from mlx_med.core import sharding as sharding_lib
 from mlx_med.vision.text import TextConfig, TextTransformer
-from mlx_med.vision.vit import ViT, ViTConfig
+from mlx_med.vision.vit import ViT, ViTConfig, _fields_from_mapping
 
 IMAGE_ENCODER_KINDS = ("vit", "davit")
 
@@ -43,7 +43,9 @@ def image_encoder_config(cfg: Any):
   if kind == "davit":
     from mlx_med.vision.davit import DaViTConfig
 
-    return DaViTConfig.from_config(values)
+    if hasattr(DaViTConfig, "from_config"):
+      return DaViTConfig.from_config(values)
+    return DaViTConfig(**_fields_from_mapping(DaViTConfig, values, "DaViT"))
   raise ValueError(f"image encoder kind {kind!r} is not one of {IMAGE_ENCODER_KINDS} (set config kind)")
 
 

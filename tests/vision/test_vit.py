@@ -94,6 +94,11 @@ def test_build_image_encoder_from_configdict():
     build_image_encoder(ml_collections.ConfigDict(dict(kind="vit", widht=3, **TINY)))
   with pytest.raises(ValueError, match="kind"):
     build_image_encoder(ml_collections.ConfigDict(dict(kind="resnet")))
+  # kind "davit": list fields from a ConfigDict become the (hashable) dataclass's tuples.
+  davit = build_image_encoder(ml_collections.ConfigDict(dict(
+      kind="davit", dims=[8, 16, 16, 16], depths=[1, 1, 1, 1], heads=[1, 2, 2, 2], window_size=2, image_size=64)))
+  assert type(davit).__name__ == "DaViT" and davit.cfg.dims == (8, 16, 16, 16)
+  hash(davit.cfg)
 
 
 def test_bad_configs_and_inputs_are_clear():
