@@ -91,8 +91,13 @@ def read_metadata(folder: str | os.PathLike, *, check_files: bool = True) -> lis
       rows.append(row)
   if not rows:
     raise MetadataError(f"{csv_path}: no rows; add one line per image")
+  first_line: dict[str, str] = {}
   for row in rows:
     where = f"{csv_path}, line {row['line']}"
+    if row["path"] in first_line:
+      raise MetadataError(f"{where}: image {row['path']!r} is listed again (first on line {first_line[row['path']]}); "
+                          "keep one row per image")
+    first_line[row["path"]] = row["line"]
     if row["split"] not in SPLITS:
       raise MetadataError(f"{where}: split {row['split']!r} is not one of {', '.join(SPLITS)}; fix the split column")
     if not row["path"]:

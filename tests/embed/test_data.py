@@ -227,6 +227,10 @@ def test_bad_metadata_errors(built, tmp_path):
   with pytest.raises(data.MetadataError, match=r"line 3: image file 'images/nope.png' not found"):
     data.build_tfds(bad, tmp_path / "t3")
 
+  _write_csv(bad, header, [["images/00000.png", "train", "ct", "", "ok"], ["images/00000.png", "test", "ct", "", "x"]])
+  with pytest.raises(data.MetadataError, match=r"line 3: image 'images/00000.png' is listed again \(first on line 2\)"):
+    data.build_tfds(bad, tmp_path / "t3b")
+
   (bad / "images/broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
   _write_csv(bad, header, [["images/broken.png", "train", "ct", "a", "x"]])
   with pytest.raises(data.MetadataError, match=r"line 2: .*broken.png"):
