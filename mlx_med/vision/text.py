@@ -91,6 +91,14 @@ class TextConfig:
     return self.width
 
   @classmethod
+  def medimageinsight(cls, **overrides) -> "TextConfig":
+    """MedImageInsight's text encoder: CLIP-style, width 1024, 16 layers, 16 heads, context 77 (~252M)."""
+    values = dict(vocab_size=49408, context_length=77, width=1024, depth=16, num_heads=16, mlp_dim=4096,
+                  style="clip", act="quick_gelu")
+    values.update(overrides)
+    return cls(**values)
+
+  @classmethod
   def from_config(cls, cfg) -> "TextConfig":
     """From an ml_collections ConfigDict / mapping with the same field names (unknown keys are an error)."""
     return cls(**_fields_from_mapping(cls, dict(cfg), "text"))

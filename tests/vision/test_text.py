@@ -125,3 +125,13 @@ def test_siglip_style_tokenizer_pads_to_length(trained_tokenizer):
   clip_ids = trained_tokenizer.encode(["no acute findings."])[0]
   np.testing.assert_array_equal(ids[0], clip_ids)  # same file, same post-processor, same padding id
   assert ids[1, -1] == tok.eos_token_id
+
+
+def test_medimageinsight_text_preset_size():
+  cfg = TextConfig.medimageinsight()
+  assert (cfg.width, cfg.depth, cfg.num_heads, cfg.context_length) == (1024, 16, 16, 77)
+  assert 250e6 < cfg.num_params() < 254e6  # the model card's "about 252M"
+  shapes = jax.eval_shape(TextTransformer(TextConfig.medimageinsight(depth=1)).init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, 77), jnp.int32))
+  n = sum(x.size for x in jax.tree.leaves(nn.unbox(shapes["params"])))
+  assert n == TextConfig.medimageinsight(depth=1).num_params()
