@@ -128,6 +128,14 @@ class KNNClassifier:
       votes = np.eye(len(self.classes_))[self.targets[idx]]  # [Q, k, C]
     return (np.einsum("qk,qkc->qc", w, votes) / w.sum(axis=1, keepdims=True)).astype(np.float32)
 
+  def predict_scores(self, embeddings: Any) -> np.ndarray:
+    """Per-label (or per-class) scores [Q, K] for ROC evaluation: the same as predict_proba."""
+    return self.predict_proba(embeddings)
+
+  def predict_scores(self, embeddings: Any) -> np.ndarray:
+    """Per-label (or per-class) scores [Q, K] for ROC evaluation: the same as predict_proba."""
+    return self.predict_proba(embeddings)
+
   def predict(self, embeddings: Any) -> np.ndarray:
     proba = self.predict_proba(embeddings)
     return (proba >= 0.5).astype(np.int32) if self.multi_label else self.classes_[np.argmax(proba, axis=1)]
@@ -179,20 +187,29 @@ class LinearProbe:
 
   Args:
     C: inverse regularisation strength, as scikit-learn's LogisticRegression.
+    multi_label: None = from the targets ([N, K] multi-hot: one sigmoid per label; [N] class ids:
+      softmax); True = one sigmoid per label, class ids being turned into one-hot columns
+      (one-vs-rest); False = class ids required.
     max_iter: L-BFGS iterations at most.
     tol: stop when the gradient norm of the mean objective falls below this.
   After `fit`: `w` [E, O], `b` [O], `n_iter`, `grad_norm`, `converged`.
   """
 
-  def __init__(self, C: float = 1.0, *, max_iter: int = 1000, tol: float = 1e-6):
+  def __init__(self, C: float = 1.0, *, multi_label: bool | None = None, max_iter: int = 1000, tol: float = 1e-6):
     if C <= 0:
       raise AdapterInputError(f"C must be positive; got {C}")
     self.C, self.max_iter, self.tol = float(C), int(max_iter), float(tol)
+    self._multi_label_option = multi_label
     self.w: np.ndarray | None = None
 
   def fit(self, embeddings: Any, labels: Any) -> "LinearProbe":
     x = _features(embeddings, "training embeddings")
     targets, self.classes_ = _targets(labels, x.shape[0])
+    if self._multi_label_option is False and self.classes_ is None:
+      raise AdapterInputError("multi_label=False needs class ids [N]; got multi-hot labels [N, K]")
+    if self._multi_label_option and self.classes_ is not None:
+      targets = np.eye(len(self.classes_), dtype=np.float32)[targets]  # one-vs-rest columns, in classes_ order
+      self.label_classes_, self.classes_ = self.classes_, None
     self._softmax = self.classes_ is not None and len(self.classes_) > 2
     if self.classes_ is None:
       constant = np.flatnonzero(np.all(targets == targets[:1], axis=0))
@@ -235,6 +252,10 @@ class LinearProbe:
       return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
     p = 1.0 / (1.0 + np.exp(-z))
     return (p if self.multi_label else np.concatenate([1 - p, p], axis=1)).astype(np.float32)
+
+  def predict_scores(self, embeddings: Any) -> np.ndarray:
+    """Per-label (or per-class) scores [Q, K] for ROC evaluation: the same as predict_proba."""
+    return self.predict_proba(embeddings)
 
   def predict(self, embeddings: Any) -> np.ndarray:
     proba = self.predict_proba(embeddings)

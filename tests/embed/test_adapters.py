@@ -85,11 +85,20 @@ def test_linear_probe_binary_and_multilabel_match_sklearn(data):
   binary = LinearProbe(C=2.0).fit(x, y == 1)
   ref = LogisticRegression(C=2.0, tol=1e-10, max_iter=10_000).fit(x.astype(np.float64), y == 1)
   np.testing.assert_allclose(binary.predict_proba(xq), ref.predict_proba(xq), atol=2e-4)
-  probe = LinearProbe(C=2.0).fit(x, multi)
+  probe = LinearProbe(C=2.0, multi_label=True).fit(x, multi)
   assert probe.converged
+  np.testing.assert_array_equal(probe.predict_scores(xq), probe.predict_proba(xq))
   for j in range(multi.shape[1]):
     ref = LogisticRegression(C=2.0, tol=1e-10, max_iter=10_000).fit(x.astype(np.float64), multi[:, j])
     np.testing.assert_allclose(probe.predict_proba(xq)[:, j], ref.predict_proba(xq)[:, 1], atol=2e-4)
+
+
+def test_linear_probe_one_vs_rest(data):
+  x, y, _, xq, _, _ = data
+  probe = LinearProbe(multi_label=True).fit(x, y)  # class ids -> one sigmoid per class
+  assert probe.multi_label and probe.predict_scores(xq).shape == (len(xq), 3)
+  ref = LogisticRegression(tol=1e-10, max_iter=10_000).fit(x.astype(np.float64), y == 2)
+  np.testing.assert_allclose(probe.predict_proba(xq)[:, 2], ref.predict_proba(xq)[:, 1], atol=2e-4)
 
 
 def test_adapter_errors(data):
@@ -104,5 +113,7 @@ def test_adapter_errors(data):
     LinearProbe().predict(x)
   with pytest.raises(AdapterInputError, match="dimension 3 but the adapter was fitted on 16"):
     LinearProbe(max_iter=5).fit(x, y).predict(x[:, :3])
+  with pytest.raises(AdapterInputError, match="multi_label=False needs class ids"):
+    LinearProbe(multi_label=False).fit(x, multi)
   with pytest.raises(AdapterInputError, match="unknown weights"):
     KNNClassifier(weights="rank")
