@@ -7,6 +7,7 @@ directories load as towers through `load_hf_towers`.
 """
 
 from mlx_med.vision.common import VisionOutput
+from mlx_med.vision.davit import DaViT, DaViTConfig, convert_timm_state_dict
 from mlx_med.vision.encoders import build_image_encoder, build_text_encoder, image_encoder_config, text_encoder_config
 from mlx_med.vision.hf import HFTowers, load_hf_towers
 from mlx_med.vision.io import (WINDOW_PRESETS, FolderScan, ImageLoadError, ImageProcessorConfig, apply_window,  # noqa: F401
@@ -16,6 +17,7 @@ from mlx_med.vision.vit import ViT, ViTConfig
 
 __all__ = [
     "VisionOutput", "ViTConfig", "ViT", "TextConfig", "TextOutput", "TextTransformer", "TextTokenizer",
+    "DaViTConfig", "DaViT", "convert_timm_state_dict",
     "train_text_tokenizer", "build_image_encoder", "build_text_encoder", "image_encoder_config",
     "text_encoder_config", "HFTowers", "load_hf_towers",
 ]

@@ -34,7 +34,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -43,22 +44,12 @@ import numpy as np
 
 from mlx_med.core import sharding as sharding_lib
 from mlx_med.core.layers import cpu_dense_dot_general, logical_init
-
-try:  # the shared output type, once the vision package provides it
-  from mlx_med.vision.common import VisionOutput
-except ImportError:  # pragma: no cover - until vision/common.py lands
-
-  class VisionOutput(NamedTuple):
-    """pooled [B, D]; tokens [B, N, D] (last map, flattened); feature_maps: [B, h, w, C] per stage."""
-
-    pooled: jax.Array
-    tokens: jax.Array
-    feature_maps: tuple
-
+from mlx_med.vision.common import VisionOutput
 
 Dtype = Any
 
 _CHANNEL_ATTENTION = ("v1", "v2")
+_PRESETS = ("medimageinsight", "tiny", "smoke")
 
 
 def _as_dtype(name) -> Any:
@@ -132,26 +123,47 @@ class DaViTConfig:
       start += d
     return out
 
+  def num_params(self) -> int:
+    return num_params(self)
+
   @classmethod
-  def medimageinsight(cls, **overrides) -> "DaViTConfig":
+  def from_config(cls, cfg) -> DaViTConfig:
+    """From an ml_collections ConfigDict / mapping of field names; an optional `preset`
+    ("medimageinsight" | "tiny" | "smoke") starts from that preset and the other keys
+    override it. Unknown keys are an error."""
+    values = dict(cfg)
+    preset = values.pop("preset", None)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"DaViT config has unknown keys {unknown}; known: {sorted(known | {'preset'})}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    if preset is None:
+      return cls(**values)
+    if preset not in _PRESETS:
+      raise ValueError(f"DaViT config preset {preset!r} is not one of {_PRESETS}")
+    return getattr(cls, preset)(**values)
+
+  @classmethod
+  def medimageinsight(cls, **overrides) -> DaViTConfig:
     """MedImageInsight's image tower (Florence's DaViT, ~360M parameters at 480 px)."""
-    base = dict(dims=(256, 512, 1024, 2048), depths=(1, 1, 9, 1), heads=(8, 16, 32, 64), window_size=12,
-                patch_sizes=(7, 3, 3, 3), strides=(4, 2, 2, 2), image_size=480, channel_attention="v2",
-                drop_path_rate=0.1)
+    base = {"dims": (256, 512, 1024, 2048), "depths": (1, 1, 9, 1), "heads": (8, 16, 32, 64), "window_size": 12,
+            "patch_sizes": (7, 3, 3, 3), "strides": (4, 2, 2, 2), "image_size": 480, "channel_attention": "v2",
+            "drop_path_rate": 0.1}
     return cls(**{**base, **overrides})
 
   @classmethod
-  def tiny(cls, **overrides) -> "DaViTConfig":
+  def tiny(cls, **overrides) -> DaViTConfig:
     """timm's `davit_tiny` (28M parameters, 224 px)."""
-    base = dict(dims=(96, 192, 384, 768), depths=(1, 1, 3, 1), heads=(3, 6, 12, 24), window_size=7,
-                patch_sizes=(7, 2, 2, 2), strides=(4, 2, 2, 2), image_size=224, channel_attention="v1")
+    base = {"dims": (96, 192, 384, 768), "depths": (1, 1, 3, 1), "heads": (3, 6, 12, 24), "window_size": 7,
+            "patch_sizes": (7, 2, 2, 2), "strides": (4, 2, 2, 2), "image_size": 224, "channel_attention": "v1"}
     return cls(**{**base, **overrides})
 
   @classmethod
-  def smoke(cls, **overrides) -> "DaViTConfig":
+  def smoke(cls, **overrides) -> DaViTConfig:
     """A MedImageInsight-shaped tower of about 1M parameters for CPU tests and demos (64 px)."""
-    base = dict(dims=(32, 64, 96, 128), depths=(1, 1, 1, 1), heads=(2, 2, 4, 4), window_size=4,
-                patch_sizes=(7, 3, 3, 3), strides=(4, 2, 2, 2), image_size=64, channel_attention="v2")
+    base = {"dims": (32, 64, 96, 128), "depths": (1, 1, 1, 1), "heads": (2, 2, 4, 4), "window_size": 4,
+            "patch_sizes": (7, 3, 3, 3), "strides": (4, 2, 2, 2), "image_size": 64, "channel_attention": "v2"}
     return cls(**{**base, **overrides})
 
 
@@ -414,7 +426,8 @@ class DaViT(nn.Module):
       if i > 0:
         x = Downsample(cfg, i, name=f"stages_{i}_downsample")(x)
       for j in range(depth):
-        common = dict(cfg=cfg, heads=cfg.heads[i], drop_path=rates[i][j], deterministic=not train, rules=self.rules)
+        common = {"cfg": cfg, "heads": cfg.heads[i], "drop_path": rates[i][j], "deterministic": not train,
+                  "rules": self.rules}
         x = spatial_cls(**common, name=f"stages_{i}_blocks_{j}_spatial")(x)
         x = channel_cls(**common, name=f"stages_{i}_blocks_{j}_channel")(x)
       maps.append(x)

@@ -27,11 +27,11 @@ DIMS, DEPTHS, HEADS, WINDOW = (16, 32, 64, 128), (1, 1, 2, 1), (1, 2, 4, 8), 4
 
 VARIANTS = {
     # timm's own DaViT: v1 channel attention, 2x2 downsample convs
-    "timm": (dict(down_kernel_size=2, channel_attn_v2=False, named_blocks=False),
-             dict(patch_sizes=(7, 2, 2, 2), channel_attention="v1")),
+    "timm": ({"down_kernel_size": 2, "channel_attn_v2": False, "named_blocks": False},
+             {"patch_sizes": (7, 2, 2, 2), "channel_attention": "v1"}),
     # Florence / MedImageInsight: v2 channel attention, 3x3 downsample convs
-    "florence": (dict(down_kernel_size=3, channel_attn_v2=True, named_blocks=True),
-                 dict(patch_sizes=(7, 3, 3, 3), channel_attention="v2")),
+    "florence": ({"down_kernel_size": 3, "channel_attn_v2": True, "named_blocks": True},
+                 {"patch_sizes": (7, 3, 3, 3), "channel_attention": "v2"}),
 }
 
 # 50 px: the stem pads to 52 (-> 13), windows of 4 pad 13 -> 16; 2x2 downsamples pad 13 -> 14,
@@ -104,7 +104,7 @@ def test_matches_timm(images, variant, size):
 
 
 def test_conversion_keeps_every_weight(converted):
-  variant, model, cfg, params = converted
+  _variant, model, cfg, params = converted
   ours = sum(np.size(x) for x in jax.tree.leaves(params))
   theirs = sum(p.numel() for p in model.parameters())
   assert ours == theirs == num_params(cfg)
@@ -238,5 +238,16 @@ def test_presets_and_errors():
     DaViTConfig(dims=(16, 32, 64, 128), heads=(3, 2, 4, 8))
   with pytest.raises(ValueError, match="one entry per stage"):
     DaViTConfig(dims=(16, 32, 64), depths=(1, 1, 1, 1))
+  assert DaViTConfig.from_config({"preset": "medimageinsight", "image_size": 384, "dims": [256, 512, 1024, 2048]}) == \
+      DaViTConfig.medimageinsight(image_size=384)
+  assert DaViTConfig.from_config({"dims": [8, 16], "depths": [1, 1], "heads": [1, 2], "patch_sizes": [7, 2],
+                                  "strides": [4, 2]}).dims == (8, 16)
+  with pytest.raises(ValueError, match="unknown keys \\['width'\\]"):
+    DaViTConfig.from_config({"preset": "smoke", "width": 3})
+  import ml_collections
+
+  from mlx_med.vision import encoders
+  built = encoders.build_image_encoder(ml_collections.ConfigDict({"kind": "davit", "preset": "smoke"}))
+  assert isinstance(built, DaViT) and built.cfg == DaViTConfig.smoke()
   with pytest.raises(ValueError, match="NHWC"):
     jax.eval_shape(DaViT(SMOKE).init, jax.random.key(0), jnp.zeros((1, 3, 64, 64)))
