@@ -156,6 +156,9 @@ def test_chunked_siglip_runs_through_shard_map():
 
 
 def _tiny_clip_dir(tmp_path):
+  from torch_peers import import_torchvision
+
+  import_torchvision()  # transformers' image utilities import torchvision
   import torch
   import transformers
 
