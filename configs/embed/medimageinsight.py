@@ -19,13 +19,16 @@ Variants:
            480 px), text transformer width 1024 / 16 layers / 16 heads / context 77, shared
            embedding 1024, UniCL, AdamW wd 0.2, cosine, EMA 0.999, FSDP mesh (accelerators).
   vit_b16  ViT-B/16 CLIP-style image tower at 224 px, CLIP-B text tower, embedding 512.
-  siglip   vit_b16 towers trained with the sigmoid loss (chunked across the batch devices).
+  siglip   a SigLIP-style ViT-B/16 (attention pooling) and the vit_b16 text tower, trained with the
+           sigmoid loss (chunked across the batch devices).
   smoke    tiny ViT at 64 px and a small text tower on the synthetic data (CPU, minutes).
 
 Data (`data`): `folder` empty -> the synthetic generator writes `synth_train` + `synth_test`
 images into <workdir>/synthetic. `tokenizer` empty -> a byte-level BPE tokenizer of
 `tokenizer_vocab_size` tokens is trained on the training reports and saved as
 <workdir>/tokenizer.json (users of real data should pass CLIP's tokenizer.json instead).
+`source`: "memory" decodes every image once and keeps it in RAM (the smoke run); "tfds" converts
+the folder once into ArrayRecord files (`embed.data.build_tfds`) read lazily by grain workers.
 The run directory also gets model.json (the resolved towers), processor.json (resize and
 normalisation) and labels.json, which `Embedder.load(workdir)` reads.
 """
@@ -85,9 +88,11 @@ def get_config(arg=None):
       tokenizer="",  # a tokenizer.json (CLIP's); empty: train a BPE tokenizer on the training reports
       tokenizer_vocab_size=1024 if smoke else 8192,
       processor="clip",  # normalisation: clip | siglip (mean/std of the checkpoint's processor)
+      source="memory" if smoke else "tfds",  # memory: decoded once, in RAM | tfds: ArrayRecord, read lazily
+      tfds_dir="",  # data.source=tfds: where the ArrayRecord files go; empty: <workdir>/tfds
       train_split="train",
       eval_split="test",
-      worker_count=0,
+      worker_count=0 if smoke else 8,  # grain worker processes (lazy tfds records decode there)
   ))
 
   config.model = ml_collections.ConfigDict()
@@ -106,7 +111,9 @@ def get_config(arg=None):
     config.model.image = _vit(224, 16, 768, 12, 12, 3072, dtype="bfloat16", remat=True)
     config.model.text = _text(77, 512, 12, 8, 2048, dtype="bfloat16", remat=True)
     config.model.embed_dim = 512
-    if variant == "siglip":
+    if variant == "siglip":  # SigLIP's image tower: no class token, attention-pooling head
+      config.model.image = _vit(224, 16, 768, 12, 12, 3072, style="siglip", act="gelu_tanh", pool="map",
+                                dtype="bfloat16", remat=True)
       config.model.loss = "siglip"
       config.model.siglip_chunked = True
       config.model.logit_scale_init = 2.302585092994046  # log(10), SigLIP's init

@@ -16,10 +16,13 @@
 5. `core.trainer.Trainer` with the `EmbedTask`: sharded steps, EMA, checkpoints (the data
    iterator's position included), resumption, metrics and the loss curve.
 
-The training records are a random-access source (`FolderSource`): every image is decoded,
-resized and normalised with the run's image processor once, when the source is built, and kept in
-memory as float32; the trainer's grain loader shuffles, shards per host and checkpoints positions
-over it, so a restarted run sees exactly the batches an uninterrupted run would have seen.
+The training records are a random-access source. `data.source="memory"` (`FolderSource`):
+every image is decoded, resized and normalised with the run's image processor once and kept in
+memory as float32 (small data: the synthetic demo). `data.source="tfds"` (`RecordSource`): the
+folder is converted once into ArrayRecord files by the TFDS builder of `embed.data` (images
+resized to the model's size) and records are read and normalised lazily. Either way the
+trainer's grain loader shuffles, shards per host and checkpoints positions over the source, so a
+restarted run sees exactly the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -121,6 +124,56 @@ class FolderSource:
     return {"images": self.images[i], "text_ids": self.text_ids[i], "labels": self.labels[i]}
 
 
+class RecordSource:
+  """Random-access training records read lazily from the ArrayRecord files of the TFDS builder
+  (`embed.data.build_tfds`): for datasets too large to hold in memory. Images were resized to
+  the model's size when the records were written; here they are only scaled to [0, 1] and
+  normalised with the processor's mean/std, and reports are tokenized, one record at a time
+  (`data.worker_count` > 0 spreads this over grain worker processes)."""
+
+  def __init__(self, records, processor, tokenizer):
+    self.records, self.tokenizer = records, tokenizer
+    self.mean = np.asarray(processor.image_mean, np.float32)
+    self.std = np.asarray(processor.image_std, np.float32)
+    self.scale = float(processor.rescale_factor) if processor.do_rescale else 1.0
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, i):
+    rec = self.records[i]
+    image = np.asarray(rec["image"], np.float32) * self.scale
+    image = (image - self.mean) / self.std
+    report = rec["report"]
+    report = report.decode("utf-8") if isinstance(report, bytes) else str(report)
+    return {"images": image, "text_ids": np.asarray(self.tokenizer.encode([report])[0], np.int32),
+            "labels": np.asarray(rec["labels"], np.int32)}
+
+
+def make_sources(config: ml_collections.ConfigDict, workdir: str, folder: Path, rows, names, processor, tokenizer,
+                 image_size: int, progress: bool = False):
+  """(train source, eval source or None) by `data.source`: "memory" (FolderSource) or "tfds" (RecordSource
+  over ArrayRecord files built once into data.tfds_dir, default <workdir>/tfds)."""
+  d = config.data
+  splits = [d.train_split] + ([d.eval_split] if d.eval_split else [])
+  present = {r["split"] for r in rows}
+  if d.train_split not in present:
+    raise ValueError(f"{folder / METADATA}: no rows with split={d.train_split!r} (data.train_split)")
+  if d.source == "memory":
+    made = [FolderSource(folder, [r for r in rows if r["split"] == s], processor, tokenizer, names, progress)
+            if s in present else None for s in splits]
+  elif d.source == "tfds":
+    data_dir = d.tfds_dir or os.path.join(workdir, "tfds")
+    if jax.process_index() == 0:
+      data_lib.build_tfds(folder, data_dir, image_size=image_size, label_names=names)
+    _barrier("embed_tfds_ready")
+    builder = data_lib.build_tfds(folder, data_dir, image_size=image_size, label_names=names)
+    made = [RecordSource(builder.as_data_source(s), processor, tokenizer) if s in present else None for s in splits]
+  else:
+    raise ValueError(f"data.source={d.source!r}: choose memory (decoded once, held in RAM) or tfds (ArrayRecord, lazy)")
+  return made[0], (made[1] if len(made) > 1 else None)
+
+
 # ----------------------------------------------------------------------------- tokenizer, processor
 
 
@@ -182,8 +235,8 @@ class EmbedData:
   label_names: list
   tokenizer: Any
   processor: Any
-  train_source: FolderSource
-  eval_source: FolderSource | None
+  train_source: Any
+  eval_source: Any
 
 
 def build(config: ml_collections.ConfigDict, workdir: str, progress: bool = True):
@@ -220,13 +273,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
     _write_json(workdir_path / model_lib.LABELS_FILE, names)
     model_lib.save_processor(workdir_path, processor)
 
-  d = config.data
-  train_rows = [r for r in rows if r["split"] == d.train_split]
-  eval_rows = [r for r in rows if r["split"] == d.eval_split] if d.eval_split else []
-  if not train_rows:
-    raise ValueError(f"{folder / METADATA}: no rows with split={d.train_split!r} (data.train_split)")
-  train_source = FolderSource(folder, train_rows, processor, tokenizer, names, progress)
-  eval_source = FolderSource(folder, eval_rows, processor, tokenizer, names, progress) if eval_rows else None
+  train_source, eval_source = make_sources(config, workdir, folder, rows, names, processor, tokenizer,
+                                           cfg.image_size, progress)
   task = model_lib.EmbedTask(cfg, loss=m.loss, siglip_chunked=bool(m.siglip_chunked),
                              max_logit_scale=float(m.max_logit_scale), num_labels=len(names))
   data = EmbedData(folder, rows, names, tokenizer, processor, train_source, eval_source)

@@ -98,3 +98,33 @@ def test_bad_data_folder_is_one_clear_error(tmp_path):
   config = config_lib.get_config(CONFIG, TOY + [f"data.folder={tmp_path / 'nothing'}"])
   with pytest.raises(ValueError, match="metadata.csv"):
     train_lib.run(config, str(tmp_path / "run"), progress=False)
+
+
+def test_lazy_tfds_records_equal_the_in_memory_source(tmp_path):
+  from mlx_med.embed import data as data_lib
+  from mlx_med.embed.synth import generate_dataset
+  from mlx_med.vision.io import ImageProcessorConfig
+  from mlx_med.vision.text import train_text_tokenizer
+
+  folder = generate_dataset(tmp_path / "synth", n_train=12, n_test=4, image_size=32, seed=1)
+  rows = data_lib.read_metadata(folder)
+  names = data_lib.vocabulary(rows)
+  tokenizer = train_text_tokenizer([r["report"] for r in rows], 300, tmp_path / "tok.json", context_length=24)
+  processor = ImageProcessorConfig.clip(32)
+  config = config_lib.get_config(CONFIG, TOY + ["data.source=tfds", f"data.tfds_dir={tmp_path / 'tfds'}"])
+  lazy_train, lazy_eval = train_lib.make_sources(config, str(tmp_path), folder, rows, names, processor, tokenizer, 32)
+  config.data.source = "memory"
+  mem_train, mem_eval = train_lib.make_sources(config, str(tmp_path), folder, rows, names, processor, tokenizer, 32)
+  assert (len(lazy_train), len(lazy_eval)) == (len(mem_train), len(mem_eval)) == (12, 4)
+  by_path = {p: i for i, p in enumerate(mem_train.paths)}
+  for i in range(len(lazy_train)):
+    rec = lazy_train.records[i]
+    path = rec["path"].decode() if isinstance(rec["path"], bytes) else rec["path"]
+    want = mem_train[by_path[str(folder / path)]]
+    got = lazy_train[i]
+    np.testing.assert_allclose(got["images"], want["images"], atol=1e-5)
+    np.testing.assert_array_equal(got["text_ids"], want["text_ids"])
+    np.testing.assert_array_equal(got["labels"], want["labels"])
+  config.data.source = "disk"
+  with pytest.raises(ValueError, match="data.source='disk'"):
+    train_lib.make_sources(config, str(tmp_path), folder, rows, names, processor, tokenizer, 32)
