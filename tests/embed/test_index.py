@@ -49,6 +49,35 @@ def test_matches_brute_force(data, metric, block_rows):
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
+def test_bf16_prefilter_matches_brute_force(data, metric):
+  x, q = data
+  index = ExactIndex(x, metric=metric, batch_size=16, block_rows=8, prefilter=True, prefilter_k=12)
+  for k in (1, 10, 30):  # 30 > prefilter_k: the prefilter keeps k per device
+    scores, indices = index.search(q, k)
+    ref_scores, ref_indices = brute_force(x, q, metric, k)
+    np.testing.assert_array_equal(indices, ref_indices)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+    assert 0 <= index.last_certified_fraction <= 1
+
+
+def test_bf16_prefilter_falls_back_when_it_cannot_certify():
+  # Rows that differ below bf16 resolution: the prefilter cannot separate them, so the
+  # uncertified queries are answered by the fp32 search, and the results stay exact.
+  rng = np.random.default_rng(2)
+  base = rng.normal(size=(1, 32)).astype(np.float32)
+  x = np.concatenate([base + 1e-4 * rng.normal(size=(150, 32)), rng.normal(size=(50, 32))]).astype(np.float32)
+  q = np.concatenate([base + 1e-4 * rng.normal(size=(6, 32)), rng.normal(size=(6, 32))]).astype(np.float32)
+  for metric in ("ip", "l2"):
+    index = ExactIndex(x, metric=metric, prefilter=True, prefilter_k=10)
+    scores, indices = index.search(q, 5)
+    assert 0 < index.last_certified_fraction < 1
+    plain = ExactIndex(x, metric=metric).search(q, 5)
+    np.testing.assert_array_equal(indices, plain[1])
+    # Certified rows were rescored by another fp32 product (another summation order): last-bit differences.
+    np.testing.assert_allclose(scores, plain[0], rtol=1e-6)
+
+
 def test_k_equal_to_n_returns_every_row(data):
   x, q = data
   scores, indices = ExactIndex(x, metric="ip").search(q[:3], N)
@@ -123,6 +152,9 @@ def test_save_load_round_trip(data, tmp_path, dtype):
   assert (loaded.metric, loaded.dtype, loaded.ids, len(loaded)) == ("cosine", dtype, ids, N)
   for a, b in zip(index.search(q, 7), loaded.search(q, 7)):
     np.testing.assert_array_equal(a, b)
+  prefiltered = ExactIndex.load(tmp_path / "idx", prefilter=True)
+  assert prefiltered.prefilter == (dtype == "float32")
+  np.testing.assert_array_equal(prefiltered.search(q, 7)[1], index.search(q, 7)[1])
 
 
 def test_load_errors(data, tmp_path):
