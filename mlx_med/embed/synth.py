@@ -195,15 +195,15 @@ def _xray(rng, present, size, scale, contrast):
   img += np.exp(-((xx - 0.5 - ox) / 0.035) ** 2) * body * _u(rng, n, 0.12, 0.2)  # spine / mediastinum
   # Heart shadow: normal width 0.09-0.12 of the image (radius), cardiomegaly 0.16-0.2.
   big = present[:, 2][:, None, None]
-  heart_rx = np.where(big, _u(rng, n, 0.16, 0.20) * scale ** 0.3, _u(rng, n, 0.09, 0.12))
+  heart_rx = np.where(big, _u(rng, n, 0.17, 0.21) * scale ** 0.3, _u(rng, n, 0.08, 0.11))
   heart = _ellipse(yy, xx, 0.66 + oy, 0.47 + ox, _u(rng, n, 0.10, 0.13), heart_rx, 0.12)
   img += heart * _u(rng, n, 0.2, 0.28)
   # Nodule: a small bright blob well inside one lung.
   side = rng.integers(0, 2, size=(n, 1, 1))
   cx = np.where(side == 0, lung_cx[0], lung_cx[1])
   ny, nx = _point_in_ellipse(rng, n, lung_cy, cx, lung_ry, lung_rx, 0.6)
-  nod = _blob(yy, xx, ny, nx, _u(rng, n, 0.026, 0.04) * scale)
-  img += present[:, 0][:, None, None] * nod * _u(rng, n, 0.28, 0.4) * contrast
+  nod = _blob(yy, xx, ny, nx, _u(rng, n, 0.035, 0.05) * scale)
+  img += present[:, 0][:, None, None] * nod * _u(rng, n, 0.35, 0.5) * contrast
   # Effusion: the base of one (sometimes both) lung turns bright below a meniscus.
   level = lung_cy + lung_ry * (1.0 - 2 * _u(rng, n, 0.28, 0.45) * np.sqrt(scale))
   fluid_side = rng.integers(0, 3, size=(n, 1, 1))  # 0 left, 1 right, 2 both
@@ -233,12 +233,12 @@ def _ct(rng, present, size, scale, contrast):
   img += _ellipse(yy, xx, 0.72 + oy, 0.5 + ox, 0.05, 0.05, 0.1) * 0.45  # vertebra
   img += _ellipse(yy, xx, 0.42 + oy, 0.66 + ox, 0.1, 0.08, 0.2) * _u(rng, n, -0.1, 0.05)  # bowel gas / stomach
   my, mx = _point_in_ellipse(rng, n, liver_cy, liver_cx, liver_ry, liver_rx, 0.55)
-  mass = _ellipse(yy, xx, my, mx, _u(rng, n, 0.045, 0.07) * scale, _u(rng, n, 0.045, 0.07) * scale, 0.15)
-  img -= present[:, 0][:, None, None] * mass * _u(rng, n, 0.14, 0.22) * contrast
+  mass = _ellipse(yy, xx, my, mx, _u(rng, n, 0.055, 0.085) * scale, _u(rng, n, 0.055, 0.085) * scale, 0.15)
+  img -= present[:, 0][:, None, None] * mass * _u(rng, n, 0.18, 0.26) * contrast
   # Calcification anywhere in the soft tissue (liver, kidneys, aorta region).
   cy, cx = _point_in_ellipse(rng, n, 0.52 + oy, 0.5 + ox, 0.28, 0.36, 0.85)
-  calc = _blob(yy, xx, cy, cx, _u(rng, n, 0.017, 0.024) * scale)
-  img += present[:, 1][:, None, None] * calc * _u(rng, n, 0.5, 0.65) * contrast
+  calc = _blob(yy, xx, cy, cx, _u(rng, n, 0.025, 0.035) * scale)
+  img += present[:, 1][:, None, None] * calc * _u(rng, n, 0.55, 0.7) * contrast
   return img
 
 
@@ -322,7 +322,7 @@ def _oct(rng, present, size, scale, contrast):
   # Fluid: a dark cyst inside the layers.
   fy = top + thick * _u(rng, n, 0.35, 0.65)
   fx = _u(rng, n, 0.3, 0.7)
-  cyst = _ellipse(yy, xx, fy, fx, _u(rng, n, 0.035, 0.055) * scale, _u(rng, n, 0.06, 0.1) * scale, 0.15)
+  cyst = _ellipse(yy, xx, fy, fx, _u(rng, n, 0.045, 0.07) * scale, _u(rng, n, 0.08, 0.13) * scale, 0.15)
   img = img * (1 - present[:, 0][:, None, None] * cyst * np.clip(0.85 * contrast, 0, 1))
   img *= 1 + 0.25 * _smooth_noise(rng, n, size, 24)  # speckle
   return img
@@ -357,7 +357,7 @@ def draw_images(domain: str, present: np.ndarray, *, image_size: int = 64, seed:
 # Reports.
 
 
-def make_report(domain: str, labels: Sequence[str], rng: np.random.Generator, *, negation_rate: float = 0.3) -> str:
+def make_report(domain: str, labels: Sequence[str], rng: np.random.Generator, *, negation_rate: float = 0.15) -> str:
   """A templated report naming exactly the present `labels` ("domain/finding") of `domain`.
 
   Phrasing, modality mention and an occasional negated absent finding vary with `rng`."""
