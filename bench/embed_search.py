@@ -30,6 +30,7 @@ def main() -> None:
   parser.add_argument("--k", type=int, default=10)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--batch", type=int, default=1024, help="ExactIndex query batch (power of two)")
+  parser.add_argument("--prefilter-k", type=int, default=32, help="candidates per device the bf16 prefilter rescores")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   args = parser.parse_args()
 
@@ -49,7 +50,8 @@ def main() -> None:
   peer.add(db)
   variants = {"plain fp32": ExactIndex(db, metric="ip", dtype=args.dtype, batch_size=args.batch)}
   if args.dtype == "float32":
-    variants["bf16 prefilter"] = ExactIndex(db, metric="ip", batch_size=args.batch, prefilter=True)
+    variants["bf16 prefilter"] = ExactIndex(db, metric="ip", batch_size=args.batch, prefilter=True,
+                                           prefilter_k=args.prefilter_k)
   compile_s = {}
   for name, index in variants.items():
     start = time.perf_counter()

@@ -63,6 +63,7 @@ METRICS = ("cosine", "ip", "l2")
 DTYPES = ("float32", "bfloat16")
 AXIS = "db"
 _EPS = 1e-12
+_RESCORE_BYTES = 128 << 20
 
 
 class IndexInputError(ValueError):
@@ -227,7 +228,9 @@ class ExactIndex:
     block_rows: most database rows scored at once on a device (bounds the score matrix).
     prefilter: for a float32 database, also keep a bf16 copy on the devices and search it first
       (certified; see the module docstring). Same results; faster where bf16 products are.
-    prefilter_k: candidates per device that the prefilter rescores in fp32 (at least k).
+    prefilter_k: candidates per device that the prefilter rescores in fp32 (at least k). More
+      certify more queries on tightly clustered embeddings (each failure costs an fp32 search)
+      but cost more top-k and rescoring work; `last_certified_fraction` reports the share.
     dim: embedding dimension, needed only when `embeddings` is None.
   """
 
@@ -361,8 +364,13 @@ class ExactIndex:
       kp = max(self.prefilter_k, int(k))
       program = _prefilter_program(self.mesh, self.metric, int(k), kp, blocks, rows)
       margins = self._margins(q)
+      # The fp32 rescoring gathers [batch, kp, E] rows per device: keep that under ~128 MB.
+      cap = max(8, 1 << int(math.log2(max(1, _RESCORE_BYTES // (kp * self.dim * 4)))))
+      first_batch = min(self.batch_size, cap)
+    else:
+      first_batch = self.batch_size
     pending = []
-    for start, size in self._batches(len(q)):
+    for start, size in self._batches(len(q), first_batch):
       chunk = self._pad(q[start:start + size], size)
       if self.prefilter:
         m = self._pad(margins[start:start + size, None], size)[:, 0]
@@ -384,10 +392,10 @@ class ExactIndex:
         indices[rows_] = np.asarray(i_)[:len(rows_)]
     return scores, indices
 
-  def _batches(self, count: int):
+  def _batches(self, count: int, batch_size: int | None = None):
     start = 0
     while start < count:
-      size = _bucket(count - start, self.batch_size)
+      size = _bucket(count - start, batch_size or self.batch_size)
       yield start, size
       start += size
 
