@@ -132,10 +132,6 @@ class KNNClassifier:
     """Per-label (or per-class) scores [Q, K] for ROC evaluation: the same as predict_proba."""
     return self.predict_proba(embeddings)
 
-  def predict_scores(self, embeddings: Any) -> np.ndarray:
-    """Per-label (or per-class) scores [Q, K] for ROC evaluation: the same as predict_proba."""
-    return self.predict_proba(embeddings)
-
   def predict(self, embeddings: Any) -> np.ndarray:
     proba = self.predict_proba(embeddings)
     return (proba >= 0.5).astype(np.int32) if self.multi_label else self.classes_[np.argmax(proba, axis=1)]

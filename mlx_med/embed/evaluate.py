@@ -238,12 +238,12 @@ def _save_figure_atomic(fig: Any, path: Path) -> None:
 
 def _plot(curves: list[tuple[str, np.ndarray, np.ndarray, float, OperatingPoints]], out_dir: Path,
           title: str) -> list[str]:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # Figure objects without pyplot: no global backend switch, no figure registry to leak into.
+  from matplotlib.figure import Figure
 
   written = []
-  fig, ax = plt.subplots(figsize=(6.4, 6.0))
+  fig = Figure(figsize=(6.4, 6.0))
+  ax = fig.subplots()
   for name, fpr, tpr, auc, _ in curves:
     ax.plot(fpr, tpr, lw=1.4, label=f"{name} (AUC {auc:.3f})")
   ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls="--")
@@ -252,11 +252,11 @@ def _plot(curves: list[tuple[str, np.ndarray, np.ndarray, float, OperatingPoints
   if curves:
     ax.legend(fontsize=7, loc="lower right")
   _save_figure_atomic(fig, out_dir / "roc.png")
-  plt.close(fig)
   written.append("roc.png")
   (out_dir / "roc").mkdir(exist_ok=True)
   for name, fpr, tpr, auc, points in curves:
-    fig, ax = plt.subplots(figsize=(4.8, 4.6))
+    fig = Figure(figsize=(4.8, 4.6))
+    ax = fig.subplots()
     ax.plot(fpr, tpr, lw=1.6, color="C0")
     ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls="--")
     for label, point, color in (("rule-in (Youden J)", points.rule_in, "C3"),
@@ -267,7 +267,6 @@ def _plot(curves: list[tuple[str, np.ndarray, np.ndarray, float, OperatingPoints
     ax.legend(fontsize=7, loc="lower right")
     path = out_dir / "roc" / f"{_safe_name(name)}.png"
     _save_figure_atomic(fig, path)
-    plt.close(fig)
     written.append(str(path.relative_to(out_dir)))
   return written
 
