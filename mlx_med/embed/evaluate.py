@@ -102,13 +102,19 @@ def roc_auc(scores: Any, labels: Any) -> float:
   return float((below.sum() + 0.5 * ties.sum()) / (n_pos * n_neg))
 
 
-def stratified_resamples(n_pos: int, n_neg: int, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """Indices [n_boot, n_pos] into the positives and [n_boot, n_neg] into the negatives.
+RESAMPLE_CHUNK = 64  # resamples drawn and scored together (bounds memory at [64, N] per chunk)
 
-  One generator `np.random.default_rng(seed)` draws the positives' indices, then the negatives'.
+
+def stratified_resamples(n_pos: int, n_neg: int, n_boot: int, seed: int):
+  """Yields (positive indices [c, n_pos], negative indices [c, n_neg]) for chunks of resamples.
+
+  One generator `np.random.default_rng(seed)` draws, chunk by chunk of RESAMPLE_CHUNK
+  resamples, the positives' indices and then the negatives'.
   """
   rng = np.random.default_rng(seed)
-  return rng.integers(0, n_pos, (n_boot, n_pos)), rng.integers(0, n_neg, (n_boot, n_neg))
+  for start in range(0, n_boot, RESAMPLE_CHUNK):
+    c = min(RESAMPLE_CHUNK, n_boot - start)
+    yield rng.integers(0, n_pos, (c, n_pos)), rng.integers(0, n_neg, (c, n_neg))
 
 
 def bootstrap_auc_ci(scores: Any, labels: Any, n_boot: int = 1000, seed: int = 0,
@@ -121,20 +127,23 @@ def bootstrap_auc_ci(scores: Any, labels: Any, n_boot: int = 1000, seed: int = 0
   pos, neg = scores[labels], scores[~labels]
   if pos.size == 0 or neg.size == 0:
     return float("nan"), float("nan")
-  pos_idx, neg_idx = stratified_resamples(pos.size, neg.size, n_boot, seed)
   # Each resample weights the originals by how often they were drawn. With the negatives sorted,
   # a positive's (ties-half) count of lower negatives is a difference of cumulative weights.
   neg_order = np.argsort(neg, kind="mergesort")
   neg_sorted = neg[neg_order]
   rank_of = np.empty(neg.size, np.int64)
   rank_of[neg_order] = np.arange(neg.size)
-  offsets = (np.arange(n_boot) * neg.size)[:, None]
-  neg_weights = np.bincount((rank_of[neg_idx] + offsets).ravel(), minlength=n_boot * neg.size)
-  cumulative = np.concatenate([np.zeros((n_boot, 1)), np.cumsum(neg_weights.reshape(n_boot, neg.size), axis=1)], axis=1)
   lo = np.searchsorted(neg_sorted, pos, side="left")
   hi = np.searchsorted(neg_sorted, pos, side="right")
-  wins = cumulative[:, lo] + 0.5 * (cumulative[:, hi] - cumulative[:, lo])  # [n_boot, n_pos_unique]
-  aucs = np.take_along_axis(wins, pos_idx, axis=1).sum(axis=1) / (pos.size * neg.size)
+  aucs = []
+  for pos_idx, neg_idx in stratified_resamples(pos.size, neg.size, n_boot, seed):
+    c = len(pos_idx)
+    offsets = (np.arange(c) * neg.size)[:, None]
+    weights = np.bincount((rank_of[neg_idx] + offsets).ravel(), minlength=c * neg.size).reshape(c, neg.size)
+    cumulative = np.concatenate([np.zeros((c, 1)), np.cumsum(weights, axis=1)], axis=1)
+    wins = cumulative[:, lo] + 0.5 * (cumulative[:, hi] - cumulative[:, lo])  # [c, n_pos]
+    aucs.append(np.take_along_axis(wins, pos_idx, axis=1).sum(axis=1) / (pos.size * neg.size))
+  aucs = np.concatenate(aucs)
   tail = 100 * (1 - level) / 2
   return float(np.percentile(aucs, tail)), float(np.percentile(aucs, 100 - tail))
 

@@ -78,7 +78,10 @@ def test_bootstrap_ci(kind):
   assert lo < auc < hi and hi - lo < 0.3
   # The vectorised resample AUCs equal scikit-learn's AUC of each explicit resample.
   pos, neg = scores[labels == 1], scores[labels == 0]
-  pos_idx, neg_idx = ev.stratified_resamples(pos.size, neg.size, 300, 7)
+  chunks = list(ev.stratified_resamples(pos.size, neg.size, 300, 7))
+  assert len(chunks) == 5  # 300 resamples in chunks of 64
+  pos_idx = np.concatenate([p for p, _ in chunks])
+  neg_idx = np.concatenate([q for _, q in chunks])
   ref = [metrics.roc_auc_score(np.r_[np.ones(pos.size), np.zeros(neg.size)], np.r_[pos[p], neg[q]])
          for p, q in zip(pos_idx, neg_idx)]
   assert (lo, hi) == pytest.approx((np.percentile(ref, 2.5), np.percentile(ref, 97.5)), abs=1e-12)
