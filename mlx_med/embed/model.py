@@ -296,7 +296,7 @@ class EmbedTask(Task):
     return TwoTower(self.cfg, rules)
 
   def features(self, params, batch, rng, *, rules=None, train=True):
-    rngs = {"dropout": rng, "drop_path": jax.random.fold_in(rng, 1)} if train else {}
+    rngs = {"dropout": rng} if train else {}  # stochastic depth (DaViT) and any dropout
     img, txt = self._model(rules).apply({"params": params}, batch["images"], batch["text_ids"], train=train,
                                         rngs=rngs)
     return {"image": losses_lib.l2_normalize(img), "text": losses_lib.l2_normalize(txt)}

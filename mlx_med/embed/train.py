@@ -72,7 +72,7 @@ def ensure_data(config: ml_collections.ConfigDict, workdir: str) -> Path:
     log.info("no data.folder: generating %d + %d synthetic images of %d px into %s", d.synth_train, d.synth_test,
              size, folder)
     generate_dataset(folder, n_train=int(d.synth_train), n_test=int(d.synth_test), image_size=size,
-                     seed=int(d.synth_seed))
+                     seed=int(d.synth_seed), finding_scale=float(d.get("synth_finding_scale", 1.0)))
   _barrier("embed_data_ready")
   return folder
 
