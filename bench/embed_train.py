@@ -99,8 +99,8 @@ def open_clip_step(batch: int, compiled: bool):
 
   def train_step():
     optimizer.zero_grad(set_to_none=True)
-    out = model(x, t)
-    loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+    image_features, text_features, logit_scale = model(x, t)[:3]
+    loss = loss_fn(image_features, text_features, logit_scale)
     loss.backward()
     optimizer.step()
     return loss
