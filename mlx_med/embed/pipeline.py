@@ -32,17 +32,6 @@ log = logging.getLogger("mlx_med.embed")
 METHODS = ("zeroshot", "knn", "probe")
 
 
-def label_matrix(rows: Sequence[dict[str, str]], names: Sequence[str]) -> np.ndarray:
-  """[N, K] int32 multi-hot labels of metadata rows."""
-  index = {n: k for k, n in enumerate(names)}
-  y = np.zeros((len(rows), len(names)), np.int32)
-  for i, row in enumerate(rows):
-    for label in (x.strip() for x in (row.get("labels") or "").split(";")):
-      if label in index:
-        y[i, index[label]] = 1
-  return y
-
-
 def domain_mask(rows: Sequence[dict[str, str]], names: Sequence[str]) -> np.ndarray | None:
   """[N, K] bool: row i counts for label k when the label's domain prefix equals the row's domain.
 
@@ -118,7 +107,7 @@ def evaluate_folder(model: Any, data: str | os.PathLike, *, method: str = "zeros
   test = [r for r in rows if r["split"] == split]
   if not test:
     raise ValueError(f"{folder / 'metadata.csv'}: no rows with split {split!r}")
-  y = label_matrix(test, names)
+  y = data_lib.label_matrix(test, names)
   emb = embed_rows(model, folder, test, progress=progress)
 
   if method == "zeroshot":
@@ -132,7 +121,7 @@ def evaluate_folder(model: Any, data: str | os.PathLike, *, method: str = "zeros
     if not support:
       raise ValueError(f"{folder / 'metadata.csv'}: no rows with split {train_split!r} for {method}")
     s_emb = embed_rows(model, folder, support, progress=progress)
-    s_y = label_matrix(support, names)
+    s_y = data_lib.label_matrix(support, names)
     if method == "knn":
       scores = adapters.KNNClassifier(k=k).fit(s_emb, s_y).predict_scores(emb)
     else:
