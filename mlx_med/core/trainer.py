@@ -13,6 +13,13 @@
   a checkpoint at the next step boundary on SIGTERM or Ctrl-C (then
   `TrainingInterrupted`), and `callbacks` after each step.
 
+Sources are random-access (`__len__`, `__getitem__` -> a dict of numpy arrays). A train source
+may carry a `train_transform` attribute: a per-example random transform (a grain
+`RandomMapTransform` or a callable `(record, rng) -> example`, `core.data.RandomTransform`) that
+the train loader applies after shuffling and repeating, so training augmentation draws anew every
+epoch and resumes exactly; the source's records are then what the transform takes. Evaluation
+never transforms: an eval source returns finished examples.
+
 `train(...)` does all three. Restarted with the same command, a run resumes from
 its newest checkpoint (state and data-iterator position) and ends bitwise equal to
 an uninterrupted run. A workdir belongs to one run (`claim_workdir`), and a run
@@ -273,7 +280,8 @@ class Trainer:
     if self.train_source is not None:
       worker_count = int(config.data.get("worker_count", 0)) if "data" in config else 0
       self.iterator = iter(data_lib.make_loader(self.train_source, int(t.batch_size), seed=self.seed,
-                                                worker_count=worker_count))
+                                                worker_count=worker_count,
+                                                transform=getattr(self.train_source, "train_transform", None)))
     self.checkpointer = ckpt_lib.Checkpointer(
         os.path.join(self.workdir, "checkpoints"), keep=int(t.keep_checkpoints), save_every=int(t.ckpt_every),
         async_save=bool(t.async_checkpointing))

@@ -27,9 +27,12 @@ TFDS works here without TensorFlow: the builder lives in a real module, `_info` 
 
 `make_loader` reads a split with `builder.as_data_source(split)` into grain's dataset API:
 this host's shard (every shard_count-th record from shard_index, equal lengths on all hosts),
-a seeded shuffle that changes every epoch, per-example augmentation with a random generator
-derived from (seed, position in the stream) so a resumed or re-run pipeline draws the same
-crops, then batching, normalisation with the image processor's mean/std and tokenisation.
+a seeded shuffle that changes every epoch, per-example augmentation and normalisation with the
+image processor's mean/std (`ImageTransform`) with a random generator derived from (seed,
+position in the stream) so a resumed or re-run pipeline draws the same crops, then batching
+and tokenisation. Training (`embed.train`) goes through the trainer's loader instead, with the
+same `ImageTransform` as its sources' `train_transform` (`TrainingTransform`): one
+implementation of crop, flip, jitter and normalisation for both.
 Iterators checkpoint with get_state/set_state. Batches are dicts of numpy arrays:
   images float32 [B, S, S, 3], text_ids int32 [B, L], labels int32 [B, K]
 (the embedding task's batch keys); `with_metadata=True` adds "path" and "domain" string arrays.
@@ -111,6 +114,22 @@ def read_metadata(folder: str | os.PathLike, *, check_files: bool = True) -> lis
 def vocabulary(rows: Sequence[dict[str, str]]) -> list[str]:
   """Every label that occurs in the rows, sorted."""
   return sorted({label for row in rows for label in _split_labels(row["labels"])})
+
+
+def row_labels(row: dict[str, str]) -> list[str]:
+  """The label names of one metadata row (its ";"-joined labels column; none when empty)."""
+  return _split_labels(row.get("labels") or "")
+
+
+def label_matrix(rows: Sequence[dict[str, str]], names: Sequence[str]) -> np.ndarray:
+  """[N, K] int32 multi-hot labels of metadata rows over `names` (labels not in `names` are ignored)."""
+  index = {n: k for k, n in enumerate(names)}
+  y = np.zeros((len(rows), len(names)), np.int32)
+  for i, row in enumerate(rows):
+    for label in row_labels(row):
+      if label in index:
+        y[i, index[label]] = 1
+  return y
 
 
 def load_rgb_uint8(path: str | os.PathLike, image_size: int | None = None) -> np.ndarray:
@@ -206,7 +225,6 @@ class FolderImageText(tfds.core.GeneratorBasedBuilder):
     from mlx_med.vision.io import ImageLoadError
 
     folder = Path(self.builder_config.folder)
-    index = {n: i for i, n in enumerate(self._names)}
     for row in self._rows:
       if row["split"] != split:
         continue
@@ -214,9 +232,8 @@ class FolderImageText(tfds.core.GeneratorBasedBuilder):
         image = load_rgb_uint8(folder / row["path"], self.builder_config.image_size)
       except ImageLoadError as e:
         raise MetadataError(f"{folder / METADATA}, line {row['line']}: {e}") from None
-      labels = np.zeros(len(self._names), np.int32)
-      names = _split_labels(row["labels"])
-      labels[[index[n] for n in names]] = 1
+      labels = label_matrix([row], self._names)[0]
+      names = row_labels(row)
       yield row["path"], {"image": image, "report": row["report"], "labels": labels,
                           "label_names": ";".join(names), "domain": row.get("domain", ""), "path": row["path"]}
 
@@ -311,6 +328,28 @@ class Augment:
   brightness: float = 0.1
   contrast: float = 0.1
 
+  def __post_init__(self):
+    lo, hi = self.scale
+    if not 0 < lo <= hi <= 1:
+      raise ValueError(f"augment scale={tuple(self.scale)}: need 0 < low <= high <= 1 (area fractions of the image)")
+    if not 0 < self.ratio[0] <= self.ratio[1]:
+      raise ValueError(f"augment ratio={tuple(self.ratio)}: need 0 < low <= high (crop aspect ratios)")
+    if not (0 <= self.brightness < 1 and 0 <= self.contrast < 1):
+      raise ValueError(f"augment brightness={self.brightness}, contrast={self.contrast}: half-widths in [0, 1)")
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> Augment | None:
+    """From a config section (enabled, scale, ratio, flip, brightness, contrast; a missing field keeps
+    its default); None when absent or `enabled` is false."""
+    if cfg is None or not bool(cfg.get("enabled", False)):
+      return None
+    defaults = cls()
+    return cls(scale=tuple(float(v) for v in cfg.get("scale", defaults.scale)),
+               ratio=tuple(float(v) for v in cfg.get("ratio", defaults.ratio)),
+               flip=bool(cfg.get("flip", defaults.flip)),
+               brightness=float(cfg.get("brightness", defaults.brightness)),
+               contrast=float(cfg.get("contrast", defaults.contrast)))
+
 
 def _random_crop_box(rng: np.random.Generator, h: int, w: int, aug: Augment) -> tuple[float, float, float, float]:
   """torchvision's RandomResizedCrop box rule: up to 10 tries, else the whole image (centre, clamped ratio)."""
@@ -326,31 +365,93 @@ def _random_crop_box(rng: np.random.Generator, h: int, w: int, aug: Augment) -> 
   return 0.0, 0.0, float(w), float(h)
 
 
-class _Prepare(grain.RandomMapTransform):
-  """One record -> uint8 image at the output size (augmented or not), text, labels, path, domain."""
+@dataclasses.dataclass(frozen=True)
+class ImageTransform:
+  """uint8 [H, W, 3] image -> float32 [S, S, 3] model input: the one implementation of the image
+  side of training and loading (`make_loader` and `embed.train`'s training records).
 
-  def __init__(self, image_size: int, augment: Augment | None):
-    self.image_size = image_size
-    self.augment = augment
+  Without `augment`: the short side resized to S and a centre crop (a no-op for an S x S image),
+  rescaled and normalised exactly as `vision.io.preprocess` does (the float64 rescale, then float32
+  (x - mean) / std), so an un-augmented S x S image equals the processor's output bitwise. With
+  `augment`: a random resized crop (bicubic), an optional horizontal flip, brightness and contrast
+  jitter (in pixel units, clipped to the 8-bit range), then the same rescale and normalisation.
+  The generator `rng` is the only source of randomness (grain's per-example generator)."""
+
+  image_size: int
+  mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+  std: tuple[float, float, float] = OPENAI_CLIP_STD
+  augment: Augment | None = None
+  rescale: float | None = 1 / 255  # None: no rescale (a processor with do_rescale=False)
+  normalize: bool = True
+
+  @classmethod
+  def from_processor(cls, processor: Any, image_size: int, augment: Augment | None = None) -> ImageTransform:
+    """From an ImageProcessorConfig (its mean/std, rescale and normalise switches) or any form
+    `make_loader` takes (an object with .mean/.std, a (mean, std) pair, None = OpenAI CLIP's)."""
+    mean, std = _mean_std(processor)
+    rescale: float | None = 1 / 255
+    if hasattr(processor, "do_rescale"):
+      rescale = float(processor.rescale_factor) if processor.do_rescale else None
+    return cls(int(image_size), tuple(float(v) for v in mean), tuple(float(v) for v in std), augment, rescale,
+               bool(getattr(processor, "do_normalize", True)))
+
+  def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+    a = np.asarray(image)
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[-1] != 3:
+      raise ValueError(f"ImageTransform takes uint8 [H, W, 3] images, got {a.dtype} {list(a.shape)}")
+    s, aug = self.image_size, self.augment
+    if aug is None:
+      x = _resize_square(a, s).astype(np.float32)
+    else:
+      if rng is None:
+        raise ValueError("an augmenting ImageTransform needs a random generator (rng)")
+      box = _random_crop_box(rng, a.shape[0], a.shape[1], aug)
+      x = np.asarray(Image.fromarray(a).resize((s, s), Image.Resampling.BICUBIC, box=box)).astype(np.float32)
+      if aug.flip and rng.random() < 0.5:
+        x = x[:, ::-1]
+      if aug.brightness:
+        x = np.clip(x * np.float32(rng.uniform(1 - aug.brightness, 1 + aug.brightness)), 0.0, 255.0)
+      if aug.contrast:
+        c, m = np.float32(rng.uniform(1 - aug.contrast, 1 + aug.contrast)), x.mean(dtype=np.float32)
+        x = np.clip((x - m) * c + m, 0.0, 255.0)
+    if self.rescale is not None:
+      x = (x.astype(np.float64) * self.rescale).astype(np.float32)
+    if self.normalize:
+      x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+    return np.ascontiguousarray(x, np.float32)
+
+
+class TrainingTransform(grain.RandomMapTransform):
+  """A training record {"images": uint8 [S, S, 3], "text_ids", "labels"} -> the embedding task's
+  example (images through `image`, an ImageTransform): the `train_transform` of the training
+  sources of `embed.train`, applied by the trainer's loader after shuffling (new crops each epoch)."""
+
+  def __init__(self, image: ImageTransform):
+    self.image = image
+    self.plain = dataclasses.replace(image, augment=None)
+
+  def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return self._example(record, self.image(np.asarray(record["images"]), rng))
+
+  def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Without augmentation (evaluation records): the normalised image."""
+    return self._example(record, self.plain(np.asarray(record["images"])))
+
+  @staticmethod
+  def _example(record: dict[str, Any], image: np.ndarray) -> dict[str, np.ndarray]:
+    return {"images": image, "text_ids": np.asarray(record["text_ids"], np.int32),
+            "labels": np.asarray(record["labels"], np.int32)}
+
+
+class _Prepare(grain.RandomMapTransform):
+  """One record -> the normalised float32 image at the output size (augmented or not), report, labels,
+  path, domain."""
+
+  def __init__(self, image: ImageTransform):
+    self.image = image
 
   def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    image = np.asarray(record["image"])
-    s = self.image_size
-    if self.augment is None:
-      image = _resize_square(image, s).astype(np.float32) / 255.0
-    else:
-      aug = self.augment
-      h, w = image.shape[:2]
-      box = _random_crop_box(rng, h, w, aug)
-      image = np.asarray(Image.fromarray(image).resize((s, s), Image.Resampling.BICUBIC, box=box))
-      image = image.astype(np.float32) / 255.0
-      if aug.flip and rng.random() < 0.5:
-        image = image[:, ::-1]
-      b = rng.uniform(1 - aug.brightness, 1 + aug.brightness)
-      c = rng.uniform(1 - aug.contrast, 1 + aug.contrast)
-      image = np.clip(image * b, 0.0, 1.0)
-      image = np.clip((image - image.mean()) * c + image.mean(), 0.0, 1.0)
-    return {"image": np.ascontiguousarray(image, np.float32), "report": _text(record["report"]),
+    return {"image": self.image(np.asarray(record["image"]), rng), "report": _text(record["report"]),
             "labels": np.asarray(record["labels"], np.int32), "path": _text(record["path"]),
             "domain": _text(record["domain"])}
 
@@ -360,16 +461,14 @@ def _text(v: Any) -> str:
 
 
 class _Collate(grain.MapTransform):
-  """A list of prepared records -> the batch dict (normalise, tokenise)."""
+  """A list of prepared records -> the batch dict (stack, tokenise)."""
 
-  def __init__(self, mean: np.ndarray, std: np.ndarray, tokenizer: Callable[[list[str]], np.ndarray],
-               with_metadata: bool):
-    self.mean, self.std, self.tokenizer, self.with_metadata = mean, std, tokenizer, with_metadata
+  def __init__(self, tokenizer: Callable[[list[str]], np.ndarray], with_metadata: bool):
+    self.tokenizer, self.with_metadata = tokenizer, with_metadata
 
   def map(self, records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    images = (np.stack([r["image"] for r in records]) - self.mean) / self.std
     text_ids = np.asarray(self.tokenizer([r["report"] for r in records]), np.int32)
-    batch = {"images": images.astype(np.float32), "text_ids": text_ids,
+    batch = {"images": np.stack([r["image"] for r in records]).astype(np.float32), "text_ids": text_ids,
              "labels": np.stack([r["labels"] for r in records]).astype(np.int32)}
     if self.with_metadata:
       batch["path"] = np.asarray([r["path"] for r in records])
@@ -415,22 +514,23 @@ def make_loader(data_dir_or_builder: Any, split: str, *, batch_size: int, image_
   per_shard = len(source) // shard_count
   if per_shard == 0:
     raise ValueError(f"split {split!r} has {len(source)} records, fewer than the {shard_count} shards")
-  mean, std = _mean_std(processor)
   aug = Augment() if augment is True else (augment or None)
+  image = ImageTransform.from_processor(processor, int(image_size), aug)
   ds = grain.MapDataset.source(source)[: per_shard * shard_count][shard_index::shard_count]
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
   # The augmentation's generator comes from (seed, shard, position in the stream): identical on a rerun
   # and after a restore, different in every epoch.
-  ds = ds.random_map(_Prepare(int(image_size), aug), seed=int(seed) * 1000003 + int(shard_index))
+  from mlx_med.core.data import transform_seed  # jax only when a loader is made
+
+  ds = ds.random_map(_Prepare(image), seed=transform_seed(seed, shard_index))
   ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=list)
-  ds = ds.map(_Collate(mean, std, _encode_fn(tokenizer), with_metadata))
+  ds = ds.map(_Collate(_encode_fn(tokenizer), with_metadata))
   iterable = ds.to_iter_dataset()
   if worker_count > 0:
-    from absl import flags
+    from mlx_med.core.data import mark_flags_parsed
 
-    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a library caller never parsed them
-      flags.FLAGS.mark_as_parsed()
+    mark_flags_parsed()
     iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iterable

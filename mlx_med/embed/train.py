@@ -16,18 +16,21 @@
 5. `core.trainer.Trainer` with the `EmbedTask`: sharded steps, EMA, checkpoints (the data
    iterator's position included), resumption, metrics and the loss curve.
 
-The training records are a random-access source. `data.source="memory"` (`FolderSource`):
-every image is decoded, resized and normalised with the run's image processor once and kept in
-memory as float32 (small data: the synthetic demo). `data.source="tfds"` (`RecordSource`): the
-folder is converted once into ArrayRecord files by the TFDS builder of `embed.data` (images
-resized to the model's size) and records are read and normalised lazily. Either way the
-trainer's grain loader shuffles, shards per host and checkpoints positions over the source, so a
-restarted run sees exactly the batches an uninterrupted run would have seen.
+The training records are a random-access source of raw records (uint8 image at the model's size,
+token ids, multi-hot labels). `data.source="memory"` (`FolderSource`): every image is decoded,
+resized and cropped with the run's image processor once and kept in memory as uint8 (small data:
+the synthetic demo). `data.source="tfds"` (`RecordSource`): the folder is converted once into
+ArrayRecord files by the TFDS builder of `embed.data` (images resized to the model's size) and
+records are read lazily. Either way the trainer's grain loader shuffles, shards per host and
+checkpoints positions over the source, then applies the source's `train_transform`
+(`embed.data.TrainingTransform`: the `data.augment` crop/flip/jitter when enabled, rescale and
+normalisation; the same `ImageTransform` as `embed.data.make_loader`) with a generator drawn from
+the seed and the position in the stream: new augmentations every epoch, and a restarted run sees
+exactly the batches an uninterrupted run would have seen. Evaluation batches are never augmented.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -77,98 +80,117 @@ def ensure_data(config: ml_collections.ConfigDict, workdir: str) -> Path:
   return folder
 
 
-def row_labels(row: dict[str, str]) -> list[str]:
-  return [x.strip() for x in (row.get("labels") or "").split(";") if x.strip()]
+class _Records:
+  """Shared by the training record sources: a source made for training (`train=True`) returns the
+  raw record {"images": uint8 [S, S, 3], "text_ids", "labels"} and carries `train_transform` (a
+  `data.TrainingTransform`: the run's augmentation, if any, then rescale and normalisation), which the
+  trainer's loader applies after shuffling, with new draws every epoch. An evaluation source
+  (`train=False`) has no `train_transform` and returns finished examples (normalised, never augmented)."""
+
+  def _init_transform(self, processor, image_size: int, augment: data_lib.Augment | None, train: bool) -> None:
+    image = data_lib.ImageTransform.from_processor(processor, image_size, augment if train else None)
+    self.transform = data_lib.TrainingTransform(image)
+    self.train_transform = self.transform if train else None
+
+  def record(self, i: int) -> dict[str, np.ndarray]:
+    raise NotImplementedError
+
+  def __getitem__(self, i):
+    rec = self.record(i)
+    return rec if self.train_transform is not None else self.transform.map(rec)
 
 
-def multi_hot(labels: Sequence[str], names: Sequence[str]) -> np.ndarray:
-  index = {n: i for i, n in enumerate(names)}
-  out = np.zeros(max(len(names), 1), np.int32)
-  for label in labels:
-    if label in index:
-      out[index[label]] = 1
-  return out
+class FolderSource(_Records):
+  """Records of one split held in memory: {"images", "text_ids", "labels"} per index.
 
-
-class FolderSource:
-  """Random-access training records of one split: {"images", "text_ids", "labels"} per index.
-
-  Images are loaded (`vision.io.load_image`), preprocessed with `processor` and kept in memory;
-  reports are tokenized with `tokenizer`; labels are multi-hot over `label_names`.
-  """
+  Images are loaded (`vision.io.load_image`), resized and cropped as `processor` does and kept as uint8
+  at the model's size (a quarter of float32's memory); the transform rescales and normalises them as
+  `vision.io.preprocess` does (bitwise, without augmentation). Reports are tokenized with `tokenizer`;
+  labels are multi-hot over `label_names`."""
 
   def __init__(self, folder: Path, rows: Sequence[dict[str, str]], processor, tokenizer,
-               label_names: Sequence[str], progress: bool = False):
+               label_names: Sequence[str], progress: bool = False, *, image_size: int | None = None,
+               augment: data_lib.Augment | None = None, train: bool = True):
     from mlx_med.vision.io import load_image, preprocess
 
     self.rows = list(rows)
     if not self.rows:
       raise ValueError(f"{Path(folder) / METADATA}: the split has no rows")
     self.paths = [str(Path(folder) / r["path"]) for r in self.rows]
-    images = []
+    # The processor's geometry without rescale and normalisation: the 8-bit pixels it would normalise.
+    geometry = dataclasses.replace(processor, do_rescale=False, do_normalize=False)
     iterator = self.paths
     if progress:
       from tqdm.auto import tqdm
       iterator = tqdm(self.paths, desc="loading images", unit="img", leave=False)
-    for path in iterator:
-      images.append(preprocess(load_image(path), processor=processor))
-    self.images = np.stack(images).astype(np.float32)
+    self.images = None
+    for k, path in enumerate(iterator):
+      image = preprocess(load_image(path), processor=geometry).astype(np.uint8)
+      if self.images is None:
+        self.images = np.empty((len(self.paths),) + image.shape, np.uint8)
+      if image.shape != self.images.shape[1:]:
+        raise ValueError(f"{path}: preprocessed to {list(image.shape)}, other images to {list(self.images.shape[1:])};"
+                         " use a processor with a centre crop or an exact resize")
+      self.images[k] = image
     self.text_ids = np.asarray(tokenizer.encode([r["report"] for r in self.rows]), np.int32)
-    self.labels = np.stack([multi_hot(row_labels(r), label_names) for r in self.rows])
+    labels = data_lib.label_matrix(self.rows, label_names)
+    self.labels = labels if labels.shape[1] else np.zeros((len(self.rows), 1), np.int32)
     self.domains = [r.get("domain", "") for r in self.rows]
+    self._init_transform(processor, int(image_size or self.images.shape[1]), augment, train)
 
   def __len__(self) -> int:
     return len(self.rows)
 
-  def __getitem__(self, i):
+  def record(self, i):
     return {"images": self.images[i], "text_ids": self.text_ids[i], "labels": self.labels[i]}
 
 
-class RecordSource:
-  """Random-access training records read lazily from the ArrayRecord files of the TFDS builder
-  (`embed.data.build_tfds`): for datasets too large to hold in memory. Images were resized to
-  the model's size when the records were written; here they are only scaled to [0, 1] and
-  normalised with the processor's mean/std, and reports are tokenized, one record at a time
-  (`data.worker_count` > 0 spreads this over grain worker processes)."""
+class RecordSource(_Records):
+  """Records read lazily from the ArrayRecord files of the TFDS builder (`embed.data.build_tfds`): for
+  datasets too large to hold in memory. Images were resized to the model's size (uint8) when the
+  records were written; reports are tokenized one record at a time (`data.worker_count` > 0 spreads
+  this and the transform over grain worker processes)."""
 
-  def __init__(self, records, processor, tokenizer):
+  def __init__(self, records, processor, tokenizer, *, image_size: int, augment: data_lib.Augment | None = None,
+               train: bool = True):
     self.records, self.tokenizer = records, tokenizer
-    self.mean = np.asarray(processor.image_mean, np.float32)
-    self.std = np.asarray(processor.image_std, np.float32)
-    self.scale = float(processor.rescale_factor) if processor.do_rescale else 1.0
+    self._init_transform(processor, image_size, augment, train)
 
   def __len__(self) -> int:
     return len(self.records)
 
-  def __getitem__(self, i):
+  def record(self, i):
     rec = self.records[i]
-    image = np.asarray(rec["image"], np.float32) * self.scale
-    image = (image - self.mean) / self.std
     report = rec["report"]
     report = report.decode("utf-8") if isinstance(report, bytes) else str(report)
-    return {"images": image, "text_ids": np.asarray(self.tokenizer.encode([report])[0], np.int32),
+    return {"images": np.asarray(rec["image"], np.uint8),
+            "text_ids": np.asarray(self.tokenizer.encode([report])[0], np.int32),
             "labels": np.asarray(rec["labels"], np.int32)}
 
 
 def make_sources(config: ml_collections.ConfigDict, workdir: str, folder: Path, rows, names, processor, tokenizer,
                  image_size: int, progress: bool = False):
   """(train source, eval source or None) by `data.source`: "memory" (FolderSource) or "tfds" (RecordSource
-  over ArrayRecord files built once into data.tfds_dir, default <workdir>/tfds)."""
+  over ArrayRecord files built once into data.tfds_dir, default <workdir>/tfds). The train source
+  augments as `data.augment` says (in its `train_transform`); the eval source never does."""
   d = config.data
+  augment = data_lib.Augment.from_config(d.get("augment"))
   splits = [d.train_split] + ([d.eval_split] if d.eval_split else [])
   present = {r["split"] for r in rows}
   if d.train_split not in present:
     raise ValueError(f"{folder / METADATA}: no rows with split={d.train_split!r} (data.train_split)")
   if d.source == "memory":
-    made = [FolderSource(folder, [r for r in rows if r["split"] == s], processor, tokenizer, names, progress)
-            if s in present else None for s in splits]
+    made = [FolderSource(folder, [r for r in rows if r["split"] == s], processor, tokenizer, names, progress,
+                         image_size=image_size, augment=augment, train=k == 0)
+            if s in present else None for k, s in enumerate(splits)]
   elif d.source == "tfds":
     data_dir = d.tfds_dir or os.path.join(workdir, "tfds")
     if jax.process_index() == 0:
       data_lib.build_tfds(folder, data_dir, image_size=image_size, label_names=names)
     _barrier("embed_tfds_ready")
     builder = data_lib.build_tfds(folder, data_dir, image_size=image_size, label_names=names)
-    made = [RecordSource(builder.as_data_source(s), processor, tokenizer) if s in present else None for s in splits]
+    made = [RecordSource(builder.as_data_source(s), processor, tokenizer, image_size=image_size, augment=augment,
+                         train=k == 0) if s in present else None for k, s in enumerate(splits)]
   else:
     raise ValueError(f"data.source={d.source!r}: choose memory (decoded once, held in RAM) or tfds (ArrayRecord, lazy)")
   return made[0], (made[1] if len(made) > 1 else None)

@@ -40,7 +40,8 @@ def _close(a, b, atol=0.0):
 
 def test_run_writes_the_model_files_and_the_embedder_uses_the_ema(tmp_path):
   workdir = tmp_path / "run"
-  config = config_lib.get_config(CONFIG, TOY + ["train.steps=4"])
+  # With augmentation: the trainer applies the train source's transform (and resumes it below).
+  config = config_lib.get_config(CONFIG, TOY + ["train.steps=4", "data.augment.enabled=True"])
   result = train_lib.run(config, str(workdir), progress=False)
   assert result.final_step == 4 and np.isfinite(result.final_loss)
   for name in ("model.json", "tokenizer.json", "processor.json", "labels.json", "config.json", "metrics.jsonl"):
@@ -70,7 +71,7 @@ def test_run_writes_the_model_files_and_the_embedder_uses_the_ema(tmp_path):
 
   # A rerun with more steps resumes from the checkpoint (and reuses data and tokenizer).
   tokenizer_before = (workdir / "tokenizer.json").read_text()
-  more = config_lib.get_config(CONFIG, TOY + ["train.steps=6"])
+  more = config_lib.get_config(CONFIG, TOY + ["train.steps=6", "data.augment.enabled=True"])
   again = train_lib.run(more, str(workdir), progress=False, allow_config_change=True)
   assert again.final_step == 6 and (workdir / "tokenizer.json").read_text() == tokenizer_before
 
@@ -100,31 +101,90 @@ def test_bad_data_folder_is_one_clear_error(tmp_path):
     train_lib.run(config, str(tmp_path / "run"), progress=False)
 
 
-def test_lazy_tfds_records_equal_the_in_memory_source(tmp_path):
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+  """A 12 + 4 image synthetic folder at 32 px, its rows and labels, a BPE tokenizer, CLIP's processor."""
   from mlx_med.embed import data as data_lib
   from mlx_med.embed.synth import generate_dataset
   from mlx_med.vision.io import ImageProcessorConfig
   from mlx_med.vision.text import train_text_tokenizer
 
-  folder = generate_dataset(tmp_path / "synth", n_train=12, n_test=4, image_size=32, seed=1)
+  root = tmp_path_factory.mktemp("small")
+  folder = generate_dataset(root / "synth", n_train=12, n_test=4, image_size=32, seed=1)
   rows = data_lib.read_metadata(folder)
   names = data_lib.vocabulary(rows)
-  tokenizer = train_text_tokenizer([r["report"] for r in rows], 300, tmp_path / "tok.json", context_length=24)
-  processor = ImageProcessorConfig.clip(32)
+  tokenizer = train_text_tokenizer([r["report"] for r in rows], 300, root / "tok.json", context_length=24)
+  return folder, rows, names, tokenizer, ImageProcessorConfig.clip(32)
+
+
+def test_lazy_tfds_records_equal_the_in_memory_source(small, tmp_path):
+  folder, rows, names, tokenizer, processor = small
   config = config_lib.get_config(CONFIG, TOY + ["data.source=tfds", f"data.tfds_dir={tmp_path / 'tfds'}"])
   lazy_train, lazy_eval = train_lib.make_sources(config, str(tmp_path), folder, rows, names, processor, tokenizer, 32)
   config.data.source = "memory"
   mem_train, mem_eval = train_lib.make_sources(config, str(tmp_path), folder, rows, names, processor, tokenizer, 32)
   assert (len(lazy_train), len(lazy_eval)) == (len(mem_train), len(mem_eval)) == (12, 4)
+  assert mem_train.images.dtype == np.uint8 and mem_train.images.shape == (12, 32, 32, 3)
   by_path = {p: i for i, p in enumerate(mem_train.paths)}
   for i in range(len(lazy_train)):
     rec = lazy_train.records[i]
     path = rec["path"].decode() if isinstance(rec["path"], bytes) else rec["path"]
     want = mem_train[by_path[str(folder / path)]]
     got = lazy_train[i]
-    np.testing.assert_allclose(got["images"], want["images"], atol=1e-5)
-    np.testing.assert_array_equal(got["text_ids"], want["text_ids"])
-    np.testing.assert_array_equal(got["labels"], want["labels"])
+    assert got["images"].dtype == np.uint8  # raw training records; the transform normalises
+    for key in ("images", "text_ids", "labels"):
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  by_path = {p: i for i, p in enumerate(mem_eval.paths)}
+  for i in range(len(lazy_eval)):
+    rec = lazy_eval.records[i]
+    path = rec["path"].decode() if isinstance(rec["path"], bytes) else rec["path"]
+    np.testing.assert_array_equal(lazy_eval[i]["images"], mem_eval[by_path[str(folder / path)]]["images"])
   config.data.source = "disk"
   with pytest.raises(ValueError, match="data.source='disk'"):
     train_lib.make_sources(config, str(tmp_path), folder, rows, names, processor, tokenizer, 32)
+
+
+@pytest.mark.parametrize("source", ["memory", "tfds"])
+def test_training_batches_are_augmented_only_when_enabled(small, tmp_path, source):
+  from mlx_med.core import data as core_data
+  from mlx_med.vision.io import load_and_preprocess
+
+  folder, rows, names, tokenizer, processor = small
+  want = {str(folder / r["path"]): load_and_preprocess(folder / r["path"], processor=processor) for r in rows}
+
+  def batches(enabled, n=6):
+    config = config_lib.get_config(CONFIG, TOY + [f"data.source={source}", f"data.tfds_dir={tmp_path / 'tfds'}",
+                                                  f"data.augment.enabled={enabled}"])
+    train, test = train_lib.make_sources(config, str(tmp_path), folder, rows, names, processor, tokenizer, 32)
+    assert test.train_transform is None and train.train_transform is not None
+    # Evaluation records are the processor's output, augmentation or not.
+    test_paths = [str(folder / r["path"]) for r in rows if r["split"] == "test"]
+    got = sorted(test[i]["images"].tobytes() for i in range(len(test)))
+    assert got == sorted(want[p].tobytes() for p in test_paths)
+    # The trainer's loader (unshuffled here, so epoch e holds records 0..11 again): 3 batches an epoch.
+    loader = core_data.make_loader(train, 4, seed=0, shuffle=False, process_index=0, process_count=1,
+                                   transform=train.train_transform)
+    it = iter(loader)
+    return train, [next(it) for _ in range(n)]
+
+  train, plain = batches(False)
+  if source == "memory":
+    paths = train.paths
+  else:
+    paths = [str(folder / train.records[i]["path"].decode()) for i in range(len(train))]
+  for b, batch in enumerate(plain):
+    assert batch["images"].dtype == np.float32 and batch["images"].shape == (4, 32, 32, 3)
+    for j in range(4):  # bitwise the processor's normalised pixels, every epoch
+      np.testing.assert_array_equal(batch["images"][j], want[paths[(4 * b + j) % 12]])
+  _, aug = batches(True)
+  for b in range(3):
+    x, y = aug[b]["images"], aug[b + 3]["images"]  # the same records, one epoch apart
+    np.testing.assert_array_equal(aug[b]["text_ids"], plain[b]["text_ids"])
+    np.testing.assert_array_equal(aug[b]["labels"], aug[b + 3]["labels"])
+    for j in range(4):
+      assert not np.allclose(x[j], y[j], atol=1e-3)  # new crop and jitter each epoch
+      assert not np.allclose(x[j], plain[b]["images"][j], atol=1e-3)
+    assert np.isfinite(x).all() and abs(float(x.mean() - plain[b]["images"].mean())) < 0.5
+  _, again = batches(True)  # deterministic for the seed
+  for a, b in zip(aug, again):
+    np.testing.assert_array_equal(a["images"], b["images"])
