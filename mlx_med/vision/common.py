@@ -136,7 +136,9 @@ class MLP(nn.Module):
                         bias_init=logical_init(nn.initializers.zeros, ("mlp",)),
                         dot_general=cpu_dense_dot_general, name="fc1")(x)
     h = activation(self.act)(h)
-    h = sharding_lib.constrain(self.rules, h, ("batch", "length", "act_mlp"))
+    # [B, L, F] token sequences, or [B, H, W, F] feature maps (DaViT)
+    axes = ("batch", "length", "act_mlp") if h.ndim == 3 else ("batch",) + (None,) * (h.ndim - 2) + ("act_mlp",)
+    h = sharding_lib.constrain(self.rules, h, axes)
     return nn.DenseGeneral(d, dtype=self.dtype, param_dtype=self.param_dtype,
                            kernel_init=logical_init(_DENSE_INIT, ("mlp", "embed")),
                            bias_init=logical_init(nn.initializers.zeros, ("embed",)),

@@ -44,7 +44,7 @@ import numpy as np
 
 from mlx_med.core import sharding as sharding_lib
 from mlx_med.core.layers import cpu_dense_dot_general, logical_init
-from mlx_med.vision.common import VisionOutput
+from mlx_med.vision.common import MLP, VisionOutput
 
 Dtype = Any
 
@@ -218,21 +218,6 @@ class ConvPosEnc(nn.Module):
     return x + feat
 
 
-class Mlp(nn.Module):
-  hidden: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  rules: sharding_lib.ShardingRules | None = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    c = x.shape[-1]
-    h = _dense(self.hidden, ("embed",), ("mlp",), self.dtype, self.param_dtype, "fc1")(x)
-    h = nn.gelu(h, approximate=False)  # torch nn.GELU (erf)
-    h = sharding_lib.constrain(self.rules, h, ("batch",) + (None,) * (h.ndim - 2) + ("act_mlp",))
-    return _dense(c, ("mlp",), ("embed",), self.dtype, self.param_dtype, "fc2")(h)
-
-
 def _qkv(x: jax.Array, heads: int, bias: bool, dtype, pdtype) -> tuple[jax.Array, jax.Array, jax.Array]:
   """[..., N, C] -> q, k, v [..., N, heads, C/heads] (timm's (3, heads, head_dim) output order)."""
   c = x.shape[-1]
@@ -321,7 +306,7 @@ class SpatialBlock(nn.Module):
     x = shortcut + _drop_path(self, y, self.drop_path, self.deterministic)
     x = ConvPosEnc(dtype, pdtype, name="cpe2")(x)
     y = _layer_norm(cfg.layer_norm_eps, dtype, pdtype, "norm2")(x)
-    y = Mlp(int(c * cfg.mlp_ratio), dtype, pdtype, self.rules, name="mlp")(y)
+    y = MLP(int(c * cfg.mlp_ratio), "gelu", dtype, pdtype, self.rules, name="mlp")(y)
     x = x + _drop_path(self, y, self.drop_path, self.deterministic)
     return sharding_lib.constrain(self.rules, x, ("batch", None, None, "act_embed"))
 
@@ -347,7 +332,7 @@ class ChannelBlock(nn.Module):
     x = x + _drop_path(self, y.reshape(b, h, w, c), self.drop_path, self.deterministic)
     x = ConvPosEnc(dtype, pdtype, name="cpe2")(x)
     y = _layer_norm(cfg.layer_norm_eps, dtype, pdtype, "norm2")(x)
-    y = Mlp(int(c * cfg.mlp_ratio), dtype, pdtype, self.rules, name="mlp")(y)
+    y = MLP(int(c * cfg.mlp_ratio), "gelu", dtype, pdtype, self.rules, name="mlp")(y)
     x = x + _drop_path(self, y, self.drop_path, self.deterministic)
     return sharding_lib.constrain(self.rules, x, ("batch", None, None, "act_embed"))
 
