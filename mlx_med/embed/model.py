@@ -266,6 +266,104 @@ def init_two_tower(cfg: TwoTowerConfig, rng: jax.Array):
 # ----------------------------------------------------------------------------- task
 
 
+# Activation memory of training (an estimate for the trainer's pre-compile memory check).
+#
+# Counted per example, in bytes, as what the backward pass holds at its peak: every tensor
+# autodiff saves from the forward pass (the residuals), plus the transient buffers of the one
+# block whose backward runs (its activation gradients, about the size of its residuals).
+# Without remat a block's residuals are its inputs and the outputs of its norms, projections,
+# activations and (in `dtype` and fp32) its attention probabilities; with remat only the block's
+# input is kept and the block being differentiated recomputes its residuals (counted twice:
+# recomputed values plus gradients). Tensors outside the blocks (the input image, stem,
+# downsampling, embeddings, final norms) are kept in both modes. The contrastive loss's [B, B]
+# logits are left out (a few bytes per example at any practical batch). XLA may fuse some of
+# these away on an accelerator, so the estimate leans high; tests/embed/test_model.py checks it
+# against XLA's compiled memory analysis.
+
+
+def _act_bytes(dtype) -> int:
+  return jnp.dtype(dtype).itemsize
+
+
+def _block_memory(kept_all: float, input_bytes: float, remat: bool) -> tuple[float, float]:
+  """(bytes kept until the backward pass, peak transient bytes while it runs) of one block."""
+  return (input_bytes, 2.0 * kept_all) if remat else (kept_all, kept_all)
+
+
+def _encoder_activation_bytes(n: int, d: int, mlp: int, heads: int, depth: int, b: int, remat: bool,
+                              masked: bool = False) -> tuple[float, float]:
+  """(kept, peak transient) of `depth` pre-LN blocks (mlx_med.vision.common.EncoderBlock) on n tokens.
+
+  Per token: block input, ln1, q/k/v, attention output, out projection, residual sum, ln2
+  (9 x width) and fc1, activation, its gate (3 x mlp). Per head: fp32 scores softmax output and
+  the `dtype` probabilities [n, n]; a masked tower (the causal text tower) saves its bool mask.
+  """
+  per_block = n * (9 * d + 3 * mlp) * b + heads * n * n * (4 + b) + (n * n if masked else 0)
+  kept, peak = _block_memory(per_block, n * d * b, remat)
+  return depth * kept, (peak if depth else 0.0)
+
+
+def _vit_activation_bytes(cfg) -> float:
+  b, d, s = _act_bytes(cfg.dtype), cfg.width, cfg.image_size
+  n = cfg.num_tokens
+  kept, peak = _encoder_activation_bytes(n, d, cfg.mlp_dim, cfg.num_heads, cfg.depth, b, cfg.remat)
+  outside = s * s * 3 * (4 + 2 * b)  # fp32 input, its `dtype` cast and the patchified copy
+  outside += 3 * n * d * b  # patch embedding, + position, pre/post norm
+  if cfg.pool == "map":  # the probe's keys/values over every token, one query
+    outside += n * (2 * d * b + cfg.num_heads * (4 + b))
+  return float(kept + peak + outside)
+
+
+def _text_activation_bytes(cfg, length: int | None = None) -> float:
+  b, d, n = _act_bytes(cfg.dtype), cfg.width, int(length or cfg.context_length)
+  kept, peak = _encoder_activation_bytes(n, d, cfg.mlp_dim, cfg.num_heads, cfg.depth, b, cfg.remat,
+                                         masked=cfg.style == "clip")
+  return float(kept + peak + 3 * n * d * b)  # token + position embeddings, final norm
+
+
+def _conv_out(size: int, k: int, s: int, pad: int) -> int:
+  return (size + pad - k) // s + 1
+
+
+def _davit_activation_bytes(cfg) -> float:
+  """DaViT (mlx_med.vision.davit): the stem, then per stage spatial + channel blocks.
+
+  Spatial block per token: two depthwise-conv residuals (input, conv output each), two norms,
+  the window-padded copy and its window reshape, q/k/v, attention output, projection, crop,
+  residual sums (about 16 x width) and the MLP (fc1, GELU: 2 x mlp); per token and head the
+  window's fp32 + `dtype` probabilities (window_size**2 keys). Channel block: the same without
+  the window copies (13 x width + 2 x mlp per token) and its [head_dim, head_dim] attention per
+  group and example.
+  """
+  b, s = _act_bytes(cfg.dtype), cfg.image_size
+  h = w = s
+  k, st = cfg.patch_sizes[0], cfg.strides[0]
+  h = _conv_out(h, k, st, 2 * (k // 2) + (st - h % st) % st)
+  w = _conv_out(w, k, st, 2 * (k // 2) + (st - w % st) % st)
+  outside = s * s * 3 * (4 + b) + 2 * h * w * cfg.dims[0] * b  # input, its cast; stem conv + norm
+  kept_total, peak = 0.0, 0.0
+  ws = cfg.window_size
+  for i, (c, depth, heads) in enumerate(zip(cfg.dims, cfg.depths, cfg.heads)):
+    if i > 0:
+      k, st = cfg.patch_sizes[i], cfg.strides[i]
+      outside += h * w * cfg.dims[i - 1] * b  # the downsample's norm
+      pad_h = (k - h % k) % k if k % 2 == 0 else 2 * (k // 2)
+      pad_w = (k - w % k) % k if k % 2 == 0 else 2 * (k // 2)
+      h, w = _conv_out(h, k, st, pad_h), _conv_out(w, k, st, pad_w)
+      outside += h * w * c * b
+    n, mlp = h * w, int(c * cfg.mlp_ratio)
+    padded = (-(-h // ws) * ws) * (-(-w // ws) * ws)
+    spatial = n * (16 * c + 2 * mlp) * b + padded * (2 * c * b + heads * ws * ws * (4 + b))
+    channel = n * (13 * c + 2 * mlp) * b + c * (c // heads) * (4 + b)
+    for block in (spatial, channel):
+      kept, transient = _block_memory(block, n * c * b, cfg.remat)
+      kept_total += depth * kept
+      if depth:
+        peak = max(peak, transient)
+  outside += h * w * cfg.dims[-1] * 4  # the fp32 copy the global average pools
+  return float(kept_total + peak + outside)
+
+
 class EmbedTask(Task):
   """Two-tower contrastive training for the shared trainer (see the module docstring).
 
@@ -375,6 +473,13 @@ class EmbedTask(Task):
     return 3.0 * flops if flops else None  # backward ~ twice the forward
 
   throughput_unit = ("images", 1)
+
+  def activation_bytes_per_example(self) -> float | None:
+    """Training activation bytes of one image-text pair (both towers; see the estimate's notes
+    above `EmbedTask`). Within 2x of XLA's compiled memory analysis on the tested configs."""
+    c = self.cfg
+    image = _vit_activation_bytes(c.image) if c.image_kind == "vit" else _davit_activation_bytes(c.image)
+    return image + _text_activation_bytes(c.text)
 
   def describe(self) -> str:
     c = self.cfg

@@ -220,3 +220,115 @@ def test_two_tower_config_round_trips_through_json():
   again = TwoTowerConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
   assert again == cfg
   assert TwoTower(again) is not None
+
+
+# ----------------------------------------------------------------------------- memory estimate
+#
+# `EmbedTask.activation_bytes_per_example` against independent references, per example (the
+# difference between batch 12 and batch 4, which cancels everything that does not grow with the
+# batch: parameters, gradients, optimizer temporaries):
+# * without remat, XLA's compiled memory analysis of the jitted gradient (temp bytes): the
+#   estimate must lie within a factor of 1.5 of it (measured 1.2x for the ViT pair, 1.0x for the
+#   DaViT pair);
+# * with remat, what autodiff keeps for the backward pass (the residuals of `jax.vjp`, from
+#   abstract shapes): each extra block adds its input only. XLA:CPU's memory analysis cannot be
+#   the reference here: its scheduler places the recomputation early in an unrolled loop, so its
+#   temp bytes are the same with and without remat (measured equal on these configs).
+
+
+def _memory_config(image_kind: str, remat: bool = False, depth: int = 2) -> TwoTowerConfig:
+  from mlx_med.vision.davit import DaViTConfig
+  text = TextConfig(vocab_size=VOCAB, context_length=16, width=64, depth=2, num_heads=4, mlp_dim=256,
+                    eos_token_id=EOS, pad_token_id=EOS, remat=remat)
+  if image_kind == "vit":
+    image = ViTConfig(image_size=32, patch_size=4, width=64, depth=depth, num_heads=4, mlp_dim=256, remat=remat)
+  else:
+    image = DaViTConfig(dims=(32, 64), depths=(1, depth - 1), heads=(2, 4), window_size=4, patch_sizes=(7, 3),
+                        strides=(4, 2), image_size=48, channel_attention="v2", remat=remat)
+  return TwoTowerConfig(image=image, text=text, embed_dim=32)
+
+
+def _abstract(task: EmbedTask, n: int):
+  import flax.linen as nn
+  params = jax.eval_shape(lambda: nn.unbox(task.init(jax.random.key(0))))
+  c = task.cfg
+  batch = {"images": jax.ShapeDtypeStruct((n, c.image_size, c.image_size, 3), jnp.float32),
+           "text_ids": jax.ShapeDtypeStruct((n, c.context_length), jnp.int32),
+           "labels": jax.ShapeDtypeStruct((n, 1), jnp.int32)}
+  return params, batch
+
+
+def _xla_temp_per_example(task: EmbedTask) -> float:
+  temps = []
+  for n in (4, 12):
+    params, batch = _abstract(task, n)
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    compiled = jax.jit(make_grad_fn(task)).lower(params, batch, rng).compile()
+    temps.append(compiled.memory_analysis().temp_size_in_bytes)
+  return (temps[1] - temps[0]) / 8
+
+
+def _residuals_per_example(task: EmbedTask) -> float:
+  def vjp_of_loss(params, batch):
+    return jax.vjp(lambda p: task.loss(p, batch, jax.random.key(0)).loss_sum, params)[1]
+
+  sizes = []
+  for n in (4, 8):
+    vjp_fn = jax.eval_shape(vjp_of_loss, *_abstract(task, n))
+    sizes.append(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vjp_fn)))
+  return (sizes[1] - sizes[0]) / 4
+
+
+@pytest.mark.parametrize("image_kind", ["vit", "davit"])
+def test_activation_estimate_is_within_1_5x_of_xla_memory_analysis(image_kind):
+  task = EmbedTask(_memory_config(image_kind))
+  estimate, xla = task.activation_bytes_per_example(), _xla_temp_per_example(task)
+  assert xla > 0
+  assert 1 / 1.5 <= estimate / xla <= 1.5, (image_kind, estimate, xla)
+
+
+@pytest.mark.parametrize("image_kind", ["vit", "davit"])
+def test_remat_estimate_grows_by_what_autodiff_keeps_per_block(image_kind):
+  def per_block(fn, remat):
+    a, b = (fn(EmbedTask(_memory_config(image_kind, remat, depth))) for depth in (2, 4))
+    return (b - a) / 2
+
+  kept = per_block(_residuals_per_example, True)
+  estimated = per_block(lambda t: t.activation_bytes_per_example(), True)
+  assert 1 / 1.5 <= estimated / kept <= 1.5, (image_kind, estimated, kept)
+  # remat keeps several times less per block than the full residuals
+  assert per_block(_residuals_per_example, False) > 5 * kept
+  assert per_block(lambda t: t.activation_bytes_per_example(), False) > 5 * estimated
+
+
+def test_memory_check_refuses_a_paper_scale_batch_that_cannot_fit(monkeypatch):
+  from configs.embed.medimageinsight import get_config
+  from mlx_med.core import memory as memory_lib
+  from mlx_med.core import trainer
+  from mlx_med.embed.model import two_tower_config
+
+  # One H200: 141 GB, one device (the test process may see 8 CPU devices).
+  monkeypatch.setattr(memory_lib, "device_memory", lambda device=None: (141e9, "NVIDIA H200 (test)"))
+
+  def one_device_mesh(config):
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    return mesh, sharding.rules_from_config(mesh, config.mesh.get("rules", ()))
+
+  monkeypatch.setattr(trainer, "mesh_from_config", one_device_mesh)
+  config = get_config("paper")
+  config.model.text.update(vocab_size=49408, eos_token_id=49407, pad_token_id=49407)
+  task = EmbedTask(two_tower_config(config.model), num_labels=8)
+  per_example = task.activation_bytes_per_example()
+  assert 0.3e9 < per_example < 1.5e9  # remat on: 0.69 GB at 480 px
+  config.train.batch_size = 128  # bench/embed_train.py --gpu
+  est = trainer.check_memory(config, task)
+  assert est.examples_per_device == 128 and est.total < 0.9 * 141e9
+  config.train.batch_size = 1024  # the config's global batch: for many devices, not one
+  with pytest.raises(memory_lib.MemoryBudgetError, match="batch_size=1024"):
+    trainer.check_memory(config, task)
+  config.train.batch_size = 128
+  config.model.image.remat = config.model.text.remat = False
+  no_remat = EmbedTask(two_tower_config(config.model), num_labels=8)
+  assert no_remat.activation_bytes_per_example() > 2.5 * per_example
+  with pytest.raises(memory_lib.MemoryBudgetError):
+    trainer.check_memory(config, no_remat)
