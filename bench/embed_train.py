@@ -13,15 +13,42 @@ clipping), timed eager and under torch.compile (its strongest ordinary settings)
 counts for the ratio and both are printed. Compilation is left out on both sides; each side is
 timed `--repeats` times, alternating, and the best run counts (the machine may be shared).
 Prints the load average, images/s of each and the ratio ours / open_clip.
+
+Paper scale (`--gpu`, or `--paper` on any backend):
+
+  python bench/embed_train.py --gpu [--batch 128] [--steps 5] [--json OUT]
+  python bench/embed_train.py --paper --towers smoke --batch 4 --steps 2   # the same path on a CPU
+
+trains the `paper` variant of configs/embed/medimageinsight.py: DaViT (360M parameters, 480 px)
+and the 1024-wide, 16-layer text tower (CLIP's 49408-token vocabulary), shared embedding 1024,
+UniCL over 8 multi-hot labels, bf16 compute over fp32 parameters, remat, AdamW + the EMA of the
+config, through the trainer's own pieces: its mesh and shardings (`core.trainer.mesh_from_config`,
+`state_shardings`, `batch_shardings`), its memory check (`core.trainer.check_memory`, refusing a
+batch that cannot fit before anything is compiled) and `core.train_step.make_train_step`.
+Reports images/s, the median step time, MFU (`EmbedTask.train_flops_per_example` against the
+device's dense bf16 peak, looked up as bench/train_throughput.py --gpu does) and XLA's compiled
+memory analysis beside our estimate. `--towers smoke` swaps in the smoke DaViT and a small text
+tower (same code path, CPU-sized); `--image-size` and `--no-remat` override the config.
+
+Batch 128 on one H200 (141 GB, ~127 GB within the check's 90% headroom): 617M parameters in fp32
+are 2.5 GB, AdamW moments 4.9 GB, EMA 2.5 GB, gradients and update temporaries ~5 GB (~15 GB);
+`EmbedTask.activation_bytes_per_example` is 0.69 GB with remat (2.26 GB without), so 128 pairs
+need ~88 GB of activations (~103 GB in all). Without remat 128 would need ~290 GB: the memory
+check refuses it.
+--gpu exits 1 when JAX sees no GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 IMAGE, PATCH, WIDTH, DEPTH, HEADS, MLP = 64, 8, 192, 4, 3, 768
 CONTEXT, VOCAB, T_WIDTH, T_DEPTH, T_HEADS, T_MLP = 32, 1000, 128, 2, 2, 512
@@ -121,15 +148,197 @@ def best_rate(run, batch: int, steps: int) -> float:
   return batch * steps / (time.perf_counter() - start)
 
 
+# ----------------------------------------------------------------------------- paper scale
+
+PAPER_VOCAB, PAPER_LABELS = 49408, 8  # CLIP's tokenizer; multi-hot labels per pair
+
+
+def paper_config(towers: str = "paper", image_size: int = 0, remat: bool = True, batch: int = 128):
+  """The `paper` variant's config with the tokenizer-dependent fields filled (CLIP's vocabulary)."""
+  from configs.embed.medimageinsight import _text, get_config
+
+  config = get_config("paper")
+  if towers == "smoke":  # CPU-sized towers of the same kinds, through the same code path
+    import dataclasses
+
+    import ml_collections
+
+    from mlx_med.vision.davit import DaViTConfig
+    values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(DaViTConfig.smoke()).items()}
+    values.update(kind="davit", dtype="bfloat16", param_dtype="float32", remat=True)
+    config.model.image = ml_collections.ConfigDict(values)
+    config.model.text = _text(16, 64, 2, 4, 256, dtype="bfloat16", remat=True)
+    config.model.embed_dim = 64
+  elif towers != "paper":
+    raise SystemExit(f"--towers {towers!r}: choose paper or smoke")
+  text = config.model.text
+  text.vocab_size = 1000 if towers == "smoke" else PAPER_VOCAB
+  text.eos_token_id = text.pad_token_id = text.vocab_size - 1
+  if image_size:
+    config.model.image.image_size = int(image_size)
+  config.model.image.remat = config.model.text.remat = bool(remat)
+  config.train.batch_size = int(batch)
+  return config
+
+
+def _peak_flops(device, override_tflops: float = 0.0) -> float | None:
+  """Dense bf16 peak of the device: mlx_med.core.flops, then bench/train_throughput.py's fallback table."""
+  if override_tflops:
+    return override_tflops * 1e12
+  from mlx_med.core import flops as flops_lib
+  peak = flops_lib.device_peak_flops("bfloat16", device)
+  if peak is None:  # the same fallback table as train_throughput.py --gpu
+    from train_throughput import _PEAK_BF16
+    kind = getattr(device, "device_kind", "").lower()
+    peak = next((v for name, v in _PEAK_BF16.items() if name.lower() in kind), None)
+  return peak
+
+
+def paper_batch(cfg, batch: int, seed: int = 0) -> dict:
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  s, length, vocab = cfg.image_size, cfg.context_length, cfg.text.vocab_size
+  ids = rng.integers(1, vocab - 1, (batch, length)).astype(np.int32)
+  for i, n in enumerate(rng.integers(4, length - 1, batch)):
+    ids[i, n:] = vocab - 1  # the end token (pooled at its first occurrence), then padding
+  return {"images": rng.normal(size=(batch, s, s, 3)).astype(np.float32), "text_ids": ids,
+          "labels": (rng.random((batch, PAPER_LABELS)) < 0.15).astype(np.int32)}
+
+
+def run_paper(args) -> dict:
+  import flax.linen as nn
+  import jax
+
+  if args.gpu and jax.default_backend() != "gpu":
+    print(f"embed_train --gpu: FAIL: JAX's default backend is {jax.default_backend()!r}, not 'gpu' "
+          f"(devices {jax.devices()}); run on a GPU machine, or use --paper --towers smoke on a CPU",
+          file=sys.stderr)
+    sys.exit(1)
+  from mlx_med.core import memory as memory_lib
+  from mlx_med.core import optim
+  from mlx_med.core import params as params_lib
+  from mlx_med.core import trainer as trainer_lib
+  from mlx_med.core.train_step import init_train_state, make_train_step
+  from mlx_med.embed.model import EmbedTask, two_tower_config
+
+  batch_size = args.batch or 128
+  config = paper_config(args.towers, args.image_size, not args.no_remat, batch_size)
+  m = config.model
+  cfg = two_tower_config(m)
+  task = EmbedTask(cfg, loss=m.loss, siglip_chunked=bool(m.siglip_chunked), max_logit_scale=float(m.max_logit_scale),
+                   num_labels=PAPER_LABELS)
+  device = jax.devices()[0]
+  print(f"device: {getattr(device, 'device_kind', device)} ({jax.default_backend()}, {jax.device_count()} device(s)), "
+        f"jax {jax.__version__}; {task.describe()}, batch {batch_size}, remat {not args.no_remat}", flush=True)
+  try:
+    est = trainer_lib.check_memory(config, task, what=f"the paper-scale train step at batch {batch_size}")
+  except memory_lib.MemoryBudgetError as e:
+    print(f"embed_train: FAIL: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(f"memory estimate: {est.describe()}", flush=True)
+
+  t = config.train
+  seed, ema_decay = int(config.seed), float(t.ema_decay)
+  _, rules = trainer_lib.mesh_from_config(config)
+  optimizer, schedule = optim.make_optimizer(t)
+  _, shardings = trainer_lib.state_shardings(task, optimizer, rules, seed, ema_decay > 0)
+  b_shard = trainer_lib.batch_shardings(task, rules)
+  start = time.perf_counter()
+  state = jax.jit(lambda: init_train_state(nn.unbox(task.init(jax.random.key(seed))), optimizer, seed, ema_decay > 0),
+                  out_shardings=shardings)()
+  n_params = params_lib.count_params(state["params"])
+  batch = jax.device_put(paper_batch(cfg, batch_size, seed), b_shard)
+  step = jax.jit(make_train_step(task, optimizer, schedule, 1, rules, ema_decay),
+                 in_shardings=(shardings, b_shard), out_shardings=(shardings, None), donate_argnums=(0,))
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  xla = None
+  if mem is not None:
+    xla = {k: int(getattr(mem, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                                             "alias_size_in_bytes", "generated_code_size_in_bytes")
+           if hasattr(mem, k)}
+  print(f"{n_params:,} parameters; init + compile {compile_s:.1f} s", flush=True)
+
+  holder = {"state": state, "metrics": None}
+
+  def one() -> float:
+    t0 = time.perf_counter()
+    holder["state"], holder["metrics"] = compiled(holder["state"], batch)
+    jax.block_until_ready(holder["metrics"]["loss"])
+    return time.perf_counter() - t0
+
+  first_s = one()
+  for _ in range(args.warmup):
+    one()
+  walls = [one() for _ in range(args.steps)]
+  med = statistics.median(walls)
+  images_per_s = batch_size / med
+  flops = task.train_flops_per_example
+  peak = _peak_flops(device, args.peak_tflops)
+  achieved = images_per_s * flops if flops else None
+  mfu = achieved / peak if achieved and peak else None
+  per_example = task.activation_bytes_per_example()
+  result = {
+      "mode": "gpu" if args.gpu else "paper", "device": getattr(device, "device_kind", str(device)),
+      "backend": jax.default_backend(), "jax": jax.__version__, "towers": args.towers, "model": task.describe(),
+      "params": n_params, "image_size": cfg.image_size, "context_length": cfg.context_length,
+      "dtype": "bfloat16 compute, float32 params", "remat": not args.no_remat, "ema_decay": ema_decay,
+      "batch": batch_size, "steps": args.steps, "warmup": args.warmup, "median_step_s": med, "min_step_s": min(walls),
+      "images_per_s": images_per_s, "train_flops_per_example": flops,
+      "achieved_tflops": achieved / 1e12 if achieved else None, "peak_tflops": peak / 1e12 if peak else None,
+      "mfu": mfu, "init_compile_s": compile_s, "first_step_s": first_s,
+      "final_loss": float(holder["metrics"]["loss"]), "step_s": walls,
+      "memory_estimate": {"params": est.params, "optimizer": est.optimizer, "activations": est.activations,
+                          "activation_bytes_per_example": per_example, "total": est.total},
+      "xla_memory_analysis": xla,
+  }
+  print(f"{images_per_s:,.1f} images/s, median {med:.3f} s/step (min {min(walls):.3f}, first {first_s:.2f} s), "
+        f"loss {result['final_loss']:.4f}")
+  if achieved:
+    print(f"{achieved / 1e12:.3g} TFLOP/s from {flops / 1e9:.3g} train GFLOPs/image"
+          + (f", MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s bf16" if mfu else
+             ", peak unknown (pass --peak-tflops)"))
+  if xla:
+    used = xla.get("argument_size_in_bytes", 0) + xla.get("temp_size_in_bytes", 0)
+    print(f"XLA memory: arguments {xla.get('argument_size_in_bytes', 0) / 1e9:.2f} GB + temp "
+          f"{xla.get('temp_size_in_bytes', 0) / 1e9:.2f} GB = {used / 1e9:.2f} GB; our estimate {est.total / 1e9:.2f} GB "
+          f"(activations {per_example / 1e6:.1f} MB/example; estimate / XLA {est.total / max(used, 1):.2f})")
+  return result
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--batch", type=int, default=64)
-  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--batch", type=int, default=0, help="pairs per step (default: 64 CPU comparison, 128 paper)")
+  p.add_argument("--steps", type=int, default=0, help="timed steps (default: 10 CPU comparison, 5 paper)")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = all cores)")
   p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+  p.add_argument("--gpu", action="store_true", help="paper-scale train step on the GPU (exit 1 without one)")
+  p.add_argument("--paper", action="store_true", help="paper-scale train step on whatever backend JAX has")
+  p.add_argument("--towers", default="paper", help="paper mode: paper | smoke (CPU-sized, same code path)")
+  p.add_argument("--image-size", type=int, default=0, help="paper mode: override the image size")
+  p.add_argument("--no-remat", action="store_true", help="paper mode: turn remat off in both towers")
+  p.add_argument("--warmup", type=int, default=2, help="paper mode: untimed steps after the first")
+  p.add_argument("--peak-tflops", type=float, default=0.0, help="paper mode: override the device's bf16 peak")
+  p.add_argument("--json", metavar="OUT", help="paper mode: write every figure to this JSON file")
   args = p.parse_args()
+  if args.gpu or args.paper:
+    args.steps = args.steps or 5
+    result = run_paper(args)
+    if args.json:
+      tmp = args.json + ".tmp"
+      with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+      os.replace(tmp, args.json)
+      print(f"wrote {args.json}")
+    return
+  args.batch, args.steps = args.batch or 64, args.steps or 10
+  cpu_comparison(args)
 
+
+def cpu_comparison(args) -> None:
+  """Ours vs open_clip on the tiny CPU config (the module docstring's first part)."""
   import torch
   torch.set_num_threads(args.threads or os.cpu_count() or 1)
 
