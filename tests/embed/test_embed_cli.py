@@ -17,12 +17,12 @@ from mlx_med.vision import io as vio
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-  from test_model import _tiny_clip_dir
+  from tiny_clip import tiny_clip_dir
 
   root = tmp_path_factory.mktemp("embed_cli")
   model_dir = root / "clip"
   model_dir.mkdir()
-  _tiny_clip_dir(model_dir)
+  tiny_clip_dir(model_dir)
   data = synth.generate_dataset(root / "data", n_train=40, n_test=40, image_size=32, seed=1)
   extra = root / "extra"
   extra.mkdir()

@@ -77,11 +77,11 @@ def test_run_writes_the_model_files_and_the_embedder_uses_the_ema(tmp_path):
 
 
 def test_init_from_a_hugging_face_clip_dir(tmp_path):
-  from test_model import _tiny_clip_dir
+  from tiny_clip import tiny_clip_dir
 
   hf = tmp_path / "clip"
   hf.mkdir()
-  _tiny_clip_dir(hf)
+  tiny_clip_dir(hf)
   workdir = tmp_path / "run"
   # warmup 5: the schedule's learning rate is 0 at step 0, so after one step the weights are the checkpoint's.
   config = config_lib.get_config(CONFIG, TOY + ["train.steps=1", "train.warmup_steps=5", "train.ckpt_every=1",
