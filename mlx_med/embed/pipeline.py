@@ -6,8 +6,10 @@ images. `evaluate_folder` embeds the evaluation split with the model's own image
 every label by one method, and hands the scores to `evaluate.evaluate_scores` (per-label ROC AUC,
 bootstrap CI, operating points, ROC plots):
 
-- zeroshot: prompt-ensembled text classifier (`zeroshot.py`), per-label sigmoid scores (for a
-  model without a bias these rank images exactly as the cosine does);
+- zeroshot: prompt-ensembled text classifier (`zeroshot.py`); the score of a label is the cosine
+  between image and label embedding for a CLIP-style model (no logit bias), the sigmoid
+  probability for a SigLIP-style one (calibrated by its bias); operating points are thresholds
+  on that score;
 - knn / probe: the support split's embeddings and labels (`adapters.py`).
 
 Labels written "domain/finding" are scored, by default, only on rows of their own domain (an
@@ -113,8 +115,14 @@ def evaluate_folder(model: Any, data: str | os.PathLike, *, method: str = "zeros
   if method == "zeroshot":
     from mlx_med.embed import zeroshot
     classifier = zeroshot.text_classifier(model.embed_texts, names, templates)
-    scores = zeroshot.zeroshot_scores(emb, classifier, model.logit_scale, mode="sigmoid",
-                                      logit_bias=getattr(model, "logit_bias", None)).probs
+    bias = getattr(model, "logit_bias", None)
+    if bias is None:
+      # A CLIP-style (UniCL) model has no calibrated per-label probability: sigmoid(exp(scale) *
+      # cos) saturates near 1, so operating points would read 0.9999. The cosine ranks images the
+      # same way (same AUC) and its thresholds stay readable.
+      scores = zeroshot.zeroshot_scores(emb, classifier, 0.0, mode="sigmoid").logits
+    else:
+      scores = zeroshot.zeroshot_scores(emb, classifier, model.logit_scale, mode="sigmoid", logit_bias=bias).probs
   else:
     from mlx_med.embed import adapters
     support = [r for r in rows if r["split"] == train_split]
