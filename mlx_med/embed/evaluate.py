@@ -253,8 +253,10 @@ def _plot(curves: list[tuple[str, np.ndarray, np.ndarray, float, OperatingPoints
   written = []
   fig = Figure(figsize=(6.4, 6.0))
   ax = fig.subplots()
-  for name, fpr, tpr, auc, _ in curves:
-    ax.plot(fpr, tpr, lw=1.4, label=f"{name} (AUC {auc:.3f})")
+  for i, (name, fpr, tpr, auc, _) in enumerate(curves):
+    # ten colours, then the same colours dashed, dotted...: every label stays distinguishable
+    ax.plot(fpr, tpr, lw=1.4, color=f"C{i % 10}", ls=("-", "--", ":", "-.")[(i // 10) % 4],
+            label=f"{name} (AUC {auc:.3f})")
   ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls="--")
   ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)", title=title,
          xlim=(0, 1), ylim=(0, 1.01))
