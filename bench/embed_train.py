@@ -71,7 +71,9 @@ def ours_step(batch: int):
   import jax
   import jax.numpy as jnp
 
-  from mlx_med.core import config as config_lib, optim, params as params_lib
+  from mlx_med.core import config as config_lib
+  from mlx_med.core import optim
+  from mlx_med.core import params as params_lib
   from mlx_med.core.train_step import init_train_state, make_train_step
   from mlx_med.embed.model import EmbedTask, TwoTowerConfig
   from mlx_med.vision.text import TextConfig

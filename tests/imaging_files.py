@@ -6,7 +6,12 @@ import struct
 import nibabel as nib
 import numpy as np
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (
+  CTImageStorage,
+  ExplicitVRLittleEndian,
+  SecondaryCaptureImageStorage,
+  generate_uid,
+)
 
 PATIENT = "Doe^Jane"  # must never appear in an error or a log line
 

@@ -19,7 +19,8 @@ The standard ways to measure (and use) an embedding with labelled examples, next
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +88,7 @@ class KNNClassifier:
     self.k, self.weights, self.metric, self.temperature, self.devices = k, weights, metric, temperature, devices
     self.index: ExactIndex | None = None
 
-  def fit(self, embeddings: Any, labels: Any, ids: Sequence[str] | None = None) -> "KNNClassifier":
+  def fit(self, embeddings: Any, labels: Any, ids: Sequence[str] | None = None) -> KNNClassifier:
     x = _features(embeddings, "training embeddings")
     if x.shape[0] < self.k:
       raise AdapterInputError(f"k={self.k} neighbours but only {x.shape[0]} training embeddings; lower k")
@@ -155,7 +156,7 @@ def _loss(params: dict[str, jax.Array], x: jax.Array, y: jax.Array, penalty: flo
 
 def _fit_lbfgs(x: jax.Array, y: jax.Array, penalty: jax.Array, init: dict[str, jax.Array], *, softmax: bool,
                max_iter: int, tol: float):
-  fun = lambda p: _loss(p, x, y, penalty, softmax)  # noqa: E731
+  fun = lambda p: _loss(p, x, y, penalty, softmax)
   solver = optax.lbfgs()
   value_and_grad = optax.value_and_grad_from_state(fun)
 
@@ -198,7 +199,7 @@ class LinearProbe:
     self._multi_label_option = multi_label
     self.w: np.ndarray | None = None
 
-  def fit(self, embeddings: Any, labels: Any) -> "LinearProbe":
+  def fit(self, embeddings: Any, labels: Any) -> LinearProbe:
     x = _features(embeddings, "training embeddings")
     targets, self.classes_ = _targets(labels, x.shape[0])
     if self._multi_label_option is False and self.classes_ is None:

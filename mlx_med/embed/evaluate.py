@@ -30,8 +30,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -169,7 +170,7 @@ class OperatingPoints:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Mapping[str, float]]) -> "OperatingPoints":
+  def from_dict(cls, d: Mapping[str, Mapping[str, float]]) -> OperatingPoints:
     return cls(OperatingPoint(**d["rule_in"]), OperatingPoint(**d["rule_out"]))
 
 
@@ -182,7 +183,7 @@ def operating_points(scores: Any, labels: Any, *, sensitivity: float = RULE_OUT_
   j = tpr[1:] - fpr[1:]
   best = 1 + int(np.argmax(j))  # first maximum = highest threshold among equal J
   out = 1 + int(np.argmax(tpr[1:] >= sensitivity))  # tpr reaches 1 at the last point, so one exists
-  point = lambda i: OperatingPoint(float(thresholds[i]), float(tpr[i]), float(1.0 - fpr[i]))  # noqa: E731
+  point = lambda i: OperatingPoint(float(thresholds[i]), float(tpr[i]), float(1.0 - fpr[i]))
   return OperatingPoints(point(best), point(out))
 
 

@@ -49,13 +49,14 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 FORMAT = "mlx_med.exact_index"
 VERSION = 1
@@ -157,7 +158,7 @@ def _merge(top, idx, k: int, metric: str):
   return best, (-best if metric == "l2" else best), found
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _search_program(mesh: Mesh, metric: str, k: int, blocks: int, rows: int):
   """jit(shard_map(...)) mapping (db, sqnorm, n_valid, queries) -> (scores, indices).
 
@@ -177,7 +178,7 @@ def _search_program(mesh: Mesh, metric: str, k: int, blocks: int, rows: int):
   return jax.jit(mapped)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _prefilter_program(mesh: Mesh, metric: str, k: int, kp: int, blocks: int, rows: int):
   """The bf16-prefiltered search: (db32, db16, sqnorm, n_valid, queries, margin) -> (scores, indices, certified).
 
@@ -438,7 +439,7 @@ class ExactIndex:
   @classmethod
   def load(cls, directory: str | os.PathLike[str], *, devices: Sequence[jax.Device] | None = None,
            batch_size: int = 1024, block_rows: int = 16384, prefilter: bool = False,
-           prefilter_k: int = 32) -> "ExactIndex":
+           prefilter_k: int = 32) -> ExactIndex:
     """Reads an index written by `save`, checking its format, version and shapes.
 
     The search options (devices, batch_size, block_rows, prefilter) are chosen at load time.

@@ -29,8 +29,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -107,7 +108,7 @@ class TwoTowerConfig:
     return json.loads(json.dumps(out, default=str))
 
   @classmethod
-  def from_dict(cls, values: Mapping[str, Any]) -> "TwoTowerConfig":
+  def from_dict(cls, values: Mapping[str, Any]) -> TwoTowerConfig:
     from mlx_med.vision.text import TextConfig
     values = dict(values)
     image = dict(values.pop("image"))
@@ -539,7 +540,7 @@ class Embedder:
 
   # ---------------------------------------------------------------- loading
   @classmethod
-  def load(cls, path: str | os.PathLike, *, batch_size: int = 64, use_ema: bool = True) -> "Embedder":
+  def load(cls, path: str | os.PathLike, *, batch_size: int = 64, use_ema: bool = True) -> Embedder:
     """A run directory of `mlx-med embed train` (its EMA parameters when kept, unless use_ema=False)
     or a Hugging Face CLIP / SigLIP directory (config.json + model.safetensors + tokenizer.json)."""
     path = Path(path)
@@ -555,7 +556,7 @@ class Embedder:
                      "checkpoint directory")
 
   @classmethod
-  def _load_hf(cls, path: Path, batch_size: int) -> "Embedder":
+  def _load_hf(cls, path: Path, batch_size: int) -> Embedder:
     from mlx_med.vision.hf import load_hf_towers
     from mlx_med.vision.io import ImageProcessorConfig
     from mlx_med.vision.text import TextTokenizer
@@ -570,7 +571,7 @@ class Embedder:
     return cls(cfg, hf_params(cfg, towers), tokenizer, processor, batch_size=batch_size, source=str(path))
 
   @classmethod
-  def _load_run(cls, path: Path, batch_size: int, use_ema: bool) -> "Embedder":
+  def _load_run(cls, path: Path, batch_size: int, use_ema: bool) -> Embedder:
     import orbax.checkpoint as ocp
 
     cfg = TwoTowerConfig.from_dict(json.loads((path / MODEL_FILE).read_text()))

@@ -26,7 +26,8 @@ domain uses "medical image".
 from __future__ import annotations
 
 import string
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 

@@ -11,7 +11,8 @@ statistics are fp32.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -24,8 +25,18 @@ from mlx_med.core.transformer import as_dtype
 
 Dtype = Any
 
-__all__ = ["VisionOutput", "ACTIVATIONS", "activation", "hf_activation_name", "LayerNorm", "MultiHeadAttention",
-           "MLP", "EncoderBlock", "Encoder", "as_dtype"]
+__all__ = [
+  "ACTIVATIONS",
+  "MLP",
+  "Encoder",
+  "EncoderBlock",
+  "LayerNorm",
+  "MultiHeadAttention",
+  "VisionOutput",
+  "activation",
+  "as_dtype",
+  "hf_activation_name",
+]
 
 
 class VisionOutput(NamedTuple):

@@ -22,7 +22,8 @@ import dataclasses
 import json
 import os
 import tempfile
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -91,7 +92,7 @@ class TextConfig:
     return self.width
 
   @classmethod
-  def medimageinsight(cls, **overrides) -> "TextConfig":
+  def medimageinsight(cls, **overrides) -> TextConfig:
     """MedImageInsight's text encoder: CLIP-style, width 1024, 16 layers, 16 heads, context 77 (~252M)."""
     values = dict(vocab_size=49408, context_length=77, width=1024, depth=16, num_heads=16, mlp_dim=4096,
                   style="clip", act="quick_gelu")
@@ -99,7 +100,7 @@ class TextConfig:
     return cls(**values)
 
   @classmethod
-  def from_config(cls, cfg) -> "TextConfig":
+  def from_config(cls, cfg) -> TextConfig:
     """From an ml_collections ConfigDict / mapping with the same field names (unknown keys are an error)."""
     return cls(**_fields_from_mapping(cls, dict(cfg), "text"))
 
@@ -219,7 +220,7 @@ class TextTokenizer:
 
   @classmethod
   def from_file(cls, path: str | os.PathLike, context_length: int = 77, style: str = "clip",
-                pad_token: str | None = None) -> "TextTokenizer":
+                pad_token: str | None = None) -> TextTokenizer:
     from tokenizers import Tokenizer
 
     path = os.fspath(path)
@@ -268,7 +269,15 @@ def train_text_tokenizer(texts: Sequence[str], vocab_size: int, path: str | os.P
   vocabulary, so no text maps to an unknown token; the final vocabulary can therefore
   exceed `vocab_size` by up to 512 (`TextTokenizer.vocab_size` says the actual size).
   """
-  from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+  from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+  )
   from tokenizers.models import BPE
 
   path = os.fspath(path)

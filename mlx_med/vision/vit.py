@@ -22,7 +22,15 @@ import jax.numpy as jnp
 
 from mlx_med.core import sharding as sharding_lib
 from mlx_med.core.layers import cpu_dense_dot_general, logical_init
-from mlx_med.vision.common import ACTIVATIONS, MLP, Encoder, LayerNorm, MultiHeadAttention, VisionOutput, as_dtype
+from mlx_med.vision.common import (
+  ACTIVATIONS,
+  MLP,
+  Encoder,
+  LayerNorm,
+  MultiHeadAttention,
+  VisionOutput,
+  as_dtype,
+)
 
 _STYLES = ("clip", "siglip")
 _POOLS = ("cls", "map", "gap")
@@ -86,7 +94,7 @@ class ViTConfig:
     return self.grid ** 2 + (1 if self.style == "clip" else 0)
 
   @classmethod
-  def from_config(cls, cfg) -> "ViTConfig":
+  def from_config(cls, cfg) -> ViTConfig:
     """From an ml_collections ConfigDict / mapping with the same field names (unknown keys are an error)."""
     return cls(**_fields_from_mapping(cls, dict(cfg), "ViT"))
 

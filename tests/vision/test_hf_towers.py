@@ -22,7 +22,12 @@ import numpy as np
 import pytest
 
 from mlx_med.vision import TextTransformer, ViT, load_hf_towers, train_text_tokenizer
-from mlx_med.vision.hf import text_config_from_hf, text_params_from_hf, vit_config_from_hf, vit_params_from_hf
+from mlx_med.vision.hf import (
+  text_config_from_hf,
+  text_params_from_hf,
+  vit_config_from_hf,
+  vit_params_from_hf,
+)
 
 ATOL, RTOL = 1e-5, 1e-5
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
@@ -67,12 +72,12 @@ def _randomise(torch, model, seed):
   return model.eval()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _vit_apply(cfg):
   return jax.jit(ViT(cfg).apply)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _text_apply(cfg):
   return jax.jit(TextTransformer(cfg).apply)
 

@@ -21,12 +21,11 @@ from mlx_med.vision.io import (
 
 pydicom = pytest.importorskip("pydicom")
 nib = pytest.importorskip("nibabel")
+from imaging_files import write_dicom, write_nifti
 from PIL import Image
 from pydicom.uid import (
   JPEGLSLossless,
 )
-
-from imaging_files import write_dicom, write_nifti  # noqa: E402
 
 
 def linear_window(x, c, w):

@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from mlx_med.core.sharding import DEFAULT_RULES
-from mlx_med.vision import TextConfig, TextTokenizer, TextTransformer, build_text_encoder, train_text_tokenizer
+from mlx_med.vision import (
+  TextConfig,
+  TextTokenizer,
+  TextTransformer,
+  build_text_encoder,
+  train_text_tokenizer,
+)
 
 TINY = dict(vocab_size=64, context_length=12, width=32, depth=2, num_heads=4, mlp_dim=64, eos_token_id=5, pad_token_id=5)
 REPORTS = ["Chest X-ray: small nodule in the left upper lobe.", "No acute findings.",

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from mlx_med.core.sharding import DEFAULT_RULES
-from mlx_med.vision import VisionOutput, ViT, ViTConfig, build_image_encoder, image_encoder_config
+from mlx_med.vision import (
+  VisionOutput,
+  ViT,
+  ViTConfig,
+  build_image_encoder,
+  image_encoder_config,
+)
 
 TINY = dict(image_size=32, patch_size=8, width=32, depth=2, num_heads=4, mlp_dim=64)
 LOGICAL_NAMES = {name for name, _ in DEFAULT_RULES}
