@@ -86,7 +86,7 @@ def ours_step(batch: int):
       embed_dim=EMBED)
   task = EmbedTask(cfg, loss="unicl", num_labels=1)
   t = config_lib.default_train_config()
-  t.update(dict(steps=1000, warmup_steps=10, lr=1e-4, weight_decay=0.2))
+  t.update({"steps": 1000, "warmup_steps": 10, "lr": 1e-4, "weight_decay": 0.2})
   optimizer, schedule = optim.make_optimizer(t)
   state = init_train_state(params_lib.init_params(task, jax.random.key(0)), optimizer, 0)
   step = jax.jit(make_train_step(task, optimizer, schedule), donate_argnums=(0,))

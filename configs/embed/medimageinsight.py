@@ -45,10 +45,10 @@ VARIANTS = ("paper", "vit_b16", "siglip", "smoke")
 
 def _vit(image_size, patch_size, width, depth, heads, mlp_dim, style="clip", act="quick_gelu", pool="cls",
          dtype="float32", remat=False):
-  return ml_collections.ConfigDict(dict(
-      kind="vit", image_size=image_size, patch_size=patch_size, width=width, depth=depth, num_heads=heads,
-      mlp_dim=mlp_dim, style=style, act=act, layer_norm_eps=1e-5, pool=pool, dtype=dtype,
-      param_dtype="float32", remat=remat))
+  return ml_collections.ConfigDict({
+      "kind": "vit", "image_size": image_size, "patch_size": patch_size, "width": width, "depth": depth, "num_heads": heads,
+      "mlp_dim": mlp_dim, "style": style, "act": act, "layer_norm_eps": 1e-5, "pool": pool, "dtype": dtype,
+      "param_dtype": "float32", "remat": remat})
 
 
 def _davit_paper(dtype="bfloat16", remat=True):
@@ -64,12 +64,12 @@ def _davit_paper(dtype="bfloat16", remat=True):
 
 
 def _text(context_length, width, depth, heads, mlp_dim, dtype="float32", remat=False):
-  return ml_collections.ConfigDict(dict(
-      vocab_size=0,  # 0: the tokenizer's vocabulary size
-      context_length=context_length, width=width, depth=depth, num_heads=heads, mlp_dim=mlp_dim,
-      style="clip", act="quick_gelu", layer_norm_eps=1e-5,
-      eos_token_id=-1, pad_token_id=-1,  # -1: the tokenizer's
-      dtype=dtype, remat=remat))
+  return ml_collections.ConfigDict({
+      "vocab_size": 0,  # 0: the tokenizer's vocabulary size
+      "context_length": context_length, "width": width, "depth": depth, "num_heads": heads, "mlp_dim": mlp_dim,
+      "style": "clip", "act": "quick_gelu", "layer_norm_eps": 1e-5,
+      "eos_token_id": -1, "pad_token_id": -1,  # -1: the tokenizer's
+      "dtype": dtype, "remat": remat})
 
 
 def get_config(arg=None):
@@ -83,30 +83,30 @@ def get_config(arg=None):
   config.seed = 0
   config.peak_flops_per_device = 0.0  # 0 = look up the device; set for unknown hardware
 
-  config.data = ml_collections.ConfigDict(dict(
-      folder="",  # images + metadata.csv (path, split, domain, labels, report); empty: synthetic
-      synth_train=6000 if smoke else 20000,
-      synth_test=600 if smoke else 2000,
-      synth_seed=0,
+  config.data = ml_collections.ConfigDict({
+      "folder": "",  # images + metadata.csv (path, split, domain, labels, report); empty: synthetic
+      "synth_train": 6000 if smoke else 20000,
+      "synth_test": 600 if smoke else 2000,
+      "synth_seed": 0,
       # Size of the synthetic findings (embed.synth's difficulty knob, 1 = its default). The smoke
       # demo (700 steps) measured zero-shot mean AUC 0.949 at 1.3 and 0.864 at 1.0 (bar 0.85): 1.3
       # keeps a margin; the smallest findings (a 2-px calcification, a lung nodule) need it at 64 px.
-      synth_finding_scale=1.3 if smoke else 1.0,
-      tokenizer="",  # a tokenizer.json (CLIP's); empty: train a BPE tokenizer on the training reports
-      tokenizer_vocab_size=1024 if smoke else 8192,
-      processor="clip",  # normalisation: clip | siglip (mean/std of the checkpoint's processor)
-      source="memory" if smoke else "tfds",  # memory: decoded once, in RAM | tfds: ArrayRecord, read lazily
-      tfds_dir="",  # data.source=tfds: where the ArrayRecord files go; empty: <workdir>/tfds
-      train_split="train",
-      eval_split="test",
-      worker_count=0 if smoke else 8,  # grain worker processes (lazy tfds records decode there)
+      "synth_finding_scale": 1.3 if smoke else 1.0,
+      "tokenizer": "",  # a tokenizer.json (CLIP's); empty: train a BPE tokenizer on the training reports
+      "tokenizer_vocab_size": 1024 if smoke else 8192,
+      "processor": "clip",  # normalisation: clip | siglip (mean/std of the checkpoint's processor)
+      "source": "memory" if smoke else "tfds",  # memory: decoded once, in RAM | tfds: ArrayRecord, read lazily
+      "tfds_dir": "",  # data.source=tfds: where the ArrayRecord files go; empty: <workdir>/tfds
+      "train_split": "train",
+      "eval_split": "test",
+      "worker_count": 0 if smoke else 8,  # grain worker processes (lazy tfds records decode there)
       # Training augmentation (embed.data.Augment), drawn anew every epoch by the trainer's loader;
       # evaluation never augments. A random resized crop over `scale` (area fractions) and `ratio`,
       # horizontal flips (off: left and right matter in medical images), brightness/contrast jitter
       # half-widths. Off for smoke: its demo bar was measured without it (zero-shot AUC 0.948).
-      augment=ml_collections.ConfigDict(dict(
-          enabled=not smoke, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3), flip=False, brightness=0.1, contrast=0.1)),
-  ))
+      "augment": ml_collections.ConfigDict({
+          "enabled": not smoke, "scale": (0.7, 1.0), "ratio": (3 / 4, 4 / 3), "flip": False, "brightness": 0.1, "contrast": 0.1}),
+  })
 
   config.model = ml_collections.ConfigDict()
   config.model.init_from = ""  # a Hugging Face CLIP/SigLIP directory: its towers replace image/text
@@ -138,14 +138,14 @@ def get_config(arg=None):
 
   config.train = default_train_config()
   if smoke:
-    config.train.update(dict(steps=700, batch_size=64, lr=2e-3, warmup_steps=50, weight_decay=0.05,
-                             b2=0.98, eps=1e-6, log_every=20, eval_every=200, eval_batches=4, ckpt_every=200,
-                             ema_decay=0.99))
+    config.train.update({"steps": 700, "batch_size": 64, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.05,
+                             "b2": 0.98, "eps": 1e-6, "log_every": 20, "eval_every": 200, "eval_batches": 4, "ckpt_every": 200,
+                             "ema_decay": 0.99})
   else:
     # MedImageInsight: AdamW with weight decay 0.2, cosine schedule, EMA 0.999.
-    config.train.update(dict(steps=100000, batch_size=1024, lr=5e-4, warmup_steps=5000, weight_decay=0.2,
-                             b2=0.98, eps=1e-6, eval_every=5000, ckpt_every=2000, ema_decay=0.999))
+    config.train.update({"steps": 100000, "batch_size": 1024, "lr": 5e-4, "warmup_steps": 5000, "weight_decay": 0.2,
+                             "b2": 0.98, "eps": 1e-6, "eval_every": 5000, "ckpt_every": 2000, "ema_decay": 0.999})
   config.mesh = default_mesh_config()
   if not smoke:  # parameters and optimizer state sharded across the batch devices (FSDP)
-    config.mesh.shape = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    config.mesh.shape = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   return config

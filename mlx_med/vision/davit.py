@@ -278,8 +278,8 @@ def _pad_hw(x: jax.Array, pad_b: int, pad_r: int) -> jax.Array:
   return jnp.pad(x, ((0, 0), (0, pad_b), (0, pad_r), (0, 0)))
 
 
-class SpatialBlock(nn.Module):
-  """cpe -> window attention residual -> cpe -> MLP residual, on [B, H, W, C]."""
+class _DualBlock(nn.Module):
+  """cpe -> attention residual -> cpe -> MLP residual, on [B, H, W, C]; subclasses give the attention."""
 
   cfg: DaViTConfig
   heads: int
@@ -287,54 +287,48 @@ class SpatialBlock(nn.Module):
   deterministic: bool = True
   rules: sharding_lib.ShardingRules | None = None
 
+  def attend(self, y: jax.Array, dtype, pdtype) -> jax.Array:
+    raise NotImplementedError
+
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.cfg
     dtype, pdtype = _as_dtype(cfg.dtype), _as_dtype(cfg.param_dtype)
-    b, h, w, c = x.shape
-    ws = cfg.window_size
-    shortcut = ConvPosEnc(dtype, pdtype, name="cpe1")(x)
-    y = _layer_norm(cfg.layer_norm_eps, dtype, pdtype, "norm1")(shortcut)
+    c = x.shape[-1]
+    x = ConvPosEnc(dtype, pdtype, name="cpe1")(x)
+    y = self.attend(_layer_norm(cfg.layer_norm_eps, dtype, pdtype, "norm1")(x), dtype, pdtype)
+    x = x + _drop_path(self, y, self.drop_path, self.deterministic)
+    x = ConvPosEnc(dtype, pdtype, name="cpe2")(x)
+    y = _layer_norm(cfg.layer_norm_eps, dtype, pdtype, "norm2")(x)
+    y = MLP(int(c * cfg.mlp_ratio), "gelu", dtype, pdtype, self.rules, name="mlp")(y)
+    x = x + _drop_path(self, y, self.drop_path, self.deterministic)
+    return sharding_lib.constrain(self.rules, x, ("batch", None, None, "act_embed"))
+
+
+class SpatialBlock(_DualBlock):
+  """The dual block with window attention."""
+
+  def attend(self, y: jax.Array, dtype, pdtype) -> jax.Array:
+    b, h, w, c = y.shape
+    ws = self.cfg.window_size
     # Zero-pad the *normed* map to whole windows (as timm does), attend, crop.
     pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
     y = _pad_hw(y, pad_b, pad_r)
     hp, wp = h + pad_b, w + pad_r
     y = y.reshape(b, hp // ws, ws, wp // ws, ws, c).transpose(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
-    y = WindowAttention(self.heads, cfg.qkv_bias, dtype, pdtype, name="attn")(y)
+    y = WindowAttention(self.heads, self.cfg.qkv_bias, dtype, pdtype, name="attn")(y)
     y = y.reshape(b, hp // ws, wp // ws, ws, ws, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
-    y = y[:, :h, :w, :]
-    x = shortcut + _drop_path(self, y, self.drop_path, self.deterministic)
-    x = ConvPosEnc(dtype, pdtype, name="cpe2")(x)
-    y = _layer_norm(cfg.layer_norm_eps, dtype, pdtype, "norm2")(x)
-    y = MLP(int(c * cfg.mlp_ratio), "gelu", dtype, pdtype, self.rules, name="mlp")(y)
-    x = x + _drop_path(self, y, self.drop_path, self.deterministic)
-    return sharding_lib.constrain(self.rules, x, ("batch", None, None, "act_embed"))
+    return y[:, :h, :w, :]
 
 
-class ChannelBlock(nn.Module):
-  """cpe -> channel attention residual -> cpe -> MLP residual, on [B, H, W, C]."""
+class ChannelBlock(_DualBlock):
+  """The dual block with channel group attention."""
 
-  cfg: DaViTConfig
-  heads: int
-  drop_path: float = 0.0
-  deterministic: bool = True
-  rules: sharding_lib.ShardingRules | None = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    cfg = self.cfg
-    dtype, pdtype = _as_dtype(cfg.dtype), _as_dtype(cfg.param_dtype)
-    b, h, w, c = x.shape
-    x = ConvPosEnc(dtype, pdtype, name="cpe1")(x)
-    y = _layer_norm(cfg.layer_norm_eps, dtype, pdtype, "norm1")(x)
-    y = ChannelAttention(self.heads, cfg.channel_attention, cfg.qkv_bias, dtype, pdtype,
+  def attend(self, y: jax.Array, dtype, pdtype) -> jax.Array:
+    b, h, w, c = y.shape
+    y = ChannelAttention(self.heads, self.cfg.channel_attention, self.cfg.qkv_bias, dtype, pdtype,
                          name="attn")(y.reshape(b, h * w, c))
-    x = x + _drop_path(self, y.reshape(b, h, w, c), self.drop_path, self.deterministic)
-    x = ConvPosEnc(dtype, pdtype, name="cpe2")(x)
-    y = _layer_norm(cfg.layer_norm_eps, dtype, pdtype, "norm2")(x)
-    y = MLP(int(c * cfg.mlp_ratio), "gelu", dtype, pdtype, self.rules, name="mlp")(y)
-    x = x + _drop_path(self, y, self.drop_path, self.deterministic)
-    return sharding_lib.constrain(self.rules, x, ("batch", None, None, "act_embed"))
+    return y.reshape(b, h, w, c)
 
 
 class Stem(nn.Module):

@@ -31,19 +31,19 @@ FAMILIES = ("clip", "siglip")
 
 # HF defaults for keys a config.json may leave out (configuration_clip.py / configuration_siglip.py).
 _VISION_DEFAULTS = {
-    "clip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                 num_channels=3, image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5),
-    "siglip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                   num_channels=3, image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh",
-                   layer_norm_eps=1e-6, vision_use_head=True),
+    "clip": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                 "num_channels": 3, "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
+    "siglip": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                   "num_channels": 3, "image_size": 224, "patch_size": 16, "hidden_act": "gelu_pytorch_tanh",
+                   "layer_norm_eps": 1e-6, "vision_use_head": True},
 }
 _TEXT_DEFAULTS = {
-    "clip": dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                 num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-                 pad_token_id=1, eos_token_id=49407),
-    "siglip": dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                   num_attention_heads=12, max_position_embeddings=64, hidden_act="gelu_pytorch_tanh",
-                   layer_norm_eps=1e-6, pad_token_id=1, eos_token_id=49407, projection_size=None),
+    "clip": {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+                 "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+                 "pad_token_id": 1, "eos_token_id": 49407},
+    "siglip": {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                   "num_attention_heads": 12, "max_position_embeddings": 64, "hidden_act": "gelu_pytorch_tanh",
+                   "layer_norm_eps": 1e-6, "pad_token_id": 1, "eos_token_id": 49407, "projection_size": None},
 }
 
 
@@ -88,10 +88,10 @@ def vit_config_from_hf(vision_config: Mapping[str, Any], family: str, **override
   if int(c["num_channels"]) != 3:
     raise ValueError(f"vision config has num_channels={c['num_channels']}; only RGB (3) encoders are supported")
   pool = "cls" if family == "clip" else ("map" if c.get("vision_use_head", True) else "gap")
-  values = dict(image_size=int(c["image_size"]), patch_size=int(c["patch_size"]), width=int(c["hidden_size"]),
-                depth=int(c["num_hidden_layers"]), num_heads=int(c["num_attention_heads"]),
-                mlp_dim=int(c["intermediate_size"]), style=family, act=hf_activation_name(c["hidden_act"]),
-                layer_norm_eps=float(c["layer_norm_eps"]), pool=pool)
+  values = {"image_size": int(c["image_size"]), "patch_size": int(c["patch_size"]), "width": int(c["hidden_size"]),
+                "depth": int(c["num_hidden_layers"]), "num_heads": int(c["num_attention_heads"]),
+                "mlp_dim": int(c["intermediate_size"]), "style": family, "act": hf_activation_name(c["hidden_act"]),
+                "layer_norm_eps": float(c["layer_norm_eps"]), "pool": pool}
   values.update(overrides)
   return ViTConfig(**values)
 
@@ -103,11 +103,11 @@ def text_config_from_hf(text_config: Mapping[str, Any], family: str, **overrides
   c = _with_defaults(text_config, _TEXT_DEFAULTS[family])
   eos = c["eos_token_id"]
   eos = int(eos[0] if isinstance(eos, (list, tuple)) else eos)
-  values = dict(vocab_size=int(c["vocab_size"]), context_length=int(c["max_position_embeddings"]),
-                width=int(c["hidden_size"]), depth=int(c["num_hidden_layers"]),
-                num_heads=int(c["num_attention_heads"]), mlp_dim=int(c["intermediate_size"]), style=family,
-                act=hf_activation_name(c["hidden_act"]), layer_norm_eps=float(c["layer_norm_eps"]),
-                eos_token_id=eos, pad_token_id=int(c["pad_token_id"] if c["pad_token_id"] is not None else eos))
+  values = {"vocab_size": int(c["vocab_size"]), "context_length": int(c["max_position_embeddings"]),
+                "width": int(c["hidden_size"]), "depth": int(c["num_hidden_layers"]),
+                "num_heads": int(c["num_attention_heads"]), "mlp_dim": int(c["intermediate_size"]), "style": family,
+                "act": hf_activation_name(c["hidden_act"]), "layer_norm_eps": float(c["layer_norm_eps"]),
+                "eos_token_id": eos, "pad_token_id": int(c["pad_token_id"] if c["pad_token_id"] is not None else eos)}
   if family == "siglip":
     values["projection_size"] = int(c["projection_size"] or c["hidden_size"])
   values.update(overrides)
@@ -137,7 +137,7 @@ class _State:
 
 def _as_state(state: Mapping[str, Any], anchor: str, source: str) -> _State:
   """Finds the tower's prefix from the key that ends in `anchor`."""
-  matches = [k for k in state.keys() if k.endswith(anchor)]
+  matches = [k for k in state if k.endswith(anchor)]
   if not matches:
     raise KeyError(f"{source}: no tensor named '*{anchor}'; is this a CLIP/SigLIP checkpoint?")
   prefix = min(matches, key=len)[:-len(anchor)]

@@ -314,7 +314,7 @@ def _read_dicom(path: pathlib.Path, *, defer: bool = False):
   except InvalidDicomError:
     raise ImageLoadError(path, "not a DICOM file (no 'DICM' marker after the 128-byte preamble)",
                          "re-export it as a DICOM Part 10 file, or remove it", kind="corrupt") from None
-  except Exception as e:  # noqa: BLE001  (pydicom raises many kinds on broken files)
+  except Exception as e:
     raise ImageLoadError(path, f"unreadable DICOM ({_short(e)})", "the file is truncated or corrupt; export it again",
                          kind="corrupt") from None
   pixel_keys = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -381,7 +381,7 @@ def _load_dicom(path: pathlib.Path, window: Window, frame: int | None) -> np.nda
                          f"pass frame between 0 and {n_frames - 1}, or frame=None for all", kind="bad_argument")
   try:
     arr = pixel_array(ds, index=None if frame is None else int(frame))
-  except Exception as e:  # noqa: BLE001
+  except Exception as e:
     raise ImageLoadError(path, f"pixel data cannot be decoded ({_short(e)})",
                          "the file is truncated or corrupt; export it again", kind="corrupt") from None
   frames = list(range(n_frames)) if frame is None else [int(frame)]
@@ -442,7 +442,7 @@ def _load_nifti(path: pathlib.Path, window: Window, frame: int | None, slice_ind
   try:
     img = nib.as_closest_canonical(nib.load(path))
     shape = tuple(int(s) for s in img.shape)
-  except Exception as e:  # noqa: BLE001
+  except Exception as e:
     raise ImageLoadError(path, f"unreadable NIfTI ({_short(e)})", "the file is truncated or not NIfTI; export it again",
                          kind="corrupt") from None
   index: list[Any] = [slice(None)] * len(shape)
@@ -476,7 +476,7 @@ def _load_nifti(path: pathlib.Path, window: Window, frame: int | None, slice_ind
     index[axis] = k
   try:
     data = np.asarray(img.dataobj[tuple(index)], dtype=np.float64)  # the proxy applies scl_slope / scl_inter
-  except Exception as e:  # noqa: BLE001
+  except Exception as e:
     raise ImageLoadError(path, f"NIfTI voxel data cannot be read ({_short(e)})",
                          "the file is truncated or corrupt; export it again", kind="corrupt") from None
   if len(shape) == 2:
@@ -511,7 +511,7 @@ def _load_pil(path: pathlib.Path, window: Window) -> np.ndarray:
   except UnidentifiedImageError:
     raise ImageLoadError(path, f"not a readable {path.suffix or 'image'} file (unknown image format)",
                          "the file is corrupt or mislabelled; export it again", kind="corrupt") from None
-  except Exception as e:  # noqa: BLE001  (truncated files raise OSError, SyntaxError, ...)
+  except Exception as e:
     raise ImageLoadError(path, f"unreadable image ({_short(e)})", "the file is truncated or corrupt; export it again",
                          kind="corrupt") from None
   mode = im.mode
@@ -551,8 +551,8 @@ def _check_header(path: pathlib.Path) -> None:
   elif kind == "nifti":
     import nibabel as nib
     try:
-      nib.load(p).header  # noqa: B018
-    except Exception as e:  # noqa: BLE001
+      nib.load(p).header
+    except Exception as e:
       raise ImageLoadError(p, f"unreadable NIfTI ({_short(e)})", "the file is truncated or not NIfTI; export it again",
                            kind="corrupt") from None
   else:
@@ -560,7 +560,7 @@ def _check_header(path: pathlib.Path) -> None:
     try:
       with Image.open(p) as im:
         im.verify()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
       raise ImageLoadError(p, f"unreadable image ({_short(e)})", "the file is truncated or corrupt; export it again",
                            kind="corrupt") from None
 

@@ -94,8 +94,8 @@ class TextConfig:
   @classmethod
   def medimageinsight(cls, **overrides) -> TextConfig:
     """MedImageInsight's text encoder: CLIP-style, width 1024, 16 layers, 16 heads, context 77 (~252M)."""
-    values = dict(vocab_size=49408, context_length=77, width=1024, depth=16, num_heads=16, mlp_dim=4096,
-                  style="clip", act="quick_gelu")
+    values = {"vocab_size": 49408, "context_length": 77, "width": 1024, "depth": 16, "num_heads": 16, "mlp_dim": 4096,
+                  "style": "clip", "act": "quick_gelu"}
     values.update(overrides)
     return cls(**values)
 
@@ -230,7 +230,7 @@ class TextTokenizer:
       raise FileNotFoundError(f"tokenizer file {path!r} does not exist (expected a Hugging Face tokenizer.json)")
     try:
       tokenizer = Tokenizer.from_file(path)
-    except Exception as e:  # noqa: BLE001  (the Rust side raises a bare Exception for malformed files)
+    except Exception as e:
       raise ValueError(f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return cls(tokenizer, context_length=context_length, style=style, pad_token=pad_token, path=path)
 

@@ -143,7 +143,7 @@ def test_bad_input_is_one_line(workspace, capsys):
       (["embed", "index", "search", "--index", workspace["root"] / "no_index", "--queries", img], "no_index"),
   ]
   for argv, message in cases:
-    code, out, err = run(argv, capsys)
+    code, _, err = run(argv, capsys)
     assert code == 2, (argv, err)
     assert message in err, (message, err)
     assert len(err.strip().splitlines()) == 1, err

@@ -30,10 +30,10 @@ from mlx_med.vision.hf import (
 )
 
 ATOL, RTOL = 1e-5, 1e-5
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-              patch_size=8)
-TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=16)
+VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32,
+              "patch_size": 8}
+TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "max_position_embeddings": 16}
 TEXTS = ["small nodule in the left upper lobe", "no acute findings.", "calcified granuloma, stable since 2019",
          "pigmented lesion with an irregular border", "normal study"]
 CONTEXT = 16
@@ -95,8 +95,8 @@ def family(request, torch_mods, tokenizer, tmp_path_factory):
   """(family, HF model, its saved directory, pixel values [B,3,S,S], token ids [B,L])."""
   torch, transformers = torch_mods
   name = request.param
-  specials = dict(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+  specials = {"vocab_size": tokenizer.vocab_size, "eos_token_id": tokenizer.eos_token_id,
+                  "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id}
   if name == "clip":
     config = transformers.CLIPConfig(text_config={**TEXT, **specials}, vision_config=VISION, projection_dim=24)
     model = transformers.CLIPModel(config)

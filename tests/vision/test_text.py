@@ -19,7 +19,7 @@ from mlx_med.vision import (
   train_text_tokenizer,
 )
 
-TINY = dict(vocab_size=64, context_length=12, width=32, depth=2, num_heads=4, mlp_dim=64, eos_token_id=5, pad_token_id=5)
+TINY = {"vocab_size": 64, "context_length": 12, "width": 32, "depth": 2, "num_heads": 4, "mlp_dim": 64, "eos_token_id": 5, "pad_token_id": 5}
 REPORTS = ["Chest X-ray: small nodule in the left upper lobe.", "No acute findings.",
            "CT shows a 3 mm calcified nodule; follow-up advised.", "Dermoscopy: pigmented lesion, irregular border."]
 

@@ -18,7 +18,7 @@ from mlx_med.vision import (
   image_encoder_config,
 )
 
-TINY = dict(image_size=32, patch_size=8, width=32, depth=2, num_heads=4, mlp_dim=64)
+TINY = {"image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "num_heads": 4, "mlp_dim": 64}
 LOGICAL_NAMES = {name for name, _ in DEFAULT_RULES}
 
 
@@ -99,10 +99,10 @@ def test_build_image_encoder_from_configdict():
   with pytest.raises(ValueError, match="unknown keys"):
     build_image_encoder(ml_collections.ConfigDict(dict(kind="vit", widht=3, **TINY)))
   with pytest.raises(ValueError, match="kind"):
-    build_image_encoder(ml_collections.ConfigDict(dict(kind="resnet")))
+    build_image_encoder(ml_collections.ConfigDict({"kind": "resnet"}))
   # kind "davit": list fields from a ConfigDict become the (hashable) dataclass's tuples.
-  davit = build_image_encoder(ml_collections.ConfigDict(dict(
-      kind="davit", dims=[8, 16, 16, 16], depths=[1, 1, 1, 1], heads=[1, 2, 2, 2], window_size=2, image_size=64)))
+  davit = build_image_encoder(ml_collections.ConfigDict({
+      "kind": "davit", "dims": [8, 16, 16, 16], "depths": [1, 1, 1, 1], "heads": [1, 2, 2, 2], "window_size": 2, "image_size": 64}))
   assert type(davit).__name__ == "DaViT" and davit.cfg.dims == (8, 16, 16, 16)
   hash(davit.cfg)
 
