@@ -151,6 +151,24 @@ class StreamUpdate:
   output: Optional[SampleOutput]  # set once finished
 
 
+class RolloutArrays(NamedTuple):
+  """`Sampler.generate_arrays` output: device arrays, one row per prompt.
+
+  prompt [B, P] left-padded prompt block (pads are the sampler's pad id), prompt_lens [B];
+  tokens / logprobs / forced [B, N]: generated tokens (a stop token included), their raw
+  log-probabilities and whether the think-budget hook forced them; valid up to lengths [B];
+  stopped [B]: ended by a stop token (else by max_new_tokens).
+  """
+
+  prompt: jax.Array
+  prompt_lens: jax.Array
+  tokens: jax.Array
+  logprobs: jax.Array
+  forced: jax.Array
+  lengths: jax.Array
+  stopped: jax.Array
+
+
 class RowParams(NamedTuple):
   """Per-row sampling controls as device arrays (one compiled program for any mix)."""
 
@@ -721,6 +739,29 @@ class Sampler:
     return SampleOutput(
         prompt_tokens=[], tokens=tokens, logprobs=row.logprobs[:n], finish_reason=finish, stop_reason=reason,
         top_logprobs=row.top[:n] if sp.num_top_logprobs else None, forced=row.forced[:n], text=text)
+
+  def generate_arrays(self, params, prompts: Sequence[Sequence[int]],
+                      sampling: SamplingParams | Sequence[SamplingParams]) -> "RolloutArrays":
+    """Runs every prompt to completion in one device call and returns the raw arrays.
+
+    For RL rollouts: no host work per token or per row (no text, no stop strings; stop
+    token ids and think budgets apply as usual). The arrays stay on the device, with the
+    rows of the padded batch bucket beyond `len(prompts)` cut off.
+    """
+    if isinstance(sampling, SamplingParams):
+      sampling = [sampling] * len(prompts)
+    sampling = list(sampling)
+    if any(sp.stop_strings for sp in sampling):
+      raise ValueError("generate_arrays does not check stop strings (they need text); use stop_token_ids")
+    tokens, rows_dev, max_new, num_top, mode, penalties = self._prepare(prompts, sampling)
+    state = _prefill(params, tokens, rows_dev, cfg=self.cfg, rules=self.rules, max_new=max_new, num_top=num_top,
+                     mode=mode, penalties=penalties, cache_dtype=self.cache_dtype)
+    state = _decode(params, state, rows_dev, jnp.asarray(max_new, jnp.int32), cfg=self.cfg, rules=self.rules,
+                    num_top=num_top, mode=mode)
+    n = len(prompts)
+    return RolloutArrays(prompt=tokens[:n], prompt_lens=rows_dev.prompt_lens[:n], tokens=state.tokens[:n],
+                         logprobs=state.logprobs[:n], forced=state.forced[:n], lengths=state.num[:n],
+                         stopped=state.stopped[:n])
 
   def generate(self, params, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams],
                *, detokenize: Optional[Callable[[list[int]], str]] = None) -> list[SampleOutput]:

@@ -240,8 +240,11 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, task: Task, train_source=None,
                eval_source=None, *, progress: bool = True, callbacks: Sequence[StepCallback] = (),
-               allow_config_change: bool = False):
+               allow_config_change: bool = False, initial_params: Callable[[], Any] | None = None):
     self.config, self.workdir, self.task = config, workdir, task
+    # () -> a parameter tree (e.g. loaded from a Hugging Face directory) that a fresh run
+    # starts from instead of `task.init`; a resumed run restores its checkpoint instead.
+    self.initial_params = initial_params
     self.allow_config_change = allow_config_change
     self.train_source, self.eval_source = train_source, eval_source
     self.progress, self.callbacks = progress, list(callbacks)
@@ -294,6 +297,11 @@ class Trainer:
       self.start_step = latest
       metrics_lib.truncate_metrics_after(self.metrics_path, latest)
       log.info("resumed from step %d in %s", latest, self.checkpointer.directory)
+    elif self.initial_params is not None:
+      start = jax.jit(lambda p: init_train_state(p, optimizer, seed, ema), out_shardings=self.state_shardings,
+                      donate_argnums=(0,))
+      self.state = start(jax.device_put(nn.unbox(self.initial_params()), self.state_shardings["params"]))
+      self.start_step = 0
     else:
       self.state = self._init_fn()
       self.start_step = 0
@@ -435,14 +443,14 @@ class Trainer:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, task: Task, train_source, eval_source=None,
-          progress: bool = True, callbacks: Sequence[StepCallback] = (), allow_config_change: bool = False
-          ) -> TrainResult:
+          progress: bool = True, callbacks: Sequence[StepCallback] = (), allow_config_change: bool = False,
+          initial_params: Callable[[], Any] | None = None) -> TrainResult:
   """Trains (or resumes) `task` in `workdir`; reads `config.train`, `config.mesh`, `config.seed`.
 
   Raises TrainingInterrupted after saving a checkpoint when SIGINT or SIGTERM arrives.
   """
   return Trainer(config, workdir, task, train_source, eval_source, progress=progress, callbacks=callbacks,
-                 allow_config_change=allow_config_change).run()
+                 allow_config_change=allow_config_change, initial_params=initial_params).run()
 
 
 def check_finite(metrics, max_streak: int) -> None:
