@@ -1,0 +1,226 @@
+"""MCQA evaluation (hand-written completions and a tiny local model with forced exit), the
+accuracy interval against scipy, eval.json, Med-RLVR stage detection and the dynamics plot."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mlx_med.rl import evaluate as ev
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------ the interval
+
+
+@pytest.mark.parametrize("k,n", [(0, 1), (1, 1), (3, 5), (0, 20), (20, 20), (61, 100), (7, 1000)])
+def test_wilson_interval_matches_scipy(k, n):
+  from scipy import stats
+
+  ref = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+  lo, hi = ev.wilson_interval(k, n)
+  np.testing.assert_allclose([lo, hi], [ref.low, ref.high], rtol=0, atol=1e-12)
+
+
+def test_wilson_interval_contains_estimate_and_shrinks_with_n():
+  widths = []
+  for n in (10, 100, 1000, 10000):
+    k = int(0.6 * n)
+    lo, hi = ev.wilson_interval(k, n)
+    assert lo < k / n < hi
+    widths.append(hi - lo)
+  assert all(a > b for a, b in zip(widths, widths[1:]))
+  # roughly 1/sqrt(n): 100x the rows, a tenth of the width
+  assert widths[-1] == pytest.approx(widths[1] / 10, rel=0.05)
+  assert all(np.isnan(ev.wilson_interval(0, 0)))
+  with pytest.raises(ValueError, match="successes"):
+    ev.wilson_interval(5, 3)
+
+
+# ----------------------------------------------------------------------- evaluation (fake model)
+
+
+def _examples():
+  from mlx_med.rl.data import MCQAExample
+
+  opts = {"A": "asthma", "B": "pneumonia", "C": "influenza", "D": "sepsis"}
+  return [MCQAExample(f"q{i}", f"question {i}?", opts, answer, category=cat)
+          for i, (answer, cat) in enumerate([("A", "diagnosis"), ("B", "diagnosis"), ("C", "treatment"),
+                                              ("D", "treatment"), ("A", "treatment")])]
+
+
+# (completion, correct, format_ok, leak)
+HAND = [
+    ("<think>Wheeze and night cough point to asthma.</think><answer>A</answer>", True, True, False),
+    ("<think>Fever and cough.</think><answer>C</answer>", False, True, False),
+    ("<answer>C</answer>", True, False, False),  # right letter, but no reasoning block
+    ("<think>The answer is D.</think><answer>D</answer>", True, True, True),  # gives it away in the thought
+    ("I am not sure.", False, False, False),
+]
+
+
+def _fake_generate(calls):
+  by_question = {f"question {i}?": HAND[i][0] for i in range(len(HAND))}
+
+  def generate(conversations):
+    calls.append(conversations)
+    outs = []
+    for conv in conversations:
+      key = next(q for q in by_question if q in conv[-1]["content"])
+      outs.append(by_question[key])
+    return outs
+
+  return generate
+
+
+def test_evaluate_hand_written_completions():
+  from mlx_med.rl.data import build_messages
+
+  calls = []
+  examples = _examples()
+  res = ev.evaluate(_fake_generate(calls), examples, template="medrlvr", batch_size=2)
+  assert [len(c) for c in calls] == [2, 2, 1]  # batched
+  assert calls[0][0] == build_messages(examples[0], "medrlvr")
+  assert res.n == 5
+  assert res.accuracy == pytest.approx(3 / 5)
+  assert res.format_failure == pytest.approx(2 / 5)
+  assert res.answer_leak == pytest.approx(1 / 5)
+  assert res.accuracy_ci == pytest.approx(ev.wilson_interval(3, 5))
+  assert [r["correct"] for r in res.rows] == [h[1] for h in HAND]
+  assert [r["format_ok"] for r in res.rows] == [h[2] for h in HAND]
+  assert [r["leak"] for r in res.rows] == [h[3] for h in HAND]
+  assert [r["choice"] for r in res.rows] == ["A", "C", "C", "D", None]
+  # plain strings: lengths are characters
+  assert res.length_unit == "chars"
+  assert res.mean_length == pytest.approx(np.mean([len(h[0]) for h in HAND]))
+  assert res.forced_exit is None
+  # per category, exact
+  diag, treat = res.per_category["diagnosis"], res.per_category["treatment"]
+  assert (diag["n"], diag["accuracy"], diag["format_failure"], diag["answer_leak"]) == (2, 0.5, 0.0, 0.0)
+  assert (treat["n"], treat["accuracy"]) == (3, pytest.approx(2 / 3))
+  assert treat["format_failure"] == pytest.approx(2 / 3) and treat["answer_leak"] == pytest.approx(1 / 3)
+  assert treat["accuracy_ci"] == pytest.approx(list(ev.wilson_interval(2, 3)))
+
+
+def test_evaluate_token_lengths_and_errors():
+  examples = _examples()[:2]
+  res = ev.evaluate(lambda convs: [ev.Response("<think>x</think><answer>A</answer>", 7 + i, i == 1, "stop")
+                                   for i in range(len(convs))], examples, template="plain")
+  assert res.length_unit == "tokens" and res.mean_length == 7.5
+  assert res.forced_exit == 0.5
+  assert res.per_category == {"diagnosis": res.per_category["diagnosis"]}
+  with pytest.raises(ValueError, match="returned 1 completions for 2"):
+    ev.evaluate(lambda convs: ["x"], examples)
+  with pytest.raises(ValueError, match="no examples"):
+    ev.evaluate(lambda convs: [], [])
+  with pytest.raises(ValueError, match="unknown template"):
+    ev.evaluate(lambda convs: ["x"] * len(convs), examples, template="nope")
+
+
+def test_write_report_is_json_and_atomic(tmp_path):
+  res = ev.evaluate(_fake_generate([]), _examples(), batch_size=8)
+  res.meta["model"] = "fake"
+  path = ev.write_report(res, str(tmp_path / "out" / "eval.json"))
+  got = json.loads(open(path).read())
+  assert got["accuracy"] == pytest.approx(0.6) and got["n"] == 5
+  assert got["accuracy_ci"] == pytest.approx(list(ev.wilson_interval(3, 5)))
+  assert got["format_failure"] == pytest.approx(0.4) and got["answer_leak"] == pytest.approx(0.2)
+  assert set(got["per_category"]) == {"diagnosis", "treatment"}
+  assert len(got["rows"]) == 5 and got["rows"][3]["completion"] == HAND[3][0]
+  assert got["meta"]["model"] == "fake"
+  assert os.listdir(tmp_path / "out") == ["eval.json"]  # no temporary left behind
+  table = ev.format_table(res)
+  assert "0.600 [" in table and "format failure" in table and "treatment" in table
+
+
+# ---------------------------------------------------------------------------- stage detection
+
+
+def _stage_rows(leak=True, noise=0.0, repeat=1, seed=0):
+  """Four phases of 10 steps (x repeat) shaped like Med-RLVR's curves."""
+  rng = np.random.default_rng(seed)
+  phases = [  # format_failure, answer_leak, response_length, reward, accuracy
+      (0.9, 0.0, 50, -0.8, 0.10),
+      (0.1, 0.0, 60, 0.3, 0.40),  # formatted, early length level
+      (0.1, 0.0, 120, 0.4, 0.45),  # verbose
+      (0.05, 0.6, 20, 0.8, 0.60),  # hacking: leak and short answers
+      (0.05, 0.05, 80, 0.8, 0.70),  # reintegration
+  ]
+  sizes = [10, 4, 6, 10, 10]
+  rows = []
+  step = 0
+  for (ff, lk, ln, rw, acc), size in zip(phases, sizes):
+    for _ in range(size * repeat):
+      row = {"step": step, "format_failure": ff, "response_length": ln * (1 + noise * rng.standard_normal()),
+             "reward": rw + noise * rng.standard_normal(), "accuracy": acc, "kl": 0.01 * step}
+      if leak:
+        row["answer_leak"] = lk
+      rows.append(row)
+      if step % 5 == 0:
+        rows.append({"step": step, "eval/accuracy": acc})  # eval rows share a step with a train row
+      step += 1
+  return rows
+
+
+def test_detect_stages_on_hand_made_rows():
+  assert ev.detect_stages(_stage_rows(), smooth=1) == [
+      (0.0, 9.0, "format failure"), (14.0, 19.0, "verbose formatting"), (20.0, 29.0, "reward hacking"),
+      (30.0, 39.0, "reintegration")]
+  # without the leak detector, hacking shows as the length collapsing while the reward is high
+  assert ev.detect_stages(_stage_rows(leak=False), smooth=1) == [
+      (0.0, 9.0, "format failure"), (14.0, 19.0, "verbose formatting"), (20.0, 29.0, "reward hacking"),
+      (30.0, 39.0, "reintegration")]
+  # a run that never breaks the format nor hacks: no stages but verbosity
+  calm = [{"step": s, "format_failure": 0.0, "answer_leak": 0.0, "response_length": 50.0, "reward": 0.5}
+          for s in range(20)]
+  assert ev.detect_stages(calm) == []
+  assert ev.detect_stages([]) == []
+  assert ev.detect_stages([{"step": 1, "kl": 0.1}]) == []
+
+
+def test_detect_stages_noisy_default_smoothing():
+  expected = [(0, 99, "format failure"), (140, 199, "verbose formatting"), (200, 299, "reward hacking"),
+              (300, 399, "reintegration")]
+  for seed in range(3):
+    stages = ev.detect_stages(_stage_rows(noise=0.1, repeat=10, seed=seed))  # 400 steps, default window 20
+    assert [s[2] for s in stages] == [e[2] for e in expected], stages
+    for (start, end, _), (lo, hi, _) in zip(stages, expected):  # a centred 20-step average blurs by <= 10
+      assert abs(start - lo) <= 10 and abs(end - hi) <= 10, stages
+
+
+# --------------------------------------------------------------------------------------- plot
+
+
+def _write_jsonl(path, rows):
+  with open(path, "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+  return str(path)
+
+
+def test_plot_training_dynamics(tmp_path):
+  rows = _stage_rows()
+  for r in rows:
+    if "reward" in r:
+      r.update(clip_frac=0.1, entropy=1.0)
+  metrics = _write_jsonl(tmp_path / "metrics.jsonl", rows)
+  out = ev.plot_training_dynamics(metrics, str(tmp_path / "plots" / "dynamics.png"))
+  data = open(out, "rb").read()
+  assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+  assert sorted(os.listdir(tmp_path / "plots")) == ["dynamics.png"]
+  # missing keys skip panels; a file with only a reward still plots
+  only = _write_jsonl(tmp_path / "only.jsonl", [{"step": s, "reward": 0.1 * s} for s in range(5)])
+  assert open(ev.plot_training_dynamics(only, str(tmp_path / "only.png")), "rb").read().startswith(PNG_MAGIC)
+  empty = _write_jsonl(tmp_path / "empty.jsonl", [{"step": 1, "lr": 1e-3}])
+  with pytest.raises(ValueError, match="no plottable metrics"):
+    ev.plot_training_dynamics(empty, str(tmp_path / "x.png"))
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    ev.plot_training_dynamics(str(tmp_path / "missing.jsonl"), str(tmp_path / "x.png"))
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"step": 1, "reward": 0.1}\n{oops\n')
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+    ev.plot_training_dynamics(str(bad), str(tmp_path / "x.png"))
