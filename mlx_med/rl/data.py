@@ -123,10 +123,11 @@ def _read_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     raise FileNotFoundError(f"{p}: no such file; pass the path of a local data file")
   records = 0
   if p.suffix == ".parquet":
+    import pyarrow as pa
     import pyarrow.parquet as pq
     try:
       table = pq.read_table(p)
-    except Exception as e:  # pyarrow raises several types for a corrupt file
+    except (pa.ArrowException, OSError) as e:
       raise _fail(p, 1, f"not a readable parquet file ({type(e).__name__})", "re-export the file as parquet or JSONL") from None
     for n, row in enumerate(table.to_pylist(), start=1):
       records += 1
