@@ -193,3 +193,12 @@ def test_bad_arguments(kb):
   small = synth.KnowledgeBase.generate(0, num_diseases=4, num_drugs=4, num_conditions=2)
   with pytest.raises(ValueError, match="distinct"):  # the question space is exhausted
     synth.make_mcqa_splits(small, n_train=5000, n_eval=10, seed=0, two_hop_fraction=0.0)
+
+
+def test_reference_solutions_earn_full_reward_without_leak(kb, splits):
+  from mlx_med.rl import functions
+
+  fmt, acc, leak = (functions.get("reward", n) for n in ("format", "mcqa_accuracy", "answer_leak"))
+  for ex in splits[0][:200]:
+    sol, d = synth.reference_solution(ex, kb), ex.to_dict()
+    assert (fmt(sol, d), acc(sol, d), leak(sol, d)) == (1.0, 1.0, 0.0), sol
