@@ -3,7 +3,7 @@
 Evaluation (`evaluate`) turns each example into chat messages with one of the papers' prompt
 templates (`mlx_med.rl.data.build_messages`), asks a generator for completions in batches and
 scores every completion with the same host-side functions the rewards use
-(`mlx_med.rl.functions.response_stats`, `extract_choice`), so "accuracy" here is exactly the
+(`mlx_med.rl.functions.response_stats`, `extract_choice_from`), so "accuracy" here is exactly the
 training reward's notion of correct. Per row it records the parsed choice, correct, format_ok,
 answer leak and response length; the aggregate (`EvalResult`) is
 
@@ -161,7 +161,9 @@ def evaluate(generate: Generate, examples: Sequence[Any], *, template: str | Cal
     to_messages = template
   else:
     from mlx_med.rl import data as data_lib
-    to_messages = lambda ex: data_lib.build_messages(ex, template)  # noqa: E731
+
+    def to_messages(ex: Any) -> list[dict]:
+      return data_lib.build_messages(ex, template)
 
   rows: list[dict[str, Any]] = []
   for start in range(0, len(examples), batch_size):
@@ -174,8 +176,8 @@ def evaluate(generate: Generate, examples: Sequence[Any], *, template: str | Cal
       record = ex.to_dict() if hasattr(ex, "to_dict") else dict(ex)
       stats = fn.response_stats(resp.text, record)
       row = {"id": record.get("id", str(len(rows))), "category": record.get("category", "") or "",
-             "answer": record["answer"], "choice": fn.extract_choice(resp.text), "correct": bool(stats["correct"]),
-             "format_ok": bool(stats["format_ok"]), "leak": bool(stats["leak"]), "chars": len(resp.text),
+             "answer": record["answer"], "choice": fn.extract_choice_from(resp.text, record),
+             "correct": bool(stats["correct"]), "format_ok": bool(stats["format_ok"]), "leak": bool(stats["leak"]), "chars": len(resp.text),
              "tokens": resp.num_tokens, "forced": resp.forced, "finish_reason": resp.finish_reason}
       if keep_text:
         row["completion"] = resp.text

@@ -3,8 +3,10 @@ accuracy interval against scipy, eval.json, Med-RLVR stage detection and the dyn
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,7 +35,7 @@ def test_wilson_interval_contains_estimate_and_shrinks_with_n():
     lo, hi = ev.wilson_interval(k, n)
     assert lo < k / n < hi
     widths.append(hi - lo)
-  assert all(a > b for a, b in zip(widths, widths[1:]))
+  assert all(a > b for a, b in itertools.pairwise(widths))
   # roughly 1/sqrt(n): 100x the rows, a tenth of the width
   assert widths[-1] == pytest.approx(widths[1] / 10, rel=0.05)
   assert all(np.isnan(ev.wilson_interval(0, 0)))
@@ -125,7 +127,7 @@ def test_write_report_is_json_and_atomic(tmp_path):
   res = ev.evaluate(_fake_generate([]), _examples(), batch_size=8)
   res.meta["model"] = "fake"
   path = ev.write_report(res, str(tmp_path / "out" / "eval.json"))
-  got = json.loads(open(path).read())
+  got = json.loads(Path(path).read_text())
   assert got["accuracy"] == pytest.approx(0.6) and got["n"] == 5
   assert got["accuracy_ci"] == pytest.approx(list(ev.wilson_interval(3, 5)))
   assert got["format_failure"] == pytest.approx(0.4) and got["answer_leak"] == pytest.approx(0.2)
@@ -196,9 +198,7 @@ def test_detect_stages_noisy_default_smoothing():
 
 
 def _write_jsonl(path, rows):
-  with open(path, "w") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
+  Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
   return str(path)
 
 
@@ -209,12 +209,12 @@ def test_plot_training_dynamics(tmp_path):
       r.update(clip_frac=0.1, entropy=1.0)
   metrics = _write_jsonl(tmp_path / "metrics.jsonl", rows)
   out = ev.plot_training_dynamics(metrics, str(tmp_path / "plots" / "dynamics.png"))
-  data = open(out, "rb").read()
+  data = Path(out).read_bytes()
   assert data.startswith(PNG_MAGIC) and len(data) > 10_000
   assert sorted(os.listdir(tmp_path / "plots")) == ["dynamics.png"]
   # missing keys skip panels; a file with only a reward still plots
   only = _write_jsonl(tmp_path / "only.jsonl", [{"step": s, "reward": 0.1 * s} for s in range(5)])
-  assert open(ev.plot_training_dynamics(only, str(tmp_path / "only.png")), "rb").read().startswith(PNG_MAGIC)
+  assert Path(ev.plot_training_dynamics(only, str(tmp_path / "only.png"))).read_bytes().startswith(PNG_MAGIC)
   empty = _write_jsonl(tmp_path / "empty.jsonl", [{"step": 1, "lr": 1e-3}])
   with pytest.raises(ValueError, match="no plottable metrics"):
     ev.plot_training_dynamics(empty, str(tmp_path / "x.png"))
@@ -224,3 +224,81 @@ def test_plot_training_dynamics(tmp_path):
   bad.write_text('{"step": 1, "reward": 0.1}\n{oops\n')
   with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
     ev.plot_training_dynamics(str(bad), str(tmp_path / "x.png"))
+
+
+# ------------------------------------------------------------------- a tiny local model, forced exit
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+  from hf_tiny import make_hf_model, save_model_dir, write_tokenizer
+  from torch_peers import import_torchvision
+
+  import_torchvision()  # transformers' model classes import torchvision, CUDA-linked on PyPI (see torch_peers)
+  root = tmp_path_factory.mktemp("tiny_rl_eval")
+  vocab = write_tokenizer(str(root / "tok"), model_max_length=1024)
+  model = make_hf_model("qwen2", vocab_size=vocab, seed=3, max_position_embeddings=1024)
+  return save_model_dir(model, str(root / "model"), tokenizer_dir=str(root / "tok"))
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_model_dir):
+  from mlx_med.llm.model import LocalLM
+
+  return LocalLM.from_pretrained(tiny_model_dir)
+
+
+def test_local_generator_forced_exit(tiny_lm):
+  examples = _examples()[:4]
+  budget, max_new = 3, 10
+  with_budget = ev.evaluate(ev.local_generator(tiny_lm, max_new_tokens=max_new, think_budget=budget), examples,
+                            template="medrlvr", batch_size=4)
+  free = ev.evaluate(ev.local_generator(tiny_lm, max_new_tokens=max_new), examples, template="medrlvr", batch_size=4)
+  assert with_budget.length_unit == "tokens" and with_budget.n == 4
+  assert all(1 <= r["tokens"] <= max_new for r in with_budget.rows)
+  past = [r for r in with_budget.rows if r["tokens"] > budget]
+  assert past, "no row ran past the think budget; lengthen max_new_tokens"
+  for r, f in zip(with_budget.rows, free.rows):
+    if r["tokens"] > budget and "</think>" not in f["completion"]:
+      # the model would not close its thought; the budget forced the tag in
+      assert r["completion"].count("</think>") == 1 and r["forced"], (r["completion"], f["completion"])
+      # greedy decoding: identical to the free run until the budget is spent
+      assert f["completion"].startswith(r["completion"].split("</think>")[0])
+  assert with_budget.forced_exit == pytest.approx(np.mean([bool(r["forced"]) for r in with_budget.rows]))
+  assert with_budget.forced_exit > 0 and free.forced_exit == 0.0
+  with pytest.raises(ValueError, match="leaves no room for the answer"):
+    ev.local_generator(tiny_lm, max_new_tokens=budget + 1, think_budget=budget)
+
+
+def test_eval_command_end_to_end(tiny_model_dir, tmp_path, capsys):
+  from mlx_med.rl.data import write_jsonl
+
+  data = write_jsonl(_examples(), str(tmp_path / "medqa.jsonl"))
+  out = tmp_path / "report.json"
+  res = ev.eval_command(model=tiny_model_dir, data=f"medqa:{data}", think_budget=2, max_new_tokens=8, batch_size=8,
+                        out=str(out))
+  printed = capsys.readouterr().out
+  assert "accuracy" in printed and "format failure" in printed and "answer leak" in printed
+  assert "forced exit" in printed and f"wrote {out}" in printed
+  got = json.loads(out.read_text())
+  assert got["n"] == res.n == 5 and got["meta"]["think_budget"] == 2
+  assert got["accuracy"] == res.accuracy and len(got["rows"]) == 5
+  lo, hi = got["accuracy_ci"]
+  assert lo <= got["accuracy"] <= hi
+
+  with pytest.raises(ValueError, match="unknown data format 'medqaa'"):
+    ev.eval_command(model=tiny_model_dir, data=f"medqaa:{data}")
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    ev.eval_command(model=tiny_model_dir, data=f"medqa:{tmp_path / 'nope.jsonl'}")
+  with pytest.raises(ValueError, match="FORMAT:PATH"):
+    ev.eval_command(model=tiny_model_dir, data="medqa")
+  with pytest.raises(ValueError, match="needs --workdir"):
+    ev.eval_command(model=tiny_model_dir, data="synthetic")
+  with pytest.raises(FileNotFoundError, match="no held-out split"):
+    ev.eval_command(workdir=str(tmp_path), data="synthetic")
+  (tmp_path / "data").mkdir()
+  write_jsonl(_examples(), str(tmp_path / "data" / "heldout.jsonl"))
+  with pytest.raises(FileNotFoundError, match="no Hugging Face export"):
+    ev.eval_command(workdir=str(tmp_path), data="synthetic")
+  with pytest.raises(ValueError, match="needs the model in this process"):
+    ev.client_generator(object(), max_tokens=8, think_budget=4)
