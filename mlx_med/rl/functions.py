@@ -168,8 +168,8 @@ def split_response(text: str, *, think_in_prompt: bool = False) -> ResponseParts
 # "I choose B". An upper-case letter may stand anywhere; a lower-case one only in
 # parentheses or before punctuation / the end ("answer is c."), never before a word
 # ("the answer is a drug ..." names no option).
-_STATEMENT = (r"(?:(?:final|correct|right|best)\s+)?(?:answer|option|choice)\s*(?:is|would\s+be|will\s+be|"
-              r"should\s+be|must\s+be|[:=\-])\s*|\bI\s+(?:choose|select|pick|go\s+with)\s+")
+_STATEMENT = (r"(?:(?:final|correct|right|best)\s+)?(?:answer|option|choice)\s*(?:(?:is|would\s+be|will\s+be|"
+              r"should\s+be|must\s+be)\s*:?|[:=\-])\s*|\bI\s+(?:choose|select|pick|go\s+with)\s+")
 _STATEMENT_RE = re.compile(
   rf"(?i:{_STATEMENT})(?i:(?:option|choice|letter)\s+)?"
   r"(?:\(\s*([A-Za-z])\s*\)|\b([A-Z])(?![A-Za-z0-9'])|\b([a-z])(?=\s*(?:[.,;:!)]|$)))")
@@ -441,6 +441,7 @@ def _normalise_math(text: str) -> str:
   s = s.replace("\\$", "").replace("$", "").replace("\\%", "%").replace("^\\circ", "").replace("^{\\circ}", "")
   s = s.replace("\u00b0", "").replace("\\displaystyle", "")
   s = _FRAC_RE.sub(r"(\1)/(\2)", s)
+  s = re.sub(r"(\d)\s*(?:\\times|\\cdot|x|\*)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"\1e\2", s)  # 1.5 \times 10^{3}
   s = _FRAC_SHORT_RE.sub(r"\1/\2", s)
   s = re.sub(r"^(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)?\s*", "", s.strip(), flags=re.IGNORECASE)
   if "=" in s:  # "x = 5": the right-hand side of the last "="
@@ -493,6 +494,7 @@ def extract_number(text: str, *, think_in_prompt: bool = False) -> str | None:
   content, else the last \\boxed{} anywhere (after the reasoning when a `</think>`
   is present). Normalisation: `$`, `\\left`/`\\right`, LaTeX spaces, `\\text{}`
   wrappers and degree signs dropped; `\\frac{a}{b}` / `\\dfrac` / `\\tfrac` -> a/b;
+  "1.5 \\times 10^{3}" -> 1.5e3;
   "the answer is" / "x =" prefixes dropped (the right side of the last "="); trailing
   punctuation dropped; thousands separators removed ("1,234" -> "1234"); a number
   followed only by words keeps the number ("12 cm" -> "12"). Percent convention: the

@@ -135,7 +135,7 @@ def test_garbage_at_padded_positions_stays_out_of_loss_and_grad():
     s, w = F.token_mean(per_token + 0.1 * kl, mask)
     return s / w
 
-  value, grad = jax.value_and_grad(loss)(logp)
+  value, grad = jax.jit(jax.value_and_grad(loss))(logp)
   assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
   assert float(grad[0, 2]) == 0.0
   s, w = F.token_mean(jnp.array([[1.0, jnp.nan]]), jnp.array([[1.0, 0.0]]))
@@ -277,6 +277,9 @@ def test_split_parts_and_think_in_prompt():
   ("<think>x</think><answer>\\boxed{A}</answer>", "A"),
   ("<think>x</think><answer>Option B</answer>", "B"),
   ("<think>x</think><answer>I choose B</answer>", "B"),
+  ("<think>x</think><answer>The correct answer is: B</answer>", "B"),
+  ("<think>x</think><answer>The answer is B, I think</answer>", "B"),  # "I" the pronoun is no second option
+  ("<think>x</think><answer>The answer is Heparin (B)</answer>", "B"),
   ("<think>x</think><answer>A</answer>", "A"),
   ("<think>x</think><answer>B, a heparin-like drug</answer>", "B"),
   ("<think>x</think><answer>heparin</answer>", "B"),                  # the option text
@@ -360,6 +363,7 @@ def test_answer_statements():
   ("<think>x</think><answer>x = \\left(5\\right)</answer>", "5"),
   ("<think>x</think><answer>12 cm</answer>", "12"),
   ("<think>x</think><answer>$\\$1{,}000.50$</answer>", "1000.5"),
+  ("<think>x</think><answer>1.5 \\times 10^{3}</answer>", "1500"),
   ("<think>x</think><answer>2x+1</answer>", "2x+1"),                   # an expression stays text
   ("<think>try \\boxed{3}</think> so \\boxed{4}", "4"),               # last boxed after the thought
   ("<think>x</think>The answer is 42", "42"),
@@ -415,3 +419,15 @@ def test_response_stats():
   stats = F.response_stats("maybe D", MCQA)
   assert stats == {"correct": 0.0, "format_ok": 0.0, "leak": 0.0, "think_chars": 0.0, "response_chars": 7.0}
   assert all(isinstance(v, float) for v in stats.values())
+
+
+def test_text_functions_are_fast_on_long_completions():
+  import time
+
+  body = "Heparin (B) acts fast. Option C is unlikely. " * 400 + "x. " * 2000   # ~24k characters
+  completion = f"<think>{body}</think><answer>B</answer>" + "</think>" * 50
+  start = time.perf_counter()
+  for _ in range(10):
+    F.response_stats(completion, MCQA)
+    F.extract_number(completion)
+  assert time.perf_counter() - start < 2.0
