@@ -65,8 +65,9 @@ def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, *, gamma: float,
     raise ValueError(f"gae wants rewards, values and mask of one shape [B, T]; got {rewards.shape}, "
                      f"{values.shape}, {mask.shape}")
   m = mask.astype(jnp.float32)
-  r = rewards.astype(jnp.float32) * m
-  v = values.astype(jnp.float32) * m
+  # where(), not a product alone: junk (even NaN) off the mask must not reach the sums
+  r = jnp.where(m > 0, rewards.astype(jnp.float32), 0.0)
+  v = jnp.where(m > 0, values.astype(jnp.float32), 0.0)
   gamma = jnp.asarray(gamma, jnp.float32)
   lam = jnp.asarray(lam, jnp.float32)
 
@@ -125,11 +126,11 @@ def _value_loss_terms(values, old_values, returns, mask, clip):
   m = mask.astype(jnp.float32)
   unclipped = jnp.square(values - returns)
   if clip is None:
-    return 0.5 * unclipped * m, jnp.zeros_like(m, dtype=bool)
+    return jnp.where(m > 0, 0.5 * unclipped * m, 0.0), jnp.zeros(m.shape, bool)
   old = old_values.astype(jnp.float32)
   v_clipped = old + jnp.clip(values - old, -clip, clip)
   clipped = jnp.square(v_clipped - returns)
-  return 0.5 * jnp.maximum(unclipped, clipped) * m, (clipped > unclipped) & (m > 0)
+  return jnp.where(m > 0, 0.5 * jnp.maximum(unclipped, clipped) * m, 0.0), (clipped > unclipped) & (m > 0)
 
 
 def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mask: jax.Array, *,

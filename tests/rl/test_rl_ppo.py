@@ -17,7 +17,7 @@ from mlx_med.core import trainer as trainer_lib
 from mlx_med.core.lm_task import decoder_init_fn
 from mlx_med.core.transformer import Decoder
 from mlx_med.rl import ppo
-from tiny import TINY, tiny
+from tiny import TINY, tiny, tiny_params
 
 _gae = jax.jit(ppo.gae, static_argnames=("gamma", "lam"))
 
@@ -153,7 +153,7 @@ def test_actor_critic_tree_is_the_decoder_tree_plus_a_head():
   specs = nn.get_partition_spec(boxed["value_head"])
   assert specs["kernel"] == jax.sharding.PartitionSpec("embed", None)
   # init_from_policy keeps the given decoder params as they are and adds a zero head
-  policy = nn.unbox(decoder_init_fn(TINY)(rng))
+  policy = tiny_params(TINY)
   wrapped = ppo.init_from_policy(policy, TINY, jax.random.key(1))
   assert wrapped["policy"] is policy
   chex.assert_trees_all_equal(wrapped["value_head"], {"kernel": np.zeros((32, 1), np.float32),
@@ -221,7 +221,7 @@ def _reference_loss(params, batch, *, eps_low, eps_high, dual_clip, value_clip, 
   elif aggregation == "seq-mean-token-mean":
     agg = lambda x: (((x * m).sum(1) / np.maximum(rows, 1)).sum(), float((rows > 0).sum()))
   else:
-    agg = lambda x: ((x * m).sum() / max_len, float(m.shape[0]))
+    agg = lambda x: ((x * m).sum() / max_len, float((rows > 0).sum()))
   metric = (lambda x: (x * m).sum()) if aggregation == "token-mean" else (
       lambda x: ((x * m).sum(1) / np.maximum(rows, 1)).sum())
   pg_sum, weight = agg(pg)
@@ -236,8 +236,7 @@ def _reference_loss(params, batch, *, eps_low, eps_high, dual_clip, value_clip, 
 
 @pytest.fixture(scope="module")
 def loss_params():
-  policy = decoder_init_fn(TINY)(jax.random.key(3))
-  return nn.unbox(ppo.init_from_policy(policy, TINY, jax.random.key(4), value_init_std=0.5))
+  return ppo.init_from_policy(tiny_params(TINY, seed=3), TINY, jax.random.key(4), value_init_std=0.5)
 
 
 _LOSS_CASES = {
@@ -252,7 +251,7 @@ _LOSS_CASES = {
 
 @pytest.mark.parametrize("case", sorted(_LOSS_CASES))
 def test_ppo_loss_matches_numpy_reference(loss_params, case):
-  kw = dict(value_clip=0.2, vf_coef=0.3, max_len=None, **_LOSS_CASES[case])
+  kw = {"value_clip": 0.2, "vf_coef": 0.3, "max_len": None, **_LOSS_CASES[case]}
   task = ppo.PPOTask(TINY, value_init_std=0.5, **kw)
   batch = _loss_batch()
   out = jax.jit(lambda p, bt: task.loss(p, bt, jax.random.key(0)))(loss_params, batch)
@@ -331,7 +330,7 @@ def test_bandit_ppo_raises_the_rewarded_token_and_fits_the_value(tmp_path):
   def rollout(params, key):
     logits, _ = task.forward(params, {"inputs": inputs0, "positions": positions, "segment_ids": segment_ids})
     token = jax.random.categorical(key, logits[:, 2], axis=-1).astype(jnp.int32)
-    inputs = inputs0.at[:, 3].set(token)
+    inputs = jnp.asarray(inputs0).at[:, 3].set(token)
     targets = jnp.concatenate([inputs[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
     batch = {"inputs": inputs, "targets": targets, "positions": positions, "segment_ids": segment_ids}
     logp, values = task.rollout_forward(params, batch)
@@ -357,5 +356,6 @@ def test_bandit_ppo_raises_the_rewarded_token_and_fits_the_value(tmp_path):
   print("bandit p(good), V, value error per iteration:", history, "final", float(p_final), float(v_final))
   p0, v0, err0 = history[0]
   assert p0 < 0.15 and float(p_final) > 0.6  # the rewarded token went from rare to most likely
-  assert abs(float(v_final) - float(p_final)) < abs(v0 - p0) / 2 or abs(float(v_final) - float(p_final)) < 0.1
-  assert history[-1][2] < err0  # the critic's squared error on fresh rollouts went down
+  # the critic followed the expected reward as it moved (V started at 0, p(good) moved by > 0.45) ...
+  assert v0 == 0.0 and abs(float(v_final) - float(p_final)) < 0.1
+  assert history[-1][2] < err0  # ... and its squared error on fresh rollouts went down
