@@ -194,6 +194,15 @@ def _clean_markup(text: str) -> str:
   return text.replace("**", "").replace("*", "").replace("`", "").replace("$", "").strip()
 
 
+def _as_options(options: Any) -> dict[str, str] | None:
+  """Options as {letter: text}; a plain list (MMLU-Pro's raw rows) is lettered A, B, C, ..."""
+  if not options:
+    return None
+  if isinstance(options, Mapping):
+    return {str(k).strip().upper(): str(v) for k, v in options.items()}
+  return {chr(ord("A") + i): str(v) for i, v in enumerate(options)}
+
+
 def _norm_text(text: str) -> str:
   """Lower case, punctuation to spaces, single spaces: for comparing option texts."""
   return " ".join(re.sub(r"[^\w%+\-]+", " ", text.lower()).split())
@@ -308,15 +317,16 @@ def extract_choice(text: str, letters: str = "ABCDEFGHIJ", *, options: Mapping[s
   (or outside the option keys) give None. Markdown emphasis, `$` and `\\boxed{}` are
   ignored.
   """
+  options = _as_options(options)
   if options:
-    letters = "".join(str(k) for k in options)
+    letters = "".join(options)
   return _choice_in(_answer_region(text, think_in_prompt), letters, options)
 
 
 def extract_choice_from(text: str, example: Mapping, *, think_in_prompt: bool | None = None) -> str | None:
   """`extract_choice` with the option letters and texts of `example` (when it has "options")."""
-  options = example.get("options") or None
-  return extract_choice(text, options=options, think_in_prompt=_think_in_prompt(example, think_in_prompt))
+  return extract_choice(text, options=_as_options(example.get("options")),
+                        think_in_prompt=_think_in_prompt(example, think_in_prompt))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,8 +352,9 @@ def answer_statements(think: str, letters: str = "ABCDEFGHIJ",
   options while reasoning ("option B is unlikely", "B and C are both beta blockers",
   "rule out D.") is not a statement of the answer.
   """
+  options = _as_options(options)
   if options:
-    letters = "".join(str(k) for k in options)
+    letters = "".join(options)
   valid = letters.upper()
   body = _clean_markup(think)
   found: list[str] = []
@@ -393,8 +404,8 @@ def detect_answer_leak(completion: str, example: Mapping | None = None, *,
   inside = text[max(open_at, 0): close_at] if close_at >= 0 else ""
   if "<answer>" in inside or "</answer>" in inside:
     return True
-  options = example.get("options") or None
-  letters = "".join(str(k) for k in options) if options else "ABCDEFGHIJ"
+  options = _as_options(example.get("options"))
+  letters = "".join(options) if options else "ABCDEFGHIJ"
   stated = answer_statements(parts.think, letters, options)
   if not stated:
     return False

@@ -119,6 +119,10 @@ def test_ppo_dual_clip_by_hand():
   loss, clipped = F.ppo_clip(logp, old, adv, eps_low=0.2, eps_high=0.2)
   np.testing.assert_allclose(loss, [5.0, 2.0, -1.2], rtol=1e-6)
   np.testing.assert_array_equal(clipped, [False, False, True])
+  # bf16 inputs: the loss is computed in fp32
+  loss16, _ = F.ppo_clip(logp.astype(jnp.bfloat16), old.astype(jnp.bfloat16), adv.astype(jnp.bfloat16))
+  assert loss16.dtype == jnp.float32
+  np.testing.assert_allclose(loss16, [5.0, 2.0, -1.2], rtol=1e-2)
   with pytest.raises(ValueError, match="dual_clip must be > 1"):
     F.ppo_clip(logp, old, adv, dual_clip=0.5)
 
@@ -311,6 +315,8 @@ def test_extract_choice_letters_and_default_options():
   assert F.extract_choice("<answer>G</answer>", letters="ABCD") is None
   assert F.extract_choice("<answer>Heparin</answer>") is None         # no options: text is not a letter
   assert F.extract_choice("<answer>Heparin</answer>", options=OPTIONS) == "B"
+  # options as a plain list (lettered A, B, ...), as in raw MMLU-Pro rows
+  assert F.extract_choice_from("<answer>warfarin</answer>", {"answer": "D", "options": list(OPTIONS.values())}) == "D"
 
 
 # --------------------------------------------------------------------------------------------- answer leak
