@@ -35,7 +35,7 @@ budget counts every generated token from the start of the completion, including 
 so forced exit is local only.
 
 `eval_command` is `mlx-med rl eval`: loads a model (`--model HFDIR`, a run's `<workdir>/hf`
-export, or a served model with `base_url`), the data (`FORMAT:PATH`, or `synthetic` for a run's
+export, or a served model at `endpoint`), the data (`FORMAT:PATH`, or `synthetic` for a run's
 held-out split), evaluates, prints a short table and writes eval.json (atomically).
 
 Training dynamics: `plot_training_dynamics` draws metrics.jsonl of an RL run (reward, accuracy
@@ -57,7 +57,7 @@ import numpy as np
 
 Z_95 = 1.959963984540054  # two-sided 95% standard normal quantile
 HF_EXPORT = "hf"  # a run's Hugging Face export: <workdir>/hf
-HELDOUT_FILES = ("data/heldout.jsonl", "heldout.jsonl")  # a run's held-out split (synthetic_jsonl), first found
+HELDOUT_FILE = "heldout.jsonl"  # a run's held-out split (synthetic_jsonl), written by mlx_med.rl.setup
 
 
 class Response(NamedTuple):
@@ -330,11 +330,11 @@ def load_eval_data(data: str, workdir: str | None = None, *, limit: int | None =
     if not workdir:
       raise ValueError("--data synthetic evaluates a run's held-out split and needs --workdir; "
                        "otherwise pass --data FORMAT:PATH")
-    found = [os.path.join(workdir, f) for f in HELDOUT_FILES if os.path.isfile(os.path.join(workdir, f))]
-    if not found:
-      raise FileNotFoundError(f"{workdir} has no held-out split ({' or '.join(HELDOUT_FILES)}); "
+    path = os.path.join(workdir, HELDOUT_FILE)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{workdir} has no held-out split ({HELDOUT_FILE}; a synthetic run writes it); "
                               "pass --data FORMAT:PATH")
-    examples = data_lib.load_mcqa("synthetic_jsonl", found[0])
+    examples = data_lib.load_mcqa("synthetic_jsonl", path)
   else:
     fmt, sep, path = data.partition(":")
     if not sep or not path:
@@ -345,38 +345,40 @@ def load_eval_data(data: str, workdir: str | None = None, *, limit: int | None =
     if not os.path.exists(path):
       raise FileNotFoundError(f"data file {path} does not exist (from --data {data!r})")
     examples = data_lib.load_mcqa(fmt, path)
-  if limit is not None:
+  if limit is not None and int(limit) > 0:
     examples = examples[:int(limit)]
   return examples
 
 
 def eval_command(model: str | None = None, workdir: str | None = None, data: str = "synthetic",
                  think_budget: int | None = None, max_new_tokens: int = 512, batch_size: int = 16,
-                 out: str | None = None, *, template: str = "medrlvr", temperature: float = 0.0,
-                 base_url: str | None = None, limit: int | None = None, dtype: str = "float32",
-                 print_fn: Callable[[str], None] | None = print) -> EvalResult:
+                 out: str | None = None, *, endpoint: str | None = None, model_name: str | None = None,
+                 template: str = "medrlvr", temperature: float = 0.0, limit: int | None = None,
+                 dtype: str = "float32", print_fn: Callable[[str], None] | None = print) -> EvalResult:
   """`mlx-med rl eval`: evaluate, print the table, write JSON; returns the result.
 
-  model: a Hugging Face directory, or the served model's name when `base_url` points at an
-  OpenAI-compatible endpoint. workdir: an RL run; its `hf/` export is the model when `model`
-  is not given, its held-out split the data for `data="synthetic"`, and `<workdir>/eval.json`
-  the default output. out: the JSON path (default `<workdir>/eval.json`, else ./eval.json; a
-  directory gets eval.json inside).
+  model: a Hugging Face directory. workdir: an RL run; its `hf/` export is the model when
+  `model` is not given, its held-out split (heldout.jsonl) the data for `data="synthetic"`,
+  and `<workdir>/eval.json` the default output. endpoint: an OpenAI-compatible base URL
+  (instead of a local model) serving `model_name` (default: $MLX_MED_LLM_MODEL). limit: the
+  first N questions only (None or 0: all). out: the JSON path (default `<workdir>/eval.json`,
+  else ./eval.json; a directory gets eval.json inside).
   """
-  if not model and not workdir:
-    raise ValueError("give --model HFDIR (or a served model name with --base-url) or --workdir RUN")
+  if not (model or workdir or endpoint):
+    raise ValueError("give --model HFDIR, --workdir RUN or --endpoint URL")
   if workdir and not os.path.isdir(workdir):
     raise FileNotFoundError(f"--workdir {workdir} does not exist")
   examples = load_eval_data(data, workdir, limit=limit)
 
-  if base_url:
-    if not model:
-      raise ValueError("--base-url needs --model, the model name the endpoint serves")
-    from mlx_med.llm.client import make_client
-    client = make_client({"backend": "openai", "model": model, "base_url": base_url})
+  if endpoint:
+    from mlx_med.llm.client import ENV_MODEL, make_client
+    name = model_name or os.environ.get(ENV_MODEL)
+    if not name:
+      raise ValueError(f"--endpoint needs --model-name (the model the endpoint serves) or {ENV_MODEL}")
+    client = make_client({"backend": "openai", "model": name, "base_url": endpoint})
     generate = client_generator(client, max_tokens=max_new_tokens, temperature=temperature,
                                 think_budget=think_budget)
-    source = f"{model} @ {base_url}"
+    source = f"{name} @ {endpoint}"
   else:
     model_dir = model
     if not model_dir:

@@ -296,9 +296,69 @@ def test_eval_command_end_to_end(tiny_model_dir, tmp_path, capsys):
     ev.eval_command(model=tiny_model_dir, data="synthetic")
   with pytest.raises(FileNotFoundError, match="no held-out split"):
     ev.eval_command(workdir=str(tmp_path), data="synthetic")
-  (tmp_path / "data").mkdir()
-  write_jsonl(_examples(), str(tmp_path / "data" / "heldout.jsonl"))
+  write_jsonl(_examples(), str(tmp_path / "heldout.jsonl"))  # what a synthetic run writes
   with pytest.raises(FileNotFoundError, match="no Hugging Face export"):
     ev.eval_command(workdir=str(tmp_path), data="synthetic")
+
+
+class _FakeClient:
+  """An LLMClient stand-in: answers from a table, reports token counts, records calls."""
+
+  def __init__(self):
+    self.calls = []
+
+  def chat(self, messages, *, max_tokens=256, temperature=None, n=1, seed=None, **_):
+    from mlx_med.llm.client import Completion
+
+    self.calls.append((max_tokens, temperature, n))
+    i = next(i for i in range(len(HAND)) if f"question {i}?" in messages[-1]["content"])
+    return [Completion(text=HAND[i][0], finish_reason="stop", completion_tokens=10 + i)]
+
+
+def test_client_generator_and_endpoint_command(tmp_path, monkeypatch, capsys):
+  from mlx_med.llm import client as client_lib
+  from mlx_med.rl.data import write_jsonl
+
+  fake = _FakeClient()
+  res = ev.evaluate(ev.client_generator(fake, max_tokens=64, concurrency=3), _examples(), batch_size=4)
+  assert [r["completion"] for r in res.rows] == [h[0] for h in HAND]  # order kept across threads
+  assert res.accuracy == pytest.approx(0.6) and res.length_unit == "tokens" and res.mean_length == 12.0
+  assert fake.calls[0] == (64, 0.0, 1) and res.forced_exit is None
   with pytest.raises(ValueError, match="needs the model in this process"):
-    ev.client_generator(object(), max_tokens=8, think_budget=4)
+    ev.client_generator(fake, max_tokens=8, think_budget=4)
+
+  seen = {}
+
+  def make_client(cfg):
+    seen.update(cfg)
+    return _FakeClient()
+
+  monkeypatch.setattr(client_lib, "make_client", make_client)
+  monkeypatch.delenv(client_lib.ENV_MODEL, raising=False)
+  data = write_jsonl(_examples(), str(tmp_path / "q.jsonl"))
+  with pytest.raises(ValueError, match="--model-name"):
+    ev.eval_command(endpoint="http://127.0.0.1:8000/v1", data=f"synthetic_jsonl:{data}")
+  res = ev.eval_command(endpoint="http://127.0.0.1:8000/v1", model_name="served", data=f"synthetic_jsonl:{data}",
+                        out=str(tmp_path), limit=4)
+  assert seen == {"backend": "openai", "model": "served", "base_url": "http://127.0.0.1:8000/v1"}
+  assert res.n == 4 and res.accuracy == pytest.approx(0.75)
+  assert json.loads((tmp_path / "eval.json").read_text())["meta"]["model"] == "served @ http://127.0.0.1:8000/v1"
+  assert "served @ http://127.0.0.1:8000/v1" in capsys.readouterr().out
+
+
+def test_local_generator_other_params_and_local_client(tiny_lm):
+  import jax
+
+  from mlx_med.llm.client import LocalClient
+
+  examples = _examples()[:2]
+  base = ev.evaluate(ev.local_generator(tiny_lm, max_new_tokens=6), examples, template="plain")
+  same = ev.evaluate(ev.local_generator(tiny_lm, max_new_tokens=6, params=tiny_lm.params), examples, template="plain")
+  assert [r["completion"] for r in same.rows] == [r["completion"] for r in base.rows]
+  scaled = jax.tree.map(lambda x: -x, tiny_lm.params)
+  other = ev.evaluate(ev.local_generator(tiny_lm, max_new_tokens=6, params=scaled), examples, template="plain")
+  assert [r["completion"] for r in other.rows] != [r["completion"] for r in base.rows]
+  # the same model behind the client interface: same greedy completions and token counts
+  via_client = ev.evaluate(ev.client_generator(LocalClient(tiny_lm), max_tokens=6, concurrency=1), examples,
+                           template="plain")
+  assert [(r["completion"], r["tokens"]) for r in via_client.rows] == [(r["completion"], r["tokens"]) for r in base.rows]
