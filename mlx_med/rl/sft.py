@@ -232,7 +232,11 @@ class SFTSource:
 
   def __init__(self, rows: Sequence[Mapping[str, np.ndarray]]):
     if not rows:
-      raise ValueError("SFTSource: no rows (every conversation was dropped, or the data is empty)")
+      stats = getattr(rows, "stats", None)
+      why = (f"all {stats['examples']} conversations were dropped ({stats['truncated']} truncated to the row "
+             "length with no assistant token left); raise data.seq_len" if stats and stats["examples"]
+             else "the data is empty")
+      raise ValueError(f"SFTSource: no rows to train on: {why}")
     self.arrays = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in TOKEN_BATCH_KEYS}
     self.stats = dict(getattr(rows, "stats", {}))
 
