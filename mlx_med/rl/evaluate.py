@@ -14,8 +14,8 @@ answer leak and response length; the aggregate (`EvalResult`) is
 - format-failure rate (1 - format_ok) and answer-leak rate (the reasoning block gives the answer
   away: Med-RLVR's reward hacking);
 - mean response length in generated tokens when the generator reports them (the local model and
-  most OpenAI-compatible servers do; the count includes the end-of-turn token that stopped the
-  row, as the RL loop's response length does), else in characters;
+  most OpenAI-compatible servers do; locally the count includes the end-of-turn token that
+  stopped the row, as the sampler counts), else in characters;
 - the forced-exit rate (rows whose thought was cut by the think budget), when known;
 - the same figures per category (MMLU-Pro category, MedMCQA subject, synthetic question type).
 
@@ -418,7 +418,9 @@ _STAGE_COLORS = {"format failure": "#d62728", "verbose formatting": "#ff7f0e", "
 # (panel title, [(metric key, label)])
 PANELS = (
     ("reward / accuracy", [("reward", "reward"), ("accuracy", "train accuracy"), ("eval/accuracy", "eval accuracy")]),
-    ("format failure / answer leak", [("format_failure", "format failure"), ("answer_leak", "answer leak")]),
+    ("format failure / answer leak", [("format_failure", "format failure"), ("answer_leak", "answer leak"),
+                                      ("eval/format_failure", "eval format failure"),
+                                      ("eval/answer_leak", "eval answer leak")]),
     ("mean response length", [("response_length", "tokens")]),
     ("KL to reference", [("kl", "kl")]),
     ("clip fraction", [("clip_frac", "clip fraction")]),
@@ -564,7 +566,7 @@ def plot_training_dynamics(metrics_jsonl: str, out_png: str, *, stages: bool = T
   """A multi-panel PNG of an RL run's curves with the Med-RLVR stages shaded; returns out_png.
 
   One panel per group in PANELS whose keys occur in the file (missing keys: panel skipped);
-  "eval/accuracy" is drawn as points on the reward/accuracy panel. Written atomically.
+  "eval/..." keys are drawn as points on the panel of their training twin. Written atomically.
   """
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure

@@ -163,7 +163,7 @@ def _stage_rows(leak=True, noise=0.0, repeat=1, seed=0):
         row["answer_leak"] = lk
       rows.append(row)
       if step % 5 == 0:
-        rows.append({"step": step, "eval/accuracy": acc})  # eval rows share a step with a train row
+        rows.append({"step": step, "eval/accuracy": acc, "eval/format_failure": ff})  # eval rows share a step
       step += 1
   return rows
 
