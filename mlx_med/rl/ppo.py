@@ -32,7 +32,8 @@ float32 whatever the decoder's compute dtype.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -234,13 +235,18 @@ class PPOTask(Task):
   advantages (already whitened if wanted), returns and old_values (from `gae` and the
   rollout's `rollout_values`).
 
-  loss = agg(ppo_clip) + vf_coef * agg(value_loss) - entropy_coef * agg(entropy), with
+  loss = agg(ppo_clip) + vf_coef * agg(value_loss) - entropy_coef * agg(entropy)
+  [+ kl_coef * agg(kl(logp, ref_logprobs))], with
   `agg` the registered aggregation (`token-mean`, `seq-mean-token-mean`,
   `seq-mean-token-sum-norm`); all three share one weight (it depends on the mask only),
   so the sum decomposes over micro-batches. Metrics (sums; the trainer divides them by
   that weight): pg_loss, vf_loss (the aggregated terms), and clip_frac, vf_clip_frac,
   entropy, approx_kl (k3 estimate of KL(old || new)) as per-token means under
   `token-mean` and per-row token means summed over rows otherwise.
+
+  The KL to the reference normally enters the reward (`reward_per_token`, as OpenRLHF's
+  PPO); kl_coef > 0 adds it to the loss instead (the registered estimator `kl_estimator`),
+  and then the batch also carries `ref_logprobs` and the metrics `kl`.
   """
 
   decomposable = True
@@ -249,8 +255,10 @@ class PPOTask(Task):
                eps_high: float | None = None, dual_clip: float | None = None, value_clip: float | None = 0.2,
                vf_coef: float = 0.5, entropy_coef: float = 0.0, aggregation: str = "token-mean",
                max_len: int | None = None, temperature: float = 1.0, value_stop_gradient: bool = False,
-               value_init_std: float = 0.0):
-    from mlx_med.rl import functions  # the registered RL functions (imported on use, like the package)
+               value_init_std: float = 0.0, kl_coef: float = 0.0, kl_estimator: str = "k3"):
+    from mlx_med.rl import (
+      functions,  # the registered RL functions (imported on use, like the package)
+    )
 
     self.cfg = cfg
     self.seq_len = seq_len
@@ -274,6 +282,11 @@ class PPOTask(Task):
     self._policy_loss = functions.get("policy_loss", "ppo_clip")
     self._aggregate = functions.get("aggregation", aggregation)
     self._k3 = functions.get("kl", "k3")
+    self.kl_coef = float(kl_coef)
+    if self.kl_coef < 0:
+      raise ValueError(f"PPOTask kl_coef={kl_coef} must be >= 0 (0 = KL only in the reward, OpenRLHF's default)")
+    self.kl_estimator = kl_estimator
+    self._kl = functions.get("kl", kl_estimator)
     self._entropy = functions.token_entropy
     self._lm = DecoderLMTask(cfg, seq_len)
 
@@ -283,7 +296,8 @@ class PPOTask(Task):
 
   @property
   def batch_axes(self):
-    return {k: ("batch", "length") for k in PPO_BATCH_KEYS}
+    keys = PPO_BATCH_KEYS + (("ref_logprobs",) if self.kl_coef else ())
+    return {k: ("batch", "length") for k in keys}
 
   def init(self, rng):
     """The policy exactly as `DecoderLMTask(cfg).init(rng)` gives it, and a fresh value head."""
@@ -335,6 +349,12 @@ class PPOTask(Task):
       ent_sum, _ = self._agg(entropy, mask)
       loss_sum = loss_sum - self.entropy_coef * ent_sum
     entropy = jax.lax.stop_gradient(entropy)
+    extra = {}
+    if self.kl_coef:
+      kl_tok = self._kl(logp, batch["ref_logprobs"].astype(jnp.float32))
+      kl_sum, _ = self._agg(kl_tok, mask)
+      loss_sum = loss_sum + self.kl_coef * kl_sum
+      extra["kl"] = self._metric(jax.lax.stop_gradient(kl_tok), mask)
     approx_kl = jax.lax.stop_gradient(self._k3(old_logp, logp))  # (r - 1) - log r, r = pi_new / pi_old
     metrics = {
         "pg_loss": jax.lax.stop_gradient(pg_sum),
@@ -343,6 +363,7 @@ class PPOTask(Task):
         "vf_clip_frac": self._metric(vf_clipped.astype(jnp.float32), mask),
         "entropy": self._metric(entropy, mask),
         "approx_kl": self._metric(approx_kl, mask),
+        **extra,
     }
     return LossOutput(loss_sum, weight, metrics)
 

@@ -11,13 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import TINY, tiny, tiny_params
 
 from mlx_med.core import config as config_lib
 from mlx_med.core import trainer as trainer_lib
 from mlx_med.core.lm_task import decoder_init_fn
+from mlx_med.core.train_step import make_grad_fn
 from mlx_med.core.transformer import Decoder
 from mlx_med.rl import ppo
-from tiny import TINY, tiny, tiny_params
 
 _gae = jax.jit(ppo.gae, static_argnames=("gamma", "lam"))
 
@@ -189,7 +190,7 @@ def _loss_batch(seed=0, b=4, s=10):
 
 
 def _reference_loss(params, batch, *, eps_low, eps_high, dual_clip, value_clip, vf_coef, entropy_coef, aggregation,
-                    max_len):
+                    max_len, kl_coef=0.0):
   """The PPO objective written out in numpy (float64) from the decoder's logits and hidden states."""
   logits, hidden = Decoder(TINY).apply({"params": params["policy"]}, batch["inputs"], batch["positions"],
                                        batch["segment_ids"], return_hidden=True)
@@ -228,7 +229,13 @@ def _reference_loss(params, batch, *, eps_low, eps_high, dual_clip, value_clip, 
   vf_sum, _ = agg(vf)
   ent_sum, _ = agg(entropy)
   loss = (pg_sum + vf_coef * vf_sum - entropy_coef * ent_sum) / weight
-  metrics = {"pg_loss": pg_sum / weight, "vf_loss": vf_sum / weight, "clip_frac": metric(clipped) / weight,
+  extra = {}
+  if kl_coef:
+    d = batch["ref_logprobs"].astype(np.float64) - logp
+    kl = np.exp(d) - d - 1  # k3 to the reference
+    loss += kl_coef * agg(kl)[0] / weight
+    extra["kl"] = metric(kl) / weight
+  metrics = {**extra,"pg_loss": pg_sum / weight, "vf_loss": vf_sum / weight, "clip_frac": metric(clipped) / weight,
              "vf_clip_frac": metric(vf_clipped) / weight, "entropy": metric(entropy) / weight,
              "approx_kl": metric(approx_kl) / weight}
   return loss, weight, metrics
@@ -240,12 +247,16 @@ def loss_params():
 
 
 _LOSS_CASES = {
-    "token-mean": dict(aggregation="token-mean", eps_low=0.2, eps_high=0.28, dual_clip=None, entropy_coef=0.0),
-    "seq-mean-token-mean": dict(aggregation="seq-mean-token-mean", eps_low=0.2, eps_high=0.2, dual_clip=None,
-                                entropy_coef=0.01),
-    "seq-mean-token-sum-norm": dict(aggregation="seq-mean-token-sum-norm", eps_low=0.1, eps_high=0.3, dual_clip=None,
-                                    entropy_coef=0.0, max_len=12),
-    "dual-clip": dict(aggregation="token-mean", eps_low=0.2, eps_high=0.2, dual_clip=1.5, entropy_coef=0.0),
+    "token-mean": {"aggregation": "token-mean", "eps_low": 0.2, "eps_high": 0.28, "dual_clip": None,
+                   "entropy_coef": 0.0},
+    "seq-mean-token-mean": {"aggregation": "seq-mean-token-mean", "eps_low": 0.2, "eps_high": 0.2,
+                            "dual_clip": None, "entropy_coef": 0.01},
+    "seq-mean-token-sum-norm": {"aggregation": "seq-mean-token-sum-norm", "eps_low": 0.1, "eps_high": 0.3,
+                                "dual_clip": None, "entropy_coef": 0.0, "max_len": 12},
+    "dual-clip": {"aggregation": "token-mean", "eps_low": 0.2, "eps_high": 0.2, "dual_clip": 1.5,
+                  "entropy_coef": 0.0},
+    "kl-in-loss": {"aggregation": "seq-mean-token-mean", "eps_low": 0.2, "eps_high": 0.2, "dual_clip": None,
+                   "entropy_coef": 0.0, "kl_coef": 0.1},
 }
 
 
@@ -254,8 +265,13 @@ def test_ppo_loss_matches_numpy_reference(loss_params, case):
   kw = {"value_clip": 0.2, "vf_coef": 0.3, "max_len": None, **_LOSS_CASES[case]}
   task = ppo.PPOTask(TINY, value_init_std=0.5, **kw)
   batch = _loss_batch()
+  if kw.get("kl_coef"):
+    batch["ref_logprobs"] = batch["old_logprobs"] + np.random.default_rng(9).normal(0, 0.3, size=(4, 10)).astype(
+        np.float32)
+  assert set(task.batch_axes) == set(batch)
   out = jax.jit(lambda p, bt: task.loss(p, bt, jax.random.key(0)))(loss_params, batch)
   loss, weight, metrics = _reference_loss(loss_params, batch, **kw)
+  assert set(out.metrics) == set(metrics)
   np.testing.assert_allclose(float(out.weight), weight, rtol=1e-6)
   np.testing.assert_allclose(float(out.loss_sum / out.weight), loss, rtol=1e-5, atol=1e-5)
   for name, expected in metrics.items():
@@ -298,6 +314,40 @@ def test_value_gradients_reach_the_head_and_the_trunk_unless_stopped(loss_params
   assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(g_pg["policy"])) > 1e-4
 
 
+def test_micro_batches_sum_to_the_whole_batch(loss_params):
+  # the loss is decomposable (here per-sequence means, the less obvious case): the trainer's
+  # gradient accumulation equals one step on the whole batch
+  task = ppo.PPOTask(TINY, aggregation="seq-mean-token-mean")
+  batch = _loss_batch()
+  whole_out, whole = jax.jit(make_grad_fn(task, 1))(loss_params, batch, jax.random.key(0))
+  acc_out, acc = jax.jit(make_grad_fn(task, 2))(loss_params, batch, jax.random.key(0))
+  np.testing.assert_allclose(acc_out.weight, whole_out.weight)
+  np.testing.assert_allclose(acc_out.loss_sum, whole_out.loss_sum, rtol=1e-5)
+  for k in whole_out.metrics:
+    np.testing.assert_allclose(acc_out.metrics[k], whole_out.metrics[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  # gradients of the summed loss: entries reach O(50) and cancel, so fp32 reduction order moves
+  # each by ~1e-7 of its leaf's scale
+  for g_acc, g_whole in zip(jax.tree.leaves(acc), jax.tree.leaves(whole)):
+    np.testing.assert_allclose(g_acc, g_whole, rtol=1e-5, atol=1e-6 * float(jnp.abs(g_whole).max()))
+
+
+def test_bf16_decoder_gives_fp32_values(loss_params):
+  task = ppo.PPOTask(tiny(dtype="bfloat16"))
+  logits, values = jax.jit(task.forward)(loss_params, _loss_batch())
+  assert logits.dtype == jnp.float32 and values.dtype == jnp.float32 and values.shape == (4, 10)
+  _, ref = jax.jit(ppo.PPOTask(TINY).forward)(loss_params, _loss_batch())
+  np.testing.assert_allclose(values, ref, rtol=0.05, atol=0.05)  # bf16 activations: ~2-3 significant digits
+
+
+def test_bad_settings_are_clear_errors():
+  with pytest.raises(ValueError, match="unknown aggregation"):
+    ppo.PPOTask(TINY, aggregation="sum")
+  with pytest.raises(ValueError, match="max_len"):
+    ppo.PPOTask(TINY, aggregation="seq-mean-token-sum-norm")
+  with pytest.raises(ValueError, match="value_clip"):
+    ppo.PPOTask(TINY, value_clip=0.0)
+
+
 # ----------------------------------------------------------------------------- a bandit through the core trainer
 
 BANDIT = tiny(vocab_size=16)
@@ -310,15 +360,17 @@ def _bandit_config():
   config.seed = 0
   config.peak_flops_per_device = 0.0
   config.train = config_lib.default_train_config()
-  config.train.update(dict(steps=100, batch_size=64, lr=1e-2, schedule="constant", warmup_steps=0,
-                           weight_decay=0.0, async_checkpointing=False, check_memory=False))
+  config.train.update({"steps": 100, "batch_size": 64, "lr": 1e-2, "schedule": "constant", "warmup_steps": 0,
+                       "weight_decay": 0.0, "async_checkpointing": False, "check_memory": False})
   config.mesh = config_lib.default_mesh_config()
   return config
 
 
 def test_bandit_ppo_raises_the_rewarded_token_and_fits_the_value(tmp_path):
   task = ppo.PPOTask(BANDIT, vf_coef=0.5, value_clip=None)
-  t = trainer_lib.Trainer(_bandit_config(), str(tmp_path), task, progress=False).setup()
+  # as after SFT: the run starts from given decoder weights, wrapped with a fresh value head
+  start = lambda: task.init_from_policy(tiny_params(BANDIT, seed=1), jax.random.key(2))
+  t = trainer_lib.Trainer(_bandit_config(), str(tmp_path), task, progress=False, initial_params=start).setup()
   b, s = 64, 4
   inputs0 = np.tile(np.concatenate([PROMPT, [0]]), (b, 1)).astype(np.int32)
   positions = np.tile(np.arange(s, dtype=np.int32), (b, 1))
