@@ -14,6 +14,8 @@ import pytest
 from tiny import TINY, tiny, tiny_params
 
 from mlx_med.core import config as config_lib
+from mlx_med.core import params as params_lib
+from mlx_med.core import sharding
 from mlx_med.core import trainer as trainer_lib
 from mlx_med.core.lm_task import decoder_init_fn
 from mlx_med.core.train_step import make_grad_fn
@@ -329,6 +331,22 @@ def test_micro_batches_sum_to_the_whole_batch(loss_params):
   # each by ~1e-7 of its leaf's scale
   for g_acc, g_whole in zip(jax.tree.leaves(acc), jax.tree.leaves(whole)):
     np.testing.assert_allclose(g_acc, g_whole, rtol=1e-5, atol=1e-6 * float(jnp.abs(g_whole).max()))
+
+
+def test_sharded_loss_matches_single_device(loss_params):
+  # data x fsdp x tensor on the 8 fake devices: the value head's kernel is split on "embed" (fsdp)
+  task = ppo.PPOTask(TINY, entropy_coef=0.01)
+  rules = sharding.ShardingRules(sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+  p_sh = params_lib.param_shardings(task, rules)
+  assert p_sh["value_head"]["kernel"].spec == jax.sharding.PartitionSpec("fsdp", None)
+  b_sh = trainer_lib.batch_shardings(task, rules)
+  batch = _loss_batch()
+  fn = lambda p, bt: task.loss(p, bt, jax.random.key(0), rules=rules)
+  out = jax.jit(fn, in_shardings=(p_sh, b_sh))(jax.device_put(loss_params, p_sh), jax.device_put(batch, b_sh))
+  ref = jax.jit(lambda p, bt: task.loss(p, bt, jax.random.key(0)))(loss_params, batch)
+  np.testing.assert_allclose(out.loss_sum, ref.loss_sum, rtol=1e-5)
+  for k in ref.metrics:
+    np.testing.assert_allclose(out.metrics[k], ref.metrics[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def test_bf16_decoder_gives_fp32_values(loss_params):
