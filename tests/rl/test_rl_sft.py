@@ -250,6 +250,21 @@ def test_load_conversations_layouts_and_bad_rows(tmp_path):
     assert message.startswith(f"{path}:2: ") and what in message and "\n" not in message
 
 
+def test_synthetic_conversations_end_with_the_reference_solution(tok):
+  config = sft.default_config()
+  config.data.update(dict(n_train=12, n_eval=4, template="medrlvr"))
+  train, held_out, facts = sft.synthetic_conversations(config.data)
+  assert len(train) == 12 and len(held_out) == 4 and facts
+  for conversation in train + held_out:
+    roles = [m["role"] for m in conversation]
+    assert roles == ["system", "user", "assistant"]
+    reply = conversation[-1]["content"]
+    assert reply.startswith("<think>") and reply.endswith("</answer>")
+    ids, mask = sft.tokenize_conversation(tok, conversation)
+    counted = ids[mask == 1].tolist()
+    assert counted == tok.encode(reply, add_special_tokens=False) + [2]
+
+
 # ------------------------------------------------------------------ run_sft -> HF directory
 
 
@@ -325,6 +340,7 @@ def test_run_sft_from_hf_dir_starts_from_its_weights(tmp_path):
   data = _write_jsonl(tmp_path / "train.jsonl", 12)
   config = _smoke_config(data, lr=0.0, weight_decay=0.0, steps=100, epochs=2.0, ckpt_every=100)
   config.model.path = src
+  config.data.seq_len = 256  # this tokenizer splits finely: no conversation is truncated
   workdir = str(tmp_path / "run")
   out = sft.run_sft(config, workdir, progress=False)
   steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
