@@ -91,6 +91,8 @@ def tokenize_conversation(tokenizer: ChatTokenizer, messages: Sequence[Mapping[s
   token (the last special token the template writes for that turn, e.g. `<|im_end|>` or
   `<|eot_id|>`), 0 elsewhere: system and user turns, the assistant header, and what the
   template writes after the end-of-turn token (ChatML's newline). Truncated to `max_len`.
+  A template that is not prefix-stable, or that drops part of an assistant message
+  (whitespace aside), raises ChatTemplateError.
   """
   messages = [dict(m) for m in messages]
   if not messages:
@@ -115,7 +117,14 @@ def tokenize_conversation(tokenizer: ChatTokenizer, messages: Sequence[Mapping[s
       pieces.append((_extend(done, header, f"messages[:{i}] with the generation prompt"), False))
       done = header
       full = render(messages[:i + 1], False)
-      pieces.append((_extend(done, full, f"messages[:{i + 1}] (assistant turn {i})"), True))
+      reply = _extend(done, full, f"messages[:{i + 1}] (assistant turn {i})")
+      content = message.get("content")
+      if isinstance(content, str) and "".join(content.split()) not in "".join(reply.split()):
+        raise ChatTemplateError(
+            f"the chat template does not render message {i} (assistant) as given: it drops or rewrites part of it "
+            f"(e.g. the reasoning before </think>), rendered {reply[:60]!r}; the model would learn the rewritten "
+            "text: use a template that keeps assistant content (tokenizer_config.json chat_template)")
+      pieces.append((reply, True))
     else:
       full = render(messages[:i + 1], False)
       pieces.append((_extend(done, full, f"messages[:{i + 1}]"), False))

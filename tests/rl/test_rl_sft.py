@@ -148,6 +148,22 @@ def test_prefix_unstable_template_is_refused(tok_dir):
                                                  {"role": "assistant", "content": "B"}])
 
 
+def test_template_that_drops_the_reasoning_is_refused(tok_dir):
+  """Like DeepSeek-R1's distill template: every assistant turn loses what precedes </think>."""
+  template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+              "{% if m['role'] == 'assistant' %}{{ m['content'].split('</think>')[-1] }}{% else %}{{ m['content'] }}"
+              "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+  other = _fresh(tok_dir, template)
+  with pytest.raises(sft.ChatTemplateError, match="drops or rewrites"):
+    sft.tokenize_conversation(other, [{"role": "user", "content": "Q"},
+                                      {"role": "assistant", "content": "<think>t</think>A"}])
+  # whitespace the template adds or strips is not a rewrite (Qwen3 puts newlines around the reasoning)
+  spaced = template.replace("m['content'].split('</think>')[-1]", "m['content'].replace('>', '>\n')")
+  ids, mask = sft.tokenize_conversation(_fresh(tok_dir, spaced), [{"role": "user", "content": "Q"},
+                                                                  {"role": "assistant", "content": "<think>t</think>A"}])
+  assert other.decode(ids[mask == 1], skip_special_tokens=False) == "<think>\nt</think>\nA<|im_end|>"
+
+
 # ------------------------------------------------------------------ packing
 
 
