@@ -22,10 +22,13 @@ from mlx_med import __version__
 TASKS = {
     "ehr_pretrain": "mlx_med.ehr.pretrain:run",
     "medimageinsight": "mlx_med.embed.train:run",
+    "rl": "mlx_med.rl.learner:run",
+    "rl_sft": "mlx_med.rl.sft:run_sft",
 }
 
 # Capability packages that add sub-commands through `register(subparsers)`.
-SUBCOMMAND_MODULES = ("mlx_med.ehr.cli", "mlx_med.llm.cli", "mlx_med.scaling.cli", "mlx_med.embed.cli")
+SUBCOMMAND_MODULES = ("mlx_med.ehr.cli", "mlx_med.llm.cli", "mlx_med.scaling.cli", "mlx_med.embed.cli",
+                      "mlx_med.rl.cli")
 
 
 def _train(args, overrides: list[str]) -> int:
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_backend_probe_logs()
   accepts_overrides = getattr(args, "accepts_overrides", False)
   if overrides and not accepts_overrides:
-    parser.error("--config.* overrides apply to `train`, `scaling run` and `embed train` only")
+    parser.error("--config.* overrides apply to `train`, `scaling run`, `embed train` and `rl train` only")
   try:
     if accepts_overrides:
       return args.func(args, overrides)

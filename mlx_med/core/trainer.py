@@ -91,6 +91,8 @@ RESUMABLE_CHANGES = frozenset({
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.eval_batch_size",
     "train.ckpt_every", "train.keep_checkpoints", "train.async_checkpointing", "train.max_nan_streak",
     "train.check_memory", "data.worker_count", "peak_flops_per_device",
+    # loops that drive the trainer themselves (mlx_med.rl): their length and intervals
+    "rl.iterations", "rl.ckpt_every", "eval.every", "eval.max_examples", "eval.batch_size",
 })
 
 
