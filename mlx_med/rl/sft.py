@@ -251,7 +251,7 @@ class SFTSource:
 
   @classmethod
   def from_conversations(cls, tokenizer: ChatTokenizer, conversations: Sequence[Sequence[Mapping]], seq_len: int,
-                         ) -> "SFTSource":
+                         ) -> SFTSource:
     return cls(pack([tokenize_conversation(tokenizer, c) for c in conversations], seq_len,
                     pad_id=tokenizer.pad_token_id))
 
@@ -353,22 +353,22 @@ def default_config() -> ml_collections.ConfigDict:
   config.task = "rl_sft"
   config.seed = 0
   config.peak_flops_per_device = 0.0
-  config.model = ml_collections.ConfigDict(dict(
-      path="", tokenizer_path="", tokenizer_vocab_size=1024,
-      dtype="float32", param_dtype="float32", remat="none", attention_backend="xla",
-      decoder=ml_collections.ConfigDict(dict(
-          vocab_size=0, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, mlp_dim=192, head_dim=0,
-          max_seq_len=0, rope_theta=10000.0, norm_eps=1e-6, tie_embeddings=False, qkv_bias=False, qk_norm=False,
-          init_std=0.02)),
-  ))
-  config.data = ml_collections.ConfigDict(dict(
-      format="synthetic",  # synthetic | jsonl
-      path="", eval_path="",  # jsonl: conversations files ({"messages": [...]} a line)
-      seq_len=512,
-      template="xreasoner",  # synthetic: the prompt template (mlx_med.rl.data.TEMPLATES)
-      synth_seed=0, n_train=512, n_eval=64,
-      worker_count=0,
-  ))
+  config.model = ml_collections.ConfigDict({
+      "path": "", "tokenizer_path": "", "tokenizer_vocab_size": 1024,
+      "dtype": "float32", "param_dtype": "float32", "remat": "none", "attention_backend": "xla",
+      "decoder": ml_collections.ConfigDict({
+          "vocab_size": 0, "num_layers": 2, "d_model": 64, "num_heads": 4, "num_kv_heads": 2, "mlp_dim": 192,
+          "head_dim": 0, "max_seq_len": 0, "rope_theta": 10000.0, "norm_eps": 1e-6, "tie_embeddings": False,
+          "qkv_bias": False, "qk_norm": False, "init_std": 0.02}),
+  })
+  config.data = ml_collections.ConfigDict({
+      "format": "synthetic",  # synthetic | jsonl
+      "path": "", "eval_path": "",  # jsonl: conversations files ({"messages": [...]} a line)
+      "seq_len": 512,
+      "template": "xreasoner",  # synthetic: the prompt template (mlx_med.rl.data.TEMPLATES)
+      "synth_seed": 0, "n_train": 512, "n_eval": 64,
+      "worker_count": 0,
+  })
   config.train = default_train_config()
   config.train.epochs = 0.0
   config.mesh = default_mesh_config()
@@ -407,8 +407,8 @@ def _tokenizer(config: ml_collections.ConfigDict, workdir: str, texts: list[str]
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> tuple[DecoderConfig, dict | None]:
   """The decoder to train and the config.json dict it came from (None when built from model.decoder)."""
   m, seq_len = config.model, int(config.data.seq_len)
-  numerics = dict(dtype=str(m.dtype), param_dtype=str(m.param_dtype), remat=str(m.remat),
-                  attention_backend=str(m.attention_backend))
+  numerics = {"dtype": str(m.dtype), "param_dtype": str(m.param_dtype), "remat": str(m.remat),
+              "attention_backend": str(m.attention_backend)}
   if m.path:
     from mlx_med.llm import hf_config as hf_config_lib
 
@@ -470,7 +470,7 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str, *, progress: bool =
     from mlx_med.llm.checkpoint import load_hf_params
 
     path = str(config.model.path)
-    initial_params = lambda: load_hf_params(path, cfg, trainer_lib.mesh_from_config(config)[1])  # noqa: E731
+    initial_params = lambda: load_hf_params(path, cfg, trainer_lib.mesh_from_config(config)[1])
   task = DecoderLMTask(cfg, seq_len=seq_len)
   runner = trainer_lib.Trainer(config, workdir, task, train_source, eval_source, progress=progress,
                                allow_config_change=allow_config_change, initial_params=initial_params)

@@ -79,7 +79,14 @@ def train_chat_tokenizer(texts: Iterable[str], out_dir: str, *, vocab_size: int 
   """Fits a byte-level BPE of at most `vocab_size` ids (special and reasoning tokens included)
   on `texts`, writes it to `out_dir` (tokenizer.json, tokenizer_config.json,
   generation_config.json) and returns it loaded with `ChatTokenizer.from_dir`."""
-  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+  from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    trainers,
+  )
 
   base = 256 + len(SPECIAL_TOKENS) + len(REASONING_TOKENS)
   if vocab_size < base:

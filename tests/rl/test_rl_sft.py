@@ -89,7 +89,7 @@ def test_chat_tokenizer_round_trip_and_transformers_load(tok, tok_dir, tmp_path)
 
 
 def test_two_turn_mask_counts_assistant_tokens_and_end_of_turn(tok):
-  enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+  enc = lambda s: tok.encode(s, add_special_tokens=False)
   messages = [{"role": "system", "content": "You are a careful clinician."},
               {"role": "user", "content": "Which disease?"},
               {"role": "assistant", "content": "<think>fever and cough</think><answer>B</answer>"},
@@ -125,7 +125,7 @@ def test_mask_follows_another_template(tok_dir):
   template = ("{{ '<|endoftext|>' }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n\n{{ m['content'] }}"
               "<|im_end|>{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n\n{% endif %}")
   other = _fresh(tok_dir, template)
-  enc = lambda s: other.encode(s, add_special_tokens=False)  # noqa: E731
+  enc = lambda s: other.encode(s, add_special_tokens=False)
   messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "fever"}]
   ids, mask = sft.tokenize_conversation(other, messages)
   prompt = enc("<|endoftext|><|im_start|>user\n\nQ<|im_end|><|im_start|>assistant\n\n")
@@ -141,7 +141,7 @@ def test_prefix_unstable_template_is_refused(tok_dir):
               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
   other = _fresh(tok_dir, template)
   one_turn = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>t</think>A"}]
-  ids, mask = sft.tokenize_conversation(other, one_turn)  # a single turn renders stably
+  _, mask = sft.tokenize_conversation(other, one_turn)  # a single turn renders stably
   assert mask.sum() > 0
   with pytest.raises(sft.ChatTemplateError, match="not prefix-stable"):
     sft.tokenize_conversation(other, one_turn + [{"role": "user", "content": "Q2"},
@@ -213,9 +213,9 @@ def test_pack_pads_and_fills_earlier_rows_first():
 
 def test_packed_row_loss_equals_sum_of_separate_losses():
   import jax
+  from tiny import TINY, tiny_params
 
   from mlx_med.core.lm_task import DecoderLMTask
-  from tiny import TINY, tiny_params
 
   rng = np.random.default_rng(0)
   seqs = []
@@ -268,7 +268,7 @@ def test_load_conversations_layouts_and_bad_rows(tmp_path):
 
 def test_synthetic_conversations_end_with_the_reference_solution(tok):
   config = sft.default_config()
-  config.data.update(dict(n_train=12, n_eval=4, template="medrlvr"))
+  config.data.update({"n_train": 12, "n_eval": 4, "template": "medrlvr"})
   train, held_out, facts = sft.synthetic_conversations(config.data)
   assert len(train) == 12 and len(held_out) == 4 and facts
   for conversation in train + held_out:
@@ -299,15 +299,20 @@ def _write_jsonl(path, n: int, seed: int = 0) -> str:
   return str(path)
 
 
+def _metric_steps(workdir: str) -> list[int]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line)["step"] for line in f]
+
+
 def _smoke_config(data_path: str, **train):
   config = sft.default_config()
   config.data.format = "jsonl"
   config.data.path = data_path
   config.data.seq_len = 128
   config.model.tokenizer_vocab_size = 320
-  config.model.decoder.update(dict(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64))
-  config.train.update(dict(steps=3, batch_size=8, lr=1e-3, warmup_steps=1, log_every=1, eval_every=0,
-                           ckpt_every=3, async_checkpointing=False))
+  config.model.decoder.update({"num_layers": 2, "d_model": 32, "num_heads": 4, "num_kv_heads": 2, "mlp_dim": 64})
+  config.train.update({"steps": 3, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "log_every": 1, "eval_every": 0,
+                       "ckpt_every": 3, "async_checkpointing": False})
   config.train.update(train)
   return config
 
@@ -326,7 +331,7 @@ def test_run_sft_smoke_exports_a_transformers_model(tmp_path):
   for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                "generation_config.json"):
     assert os.path.isfile(os.path.join(out, name)), name
-  steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  steps = _metric_steps(workdir)
   assert max(steps) == 3
   hf_tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
   model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
@@ -359,7 +364,7 @@ def test_run_sft_from_hf_dir_starts_from_its_weights(tmp_path):
   config.data.seq_len = 256  # this tokenizer splits finely: no conversation is truncated
   workdir = str(tmp_path / "run")
   out = sft.run_sft(config, workdir, progress=False)
-  steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  steps = _metric_steps(workdir)
   with open(os.path.join(workdir, "config.json")) as f:
     planned = json.load(f)["train"]["steps"]
   assert max(steps) == planned < 100  # 12 conversations packed into a few rows, 2 epochs at batch 8
