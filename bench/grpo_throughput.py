@@ -268,12 +268,13 @@ def trl_side(model_dir: str, rows: list[dict], render, args, *, compiled: bool, 
 
     def on_step_end(self, targs, state, control, **kw):
       spans.append(time.perf_counter() - mark[0])
-      if between is not None and len(spans) > args.warmup:
+      if between is not None and len(spans) > warmup:
         between()
       mark[0] = time.perf_counter()
 
   P, G, L = args.prompts, args.group, args.completion_len
-  steps = args.warmup + args.iters
+  warmup = args.warmup + (1 if compiled else 0)  # torch.compile traces generation's growing shapes twice
+  steps = warmup + args.iters
   cfg = trl.GRPOConfig(
       output_dir=os.path.join(workdir, "trl_compiled" if compiled else "trl_eager"),
       per_device_train_batch_size=P * G, gradient_accumulation_steps=1, steps_per_generation=1,
@@ -293,7 +294,7 @@ def trl_side(model_dir: str, rows: list[dict], render, args, *, compiled: bool, 
     return out
   trainer._generate_and_score_completions = spy
   trainer.train()
-  per_iter = spans[args.warmup:]
+  per_iter = spans[warmup:]
   if len(per_iter) != args.iters:
     raise RuntimeError(f"TRL ran {len(spans)} steps, expected {steps}")
   if any(abs(x - L) > 1e-6 for x in lengths):
@@ -387,11 +388,11 @@ def _load() -> list[float]:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--prompts", type=int, default=8, help="P: prompts per iteration")
-  p.add_argument("--group", type=int, default=4, help="G: completions per prompt")
-  p.add_argument("--prompt-len", type=int, default=128, help="tokens per chat prompt (exact)")
-  p.add_argument("--completion-len", type=int, default=64, help="tokens per completion (exact)")
-  p.add_argument("--iters", type=int, default=4, help="timed iterations per side (median counts)")
+  p.add_argument("--prompts", type=int, default=0, help="P: prompts per iteration (CPU 8, --gpu 8)")
+  p.add_argument("--group", type=int, default=0, help="G: completions per prompt (CPU 4, --gpu 8)")
+  p.add_argument("--prompt-len", type=int, default=0, help="tokens per chat prompt, exact (CPU 128, --gpu 128)")
+  p.add_argument("--completion-len", type=int, default=0, help="tokens per completion, exact (CPU 64, --gpu 256)")
+  p.add_argument("--iters", type=int, default=0, help="timed iterations per side, median counts (CPU 4, --gpu 3)")
   p.add_argument("--warmup", type=int, default=1, help="untimed first iterations per side")
   p.add_argument("--beta", type=float, default=0.04, help="KL weight (> 0 includes the reference forward)")
   p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = the cores XLA uses)")
@@ -399,12 +400,21 @@ def main(argv=None) -> int:
   p.add_argument("--no-trl", action="store_true", help="time ours only")
   p.add_argument("--no-ours", action="store_true", help="time TRL only")
   p.add_argument("--gpu", action="store_true", help="~0.5B Qwen2-shaped checkpoint, ours only, needs a GPU")
+  p.add_argument("--layers", type=int, default=0, help="override the checkpoint's layer count (0 = its shape's)")
+  p.add_argument("--allow-cpu", action="store_true", help="let --gpu run on a CPU (a dry run of that path; "
+                 "use with --layers 2 and small sizes)")
   p.add_argument("--json", default=str(ROOT / "bench" / "out" / "grpo_throughput.jsonl"))
   args = p.parse_args(argv)
+  defaults = (8, 8, 128, 256, 3) if args.gpu else (8, 4, 128, 64, 4)
+  for name, value in zip(("prompts", "group", "prompt_len", "completion_len", "iters"), defaults):
+    if getattr(args, name) <= 0:
+      setattr(args, name, value)
+  if args.group < 2:
+    raise SystemExit("--group must be >= 2 (GRPO compares the completions of a group)")
   args.threads = args.threads or _cores()
   if args.gpu:
     import jax
-    if jax.default_backend() != "gpu":
+    if jax.default_backend() != "gpu" and not args.allow_cpu:
       print(f"--gpu: JAX's default backend is {jax.default_backend()!r}, not 'gpu'", file=sys.stderr)
       return 1
     args.no_trl = True
@@ -415,7 +425,10 @@ def main(argv=None) -> int:
   try:
     model_dir = os.path.join(workdir, "model")
     t0 = time.perf_counter()
-    facts = build_checkpoint(model_dir, shape=QWEN2_0_5B if args.gpu else TINY,
+    shape = dict(QWEN2_0_5B if args.gpu else TINY)
+    if args.layers:
+      shape["num_hidden_layers"] = args.layers
+    facts = build_checkpoint(model_dir, shape=shape,
                              max_positions=max(1024, args.prompt_len + args.completion_len),
                              dtype="bfloat16" if args.gpu else "float32")
     print(f"checkpoint: {facts} ({time.perf_counter() - t0:.1f}s)")
