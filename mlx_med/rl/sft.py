@@ -97,6 +97,9 @@ def tokenize_conversation(tokenizer: ChatTokenizer, messages: Sequence[Mapping[s
   messages = [dict(m) for m in messages]
   if not messages:
     raise ValueError("tokenize_conversation: the conversation has no messages")
+  if not tokenizer.has_chat_template:
+    raise ChatTemplateError("the tokenizer has no chat template (tokenizer_config.json chat_template); use a chat "
+                            "model's tokenizer or one from mlx_med.rl.tokenizer.train_chat_tokenizer")
   special = _special_ids(tokenizer)
 
   def render(prefix: list[dict], generation_prompt: bool) -> str:

@@ -146,6 +146,8 @@ def test_prefix_unstable_template_is_refused(tok_dir):
   with pytest.raises(sft.ChatTemplateError, match="not prefix-stable"):
     sft.tokenize_conversation(other, one_turn + [{"role": "user", "content": "Q2"},
                                                  {"role": "assistant", "content": "B"}])
+  with pytest.raises(sft.ChatTemplateError, match="no chat template"):
+    sft.tokenize_conversation(_fresh(tok_dir, None), one_turn)
 
 
 def test_template_that_drops_the_reasoning_is_refused(tok_dir):
