@@ -51,22 +51,7 @@ def load_examples(config: ml_collections.ConfigDict, workdir: str) -> tuple[list
   d = config.data
   fmt = str(d.format)
   if fmt == "synthetic":
-    from mlx_med.rl import synth
-
-    s = d.synthetic
-    kb_path = os.path.join(workdir, "kb.json")
-    if os.path.exists(kb_path):
-      kb = synth.KnowledgeBase.load(kb_path)
-    else:
-      kb = synth.KnowledgeBase.generate(int(s.seed), num_diseases=int(s.num_diseases))
-      kb.save(kb_path)
-    train, held = synth.make_mcqa_splits(kb, n_train=int(s.n_train), n_eval=int(s.n_eval), seed=int(s.seed),
-                                         num_options=int(s.num_options),
-                                         two_hop_fraction=float(s.two_hop_fraction))
-    for name, rows in (("train.jsonl", train), ("heldout.jsonl", held)):
-      path = os.path.join(workdir, name)
-      if not os.path.exists(path):
-        data_lib.write_jsonl(rows, path)
+    _, train, held = synthetic_task(d.synthetic, workdir)
     return train, held
   if not str(d.get("path", "")):
     raise ValueError(f"data.format={fmt!r} needs --config.data.path=FILE (or data.format=synthetic)")
@@ -83,6 +68,31 @@ def load_examples(config: ml_collections.ConfigDict, workdir: str) -> tuple[list
   held = [train[i] for i in order[:n_eval]]
   rest = [train[i] for i in order[n_eval:]]
   return rest, held
+
+
+def synthetic_task(s: ml_collections.ConfigDict, workdir: str | None = None) -> tuple[Any, list, list]:
+  """(knowledge base, training questions, held-out questions) of the synthetic MCQA task.
+
+  `s` is a `data.synthetic` section (seed, num_diseases, n_train, n_eval, num_options,
+  two_hop_fraction); the same section gives the same questions in SFT and RL runs. With a
+  workdir, kb.json, train.jsonl and heldout.jsonl are written there (once).
+  """
+  from mlx_med.rl import data as data_lib
+  from mlx_med.rl import synth
+
+  kb = synth.KnowledgeBase.generate(int(s.seed), num_diseases=int(s.num_diseases))
+  train, held = synth.make_mcqa_splits(kb, n_train=int(s.n_train), n_eval=int(s.n_eval), seed=int(s.seed),
+                                       num_options=int(s.num_options), two_hop_fraction=float(s.two_hop_fraction))
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    kb_path = os.path.join(workdir, "kb.json")
+    if not os.path.exists(kb_path):
+      kb.save(kb_path)
+    for name, rows in (("train.jsonl", train), ("heldout.jsonl", held)):
+      path = os.path.join(workdir, name)
+      if not os.path.exists(path):
+        data_lib.write_jsonl(rows, path)
+  return kb, train, held
 
 
 def tokenizer_corpus(examples: list) -> list[str]:

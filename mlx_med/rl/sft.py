@@ -324,14 +324,19 @@ def load_conversations(path: str) -> list[list[dict]]:
   return out
 
 
-def synthetic_conversations(d: ml_collections.ConfigDict) -> tuple[list[list[dict]], list[list[dict]], list[str]]:
+def synthetic_conversations(d: ml_collections.ConfigDict, workdir: str | None = None
+                            ) -> tuple[list[list[dict]], list[list[dict]], list[str]]:
   """(train, held-out, knowledge-base facts) conversations of the synthetic MCQA task: the prompt of
-  `d.template` and the reference solution (a short chain of thought, then the answer) as the reply."""
+  `d.template` and the reference solution (a short chain of thought, then the answer) as the reply.
+
+  The questions come from `d.synthetic` through `mlx_med.rl.setup.synthetic_task`, so an RL run with
+  the same section trains on the same knowledge base and holds out the same questions.
+  """
   from mlx_med.rl import data as data_lib
+  from mlx_med.rl import setup as setup_lib
   from mlx_med.rl import synth
 
-  kb = synth.KnowledgeBase.generate(int(d.synth_seed))
-  train, held_out = synth.make_mcqa_splits(kb, n_train=int(d.n_train), n_eval=int(d.n_eval), seed=int(d.synth_seed))
+  kb, train, held_out = setup_lib.synthetic_task(d.synthetic, workdir)
 
   def conversation(example):
     reply = {"role": "assistant", "content": synth.reference_solution(example, kb)}
@@ -369,7 +374,9 @@ def default_config() -> ml_collections.ConfigDict:
       "path": "", "eval_path": "",  # jsonl: conversations files ({"messages": [...]} a line)
       "seq_len": 512,
       "template": "xreasoner",  # synthetic: the prompt template (mlx_med.rl.data.TEMPLATES)
-      "synth_seed": 0, "n_train": 512, "n_eval": 64,
+      # synthetic: the questions (mlx_med.rl.setup.synthetic_task; the RL configs' section of the same name)
+      "synthetic": ml_collections.ConfigDict({"seed": 0, "num_diseases": 24, "n_train": 512, "n_eval": 64,
+                                              "num_options": 4, "two_hop_fraction": 0.3}),
       "worker_count": 0,
   })
   config.train = default_train_config()
@@ -378,11 +385,11 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
-def _conversations(config: ml_collections.ConfigDict) -> tuple[list, list, list[str]]:
+def _conversations(config: ml_collections.ConfigDict, workdir: str | None = None) -> tuple[list, list, list[str]]:
   d = config.data
   fmt = str(d.format)
   if fmt == "synthetic":
-    return synthetic_conversations(d)
+    return synthetic_conversations(d, workdir)
   if fmt == "jsonl":
     if not d.path:
       raise ValueError("data.format=jsonl needs data.path (a JSONL file of {\"messages\": [...]} rows)")
@@ -447,7 +454,7 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str, *, progress: bool =
   """
   os.makedirs(workdir, exist_ok=True)
   seq_len = int(config.data.seq_len)
-  train_convs, eval_convs, facts = _conversations(config)
+  train_convs, eval_convs, facts = _conversations(config, workdir)
   texts = facts + [f"{m['role']}\n{m['content']}\n" for c in train_convs for m in c]  # role names too
   tokenizer, tokenizer_dir = _tokenizer(config, workdir, texts)
   cfg, hf = model_config(config, len(tokenizer))

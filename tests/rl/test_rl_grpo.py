@@ -206,9 +206,8 @@ def test_exported_policy_loads_in_transformers_with_equal_logits(grpo_runs):
   hf_dir = result["hf_dir"]
   model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
   tok = transformers.AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
-  ids = tok.apply_chat_template([{"role": "user", "content": "Which drug treats Morvexia?"}],
-                                add_generation_prompt=True)
-  ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+  ids = runner.tokenizer.encode_chat([{"role": "user", "content": "Which drug treats Morvexia?"}])
+  assert tok(runner.tokenizer.decode(ids, skip_special_tokens=False), add_special_tokens=False)["input_ids"] == ids
   with torch.no_grad():
     theirs = model(torch.tensor([ids])).logits[0].numpy()
   params = runner.policy_of(runner.trainer.state["params"])

@@ -270,7 +270,8 @@ def test_load_conversations_layouts_and_bad_rows(tmp_path):
 
 def test_synthetic_conversations_end_with_the_reference_solution(tok):
   config = sft.default_config()
-  config.data.update({"n_train": 12, "n_eval": 4, "template": "medrlvr"})
+  config.data.update({"template": "medrlvr"})
+  config.data.synthetic.update({"n_train": 12, "n_eval": 4})
   train, held_out, facts = sft.synthetic_conversations(config.data)
   assert len(train) == 12 and len(held_out) == 4 and facts
   for conversation in train + held_out:
