@@ -9,7 +9,8 @@ reward of each completion, group advantages, the reference model's log-probabili
 (beta > 0 on both sides, so the reference forward is included), the policy's forward and
 backward over all P x G sequences and one AdamW update. Throughput is prompts/s = P /
 (seconds per steady-state iteration); the first `--warmup` iterations (compilation on our
-side, torch.compile's tracing and allocator warm-up on TRL's) are left out.
+side, allocator warm-up on TRL's; TRL under torch.compile gets one more, as generation's
+growing shapes are traced again on the second call) are left out.
 
 The same checkpoint on both sides, built at start in a temporary directory: a byte-level
 BPE tokenizer trained here with `tokenizers` (ChatML template, the reasoning tags as added
@@ -39,13 +40,15 @@ Same work on both sides:
 
 Timing: after the warm-up of each side, our iterations are interleaved with TRL's (one of
 ours after each TRL step, from a TrainerCallback, outside TRL's timed spans), so both see
-the same load on a shared machine; the median seconds per iteration count (the best is
-printed too).
+the same load on a shared machine. Medians count (the best is printed too); each TRL
+variant's ratio is its median over the median of our iterations interleaved with it.
 
-TRL is timed eager and with `torch_compile=True` (its strongest ordinary CPU settings;
-vLLM is GPU-only); the faster counts for the ratio and both are printed. torch gets
-`--threads` intra-op threads (default: the cores this process may run on, what XLA:CPU
-uses). The machine may be shared, so the load average (os.getloadavg) is printed before
+TRL is timed eager and with `torch_compile=True`, each at every `--threads` intra-op
+thread count (default 1 and the cores this process may run on, what XLA:CPU uses): its
+strongest ordinary CPU settings (vLLM is GPU-only). The fastest variant counts for the
+ratio and all are printed. On a shared 2-core machine one torch thread is usually fastest:
+with two, every small op of token-by-token generation waits at an OpenMP barrier for a
+thread the OS may have descheduled, and steps swing from ~5 s to ~40 s. The machine may be shared, so the load average (os.getloadavg) is printed before
 and after. A JSON line with every figure goes to `--json` (default
 bench/out/grpo_throughput.jsonl).
 
@@ -234,7 +237,7 @@ def rewards() -> list[tuple[str, callable, float]]:
 
 # ----------------------------------------------------------------------------- TRL
 
-def trl_side(model_dir: str, rows: list[dict], render, args, *, compiled: bool, workdir: str,
+def trl_side(model_dir: str, rows: list[dict], render, args, *, compiled: bool, threads: int, workdir: str,
              between=None) -> dict:
   """Seconds per steady-state GRPOTrainer iteration (P prompts x G completions + one update).
 
@@ -247,7 +250,7 @@ def trl_side(model_dir: str, rows: list[dict], render, args, *, compiled: bool, 
   import transformers
   import trl
 
-  torch.set_num_threads(args.threads)
+  torch.set_num_threads(threads)
 
   def as_trl(name, fn):
     def trl_reward(prompts, completions, answer_idx, options, **_):
@@ -276,7 +279,7 @@ def trl_side(model_dir: str, rows: list[dict], render, args, *, compiled: bool, 
   warmup = args.warmup + (1 if compiled else 0)  # torch.compile traces generation's growing shapes twice
   steps = warmup + args.iters
   cfg = trl.GRPOConfig(
-      output_dir=os.path.join(workdir, "trl_compiled" if compiled else "trl_eager"),
+      output_dir=os.path.join(workdir, f"trl_{'compiled' if compiled else 'eager'}_t{threads}"),
       per_device_train_batch_size=P * G, gradient_accumulation_steps=1, steps_per_generation=1,
       num_generations=G, max_completion_length=L, generation_kwargs={"min_new_tokens": L},
       temperature=1.0, top_p=1.0, top_k=0, beta=args.beta, num_iterations=1, epsilon=0.2, epsilon_high=0.28,
@@ -300,7 +303,8 @@ def trl_side(model_dir: str, rows: list[dict], render, args, *, compiled: bool, 
   if any(abs(x - L) > 1e-6 for x in lengths):
     raise RuntimeError(f"TRL completions were not all {L} tokens long (means per iteration: {lengths})")
   return {"s_per_iter": _median(per_iter), "best_s": min(per_iter), "all_s": per_iter, "trl": trl.__version__,
-          "torch": torch.__version__, "transformers": transformers.__version__, "compiled": compiled}
+          "torch": torch.__version__, "transformers": transformers.__version__, "compiled": compiled,
+          "threads": threads}
 
 
 # ----------------------------------------------------------------------------- ours
@@ -395,7 +399,8 @@ def main(argv=None) -> int:
   p.add_argument("--iters", type=int, default=0, help="timed iterations per side, median counts (CPU 4, --gpu 3)")
   p.add_argument("--warmup", type=int, default=1, help="untimed first iterations per side")
   p.add_argument("--beta", type=float, default=0.04, help="KL weight (> 0 includes the reference forward)")
-  p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = the cores XLA uses)")
+  p.add_argument("--threads", default="", help="torch intra-op thread counts to time TRL at, comma-separated "
+                 "(default: 1 and the cores XLA uses; the fastest counts)")
   p.add_argument("--no-trl-compile", action="store_true", help="skip TRL under torch.compile")
   p.add_argument("--no-trl", action="store_true", help="time ours only")
   p.add_argument("--no-ours", action="store_true", help="time TRL only")
@@ -411,7 +416,7 @@ def main(argv=None) -> int:
       setattr(args, name, value)
   if args.group < 2:
     raise SystemExit("--group must be >= 2 (GRPO compares the completions of a group)")
-  args.threads = args.threads or _cores()
+  threads = sorted({int(t) for t in args.threads.split(",") if t.strip()} or {1, _cores()})
   if args.gpu:
     import jax
     if jax.default_backend() != "gpu" and not args.allow_cpu:
@@ -449,14 +454,20 @@ def main(argv=None) -> int:
       for _ in range(args.iters):
         ours.step()
     else:
-      results["trl_eager"] = trl_side(model_dir, rows, render, args, compiled=False, workdir=workdir,
-                                      between=between)
-      if not args.no_trl_compile:
+      variants = [(f"trl_{'compiled' if c else 'eager'}_t{t}", c, t) for c in (False, True) for t in threads
+                  if not (c and args.no_trl_compile)]
+      for name, compiled, n_threads in variants:
+        first = len(ours.spans) if ours is not None else 0
         try:
-          results["trl_compiled"] = trl_side(model_dir, rows, render, args, compiled=True, workdir=workdir,
-                                             between=between)
-        except Exception as e:  # noqa: BLE001 - torch.compile failing is a result to report, not a crash
+          results[name] = trl_side(model_dir, rows, render, args, compiled=compiled, threads=n_threads,
+                                   workdir=workdir, between=between)
+        except Exception as e:  # torch.compile failing is a result to report, not a crash
+          if not compiled:
+            raise
           print(f"TRL with torch_compile=True failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+          continue
+        if ours is not None:  # our iterations that ran between this variant's steps
+          results[name]["ours_paired_s"] = _median([x[0] for x in ours.spans[first:]])
     if ours is not None:
       results = {"ours": ours.result(), **results}
   finally:
@@ -465,23 +476,28 @@ def main(argv=None) -> int:
 
   P, G = args.prompts, args.group
   print(f"\nGRPO iteration: P={P} prompts x G={G}, prompt {args.prompt_len} + completion {args.completion_len} "
-        f"tokens, beta={args.beta}, reward {reward_name}; torch threads {args.threads}")
-  print(f"{'side':<14}{'s/iter':>10}{'best s':>9}{'prompts/s':>12}{'seq/s':>9}  runs")
+        f"tokens, beta={args.beta}, reward {reward_name}; torch threads {threads}")
+  print(f"{'side':<18}{'s/iter':>10}{'best s':>9}{'prompts/s':>12}{'seq/s':>9}  runs")
   for name, r in results.items():
     r["prompts_per_s"] = P / r["s_per_iter"]
-    print(f"{name:<14}{r['s_per_iter']:>10.3f}{r['best_s']:>9.3f}{r['prompts_per_s']:>12.2f}"
+    print(f"{name:<18}{r['s_per_iter']:>10.3f}{r['best_s']:>9.3f}{r['prompts_per_s']:>12.2f}"
           f"{P * G / r['s_per_iter']:>9.1f}  {len(r['all_s'])}")
   if "ours" in results:
-    print(f"ours, median iteration: rollout {results['ours']['rollout_s']:.3f}s, update {results['ours']['update_s']:.3f}s")
+    o = results["ours"]
+    print(f"ours, median iteration: rollout {o['rollout_s']:.3f}s, update {o['update_s']:.3f}s")
   record = {"bench": "grpo_throughput", "gpu": args.gpu, "prompts": P, "group": G, "prompt_len": args.prompt_len,
-            "completion_len": args.completion_len, "beta": args.beta, "threads": args.threads, "iters": args.iters,
+            "completion_len": args.completion_len, "beta": args.beta, "threads": threads, "iters": args.iters,
             "checkpoint": facts, "load_before": load_before, "load_after": load_after, "results": results}
-  trl_best = min((r for k, r in results.items() if k.startswith("trl")), key=lambda r: r["s_per_iter"], default=None)
-  if "ours" in results and trl_best is not None:
-    ratio = trl_best["s_per_iter"] / results["ours"]["s_per_iter"]
-    which = "torch.compile" if trl_best["compiled"] else "eager"
-    print(f"ratio ours / TRL ({which}, the faster): {ratio:.2f}x")
-    record["ratio_vs_trl"] = ratio
+  trls = {k: r for k, r in results.items() if k.startswith("trl") and "ours_paired_s" in r}
+  for name, r in trls.items():
+    r["ratio"] = r["s_per_iter"] / r["ours_paired_s"]
+    print(f"ours / {name}: {r['ratio']:.2f}x (TRL median {r['s_per_iter']:.3f}s / ours' median "
+          f"{r['ours_paired_s']:.3f}s over the iterations interleaved with it)")
+  if trls:
+    best = min(trls, key=lambda k: trls[k]["s_per_iter"])
+    record["ratio_vs_trl"] = trls[best]["ratio"]
+    record["trl_reference"] = best
+    print(f"ratio ours / TRL ({best}, the faster TRL): {trls[best]['ratio']:.2f}x")
   print(f"load average after: {load_after}")
   os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
   with open(args.json, "a") as f:
