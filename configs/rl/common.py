@@ -14,6 +14,13 @@ TINY_DECODER = dict(vocab_size=0, num_layers=4, d_model=128, num_heads=4, num_kv
                     max_seq_len=512, qkv_bias=True, tie_embeddings=True, init_std=0.02)
 
 
+# The synthetic questions of `make rl-demo` (SFT and GRPO stages share them): a knowledge base of
+# 12 diseases, 2000 training and 200 held-out questions.
+DEMO_SYNTHETIC = dict(seed=0, num_diseases=12, n_train=2000, n_eval=200)
+# The demo's SFT answers name the option's text: a 1M-parameter decoder learns the facts in minutes
+# but binds an answer to its option letter only at chance after 300 steps (measured; see DESIGN).
+
+
 def model_section(path: str = "", decoder: dict | None = None, **kw) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       path=path,  # a Hugging Face model directory; empty: a fresh `decoder` + tokenizer
@@ -29,7 +36,8 @@ def model_section(path: str = "", decoder: dict | None = None, **kw) -> ml_colle
 
 
 def data_section(fmt: str = "synthetic", template: str = "medrlvr", **synthetic) -> ml_collections.ConfigDict:
-  syn = dict(seed=0, num_diseases=24, n_train=2000, n_eval=200, num_options=4, two_hop_fraction=0.3)
+  syn = dict(seed=0, num_diseases=24, n_train=2000, n_eval=200, num_options=4, two_hop_fraction=0.3,
+             answer_style="letter")
   syn.update(synthetic)
   return ml_collections.ConfigDict(dict(
       format=fmt,  # synthetic | medqa | medmcqa | mmlu_pro

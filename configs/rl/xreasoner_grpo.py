@@ -10,17 +10,22 @@ Variants:
          token-level loss aggregation; bf16 compute, FSDP mesh. Start from the stage-1 SFT policy
          (model.path) -- the paper used Qwen2.5-VL-7B-Instruct after long-CoT SFT.
   smoke  a tiny fresh decoder on the synthetic MCQA set, a few iterations on CPU.
+  demo   the GRPO stage of `make rl-demo`: from the demo's SFT policy (model.path, set by
+         mlx_med.rl.demo) on the same synthetic questions; beta 0 (no reference forward: the
+         run is short and the policy stays near its start), G = 8, 16 prompts per iteration.
 """
 
 from configs.rl import common
 
-VARIANTS = ("paper", "smoke")
+VARIANTS = ("paper", "smoke", "demo")
 
 
 def get_config(arg: str | None = None):
   variant = arg or "paper"
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r}; choose one of {list(VARIANTS)}")
+  if variant == "demo":
+    return _demo()
   smoke = variant == "smoke"
   config = common.base_config("rl", lr=1e-4 if smoke else 3e-6, batch_size=32 if smoke else 128)
   config.model = common.model_section(dtype="float32" if smoke else "bfloat16", remat="none" if smoke else "full")
@@ -35,4 +40,16 @@ def get_config(arg: str | None = None):
   config.eval = common.eval_section(every=3 if smoke else 20, max_examples=32 if smoke else 0)
   if not smoke:
     config.mesh.shape.update(dict(data=1, fsdp=-1))
+  return config
+
+
+def _demo():
+  config = common.base_config("rl", lr=1e-4, batch_size=128)
+  config.model = common.model_section()
+  config.data = common.data_section("synthetic", template="xreasoner", **common.DEMO_SYNTHETIC)
+  config.rl = common.rl_section(
+      algorithm="grpo", rewards="xreasoner", advantage="grpo", loss_agg="token-mean", beta=0.0,
+      eps_low=0.2, eps_high=0.28, temperature=1.0, num_generations=8, prompts_per_iteration=16,
+      max_prompt_len=256, max_new_tokens=40, iterations=60, ckpt_every=10)
+  config.eval = common.eval_section(every=10, max_examples=0, batch_size=200)
   return config

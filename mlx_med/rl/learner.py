@@ -195,7 +195,10 @@ class RLRunner:
       raise ValueError(f"no training prompt fits rl.max_prompt_len={int(rl.max_prompt_len)} tokens")
     self.prompt_width = max(len(p) for p, _ in self.prompts)
     self.max_new = int(rl.max_new_tokens)
-    self.seq_len = _bucket(self.prompt_width) + _bucket(self.max_new)
+    # The update runs on [rows, prompt_cols + completion] columns: the sampler's power-of-two
+    # prompt bucket minus the left padding no prompt needs, rounded to 16.
+    self.prompt_cols = _round16(self.prompt_width)
+    self.seq_len = self.prompt_cols + _round16(self.max_new)
     if self.seq_len > self.cfg.max_seq_len:
       raise ValueError(f"prompts of up to {self.prompt_width} tokens plus rl.max_new_tokens={self.max_new} exceed "
                        f"the model's context of {self.cfg.max_seq_len}; lower rl.max_prompt_len or max_new_tokens")
@@ -381,7 +384,7 @@ class RLRunner:
     rewards, metrics = self.score(host)
     batch = rollout_lib.assemble(host["prompt"], host["prompt_lens"], host["tokens"], host["lengths"],
                                  host["forced"], mask_forced=bool(rl.get("mask_forced", True)))
-    batch = _pad_width(batch, self.seq_len)
+    batch = _trim_columns(batch, host["prompt"].shape[1] - self.prompt_cols, self.seq_len)
     rows = batch["inputs"].shape[0]
     keep = np.ones(rows, bool)
     if self.algorithm == "grpo":
@@ -569,18 +572,25 @@ def _describe_eval(when: str, ev: dict) -> str:
           f"answer leak {ev['eval/answer_leak']:.3f}")
 
 
-def _bucket(n: int) -> int:
-  return max(16, 1 << max(0, (int(n) - 1).bit_length()))
+def _round16(n: int) -> int:
+  return max(16, -(-int(n) // 16) * 16)
 
 
-def _pad_width(batch: dict, width: int) -> dict:
-  """Right-pads [B, S] arrays to [B, width] (one compiled update for every rollout)."""
+def _trim_columns(batch: dict, left: int, width: int) -> dict:
+  """[B, S] rollout arrays -> [B, width]: drops `left` leading columns (padding of every row, as
+  no prompt is longer than the prompt columns kept; positions are explicit, so nothing shifts)
+  and cuts or right-pads the tail, so every iteration runs one compiled update."""
   out = {}
   for k, v in batch.items():
-    pad = width - v.shape[1]
-    if pad < 0:
-      raise ValueError(f"rollout width {v.shape[1]} exceeds the update width {width}")
-    out[k] = np.pad(v, ((0, 0), (0, pad))) if pad else v
+    if left > 0:
+      if k == "segment_ids" and np.any(v[:, :left]):
+        raise ValueError("a prompt is longer than the update's prompt columns")
+      v = v[:, left:]
+    if v.shape[1] > width:
+      if k == "segment_ids" and np.any(v[:, width:]):
+        raise ValueError(f"rollout rows need more than the update width {width}")
+      v = v[:, :width]
+    out[k] = np.pad(v, ((0, 0), (0, width - v.shape[1]))) if v.shape[1] < width else v
   return out
 
 

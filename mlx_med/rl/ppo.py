@@ -44,6 +44,7 @@ from mlx_med.core.layers import logical_init
 from mlx_med.core.lm_task import DecoderLMTask, decoder_init_fn
 from mlx_med.core.task import LossOutput, Task
 from mlx_med.core.transformer import Decoder, DecoderConfig, as_dtype
+from mlx_med.rl import rollout as rollout_lib
 
 PPO_BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "mask", "old_logprobs", "advantages", "returns",
                   "old_values")
@@ -212,15 +213,6 @@ def init_from_policy(policy_params: Any, cfg: DecoderConfig, rng: jax.Array, *, 
 # ----------------------------------------------------------------------------- the update task
 
 
-def token_logprobs(logits: jax.Array, targets: jax.Array, temperature: float = 1.0) -> jax.Array:
-  """log pi(targets) per token [B, S] (fp32), from logits divided by the sampling temperature."""
-  logits = logits.astype(jnp.float32)
-  if temperature != 1.0:
-    logits = logits / temperature
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-
-
 def _row_mean_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
   """sum over rows of each row's masked token mean (rows without tokens add 0)."""
   m = mask.astype(jnp.float32)
@@ -320,7 +312,7 @@ class PPOTask(Task):
     """(log-probs of targets [B, S], values [B, S]) in one pass: the old policy's numbers, recomputed
     in the training layout as OpenRLHF does (keys inputs, targets, positions, segment_ids). Jittable."""
     logits, values = self.forward(params, batch, rules=rules)
-    return token_logprobs(logits, batch["targets"], self.temperature), values
+    return rollout_lib.token_logprobs(logits, batch["targets"], self.temperature)[0], values
 
   # -- loss
   def _agg(self, per_token, mask):
@@ -335,7 +327,7 @@ class PPOTask(Task):
     del rng, train  # no dropout
     mask = batch["mask"].astype(jnp.float32)
     logits, values = self.forward(params, batch, rules=rules)
-    logp = token_logprobs(logits, batch["targets"], self.temperature)
+    logp, _ = rollout_lib.token_logprobs(logits, batch["targets"], self.temperature)
     old_logp = batch["old_logprobs"].astype(jnp.float32)
     pg_tok, clipped = self._policy_loss(logp, old_logp, batch["advantages"].astype(jnp.float32),
                                         eps_low=self.eps_low, eps_high=self.eps_high, dual_clip=self.dual_clip)

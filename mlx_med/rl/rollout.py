@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlx_med.core.transformer import Decoder, DecoderConfig
+from mlx_med.rl import functions
 
 UPDATE_KEYS = ("inputs", "targets", "positions", "segment_ids", "mask")
 
@@ -74,9 +75,7 @@ def token_logprobs(logits: jax.Array, targets: jax.Array, temperature: float = 1
     logits = logits / temperature
   logp_all = jax.nn.log_softmax(logits, axis=-1)
   logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
-  entropy = None
-  if with_entropy:
-    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+  entropy = functions.token_entropy(logits) if with_entropy else None
   return logp, entropy
 
 

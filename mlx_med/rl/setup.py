@@ -22,7 +22,9 @@ Questions (`config.data`):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -31,6 +33,8 @@ import numpy as np
 
 from mlx_med.core import params as params_lib
 from mlx_med.core.transformer import DecoderConfig
+
+log = logging.getLogger("mlx_med.rl")
 
 
 @dataclasses.dataclass
@@ -107,45 +111,86 @@ def tokenizer_corpus(examples: list) -> list[str]:
   return texts
 
 
+VOCAB_MULTIPLE = 64  # a decoder built from the config pads its embedding table to a multiple of this
+
+
+def resolve_tokenizer(config: ml_collections.ConfigDict, workdir: str, texts: Callable[[], Iterable[str]]
+                      ) -> tuple[Any, str]:
+  """(ChatTokenizer, its directory): model.tokenizer_path, else model.path's, else a byte-level BPE
+  chat tokenizer trained on `texts()` into <workdir>/tokenizer (reused when it exists: resume)."""
+  from mlx_med.llm.tokenizer import ChatTokenizer
+
+  m = config.model
+  tokenizer_dir = str(m.get("tokenizer_path", "") or m.get("path", ""))
+  if tokenizer_dir:
+    return ChatTokenizer.from_dir(tokenizer_dir), tokenizer_dir
+  tokenizer_dir = os.path.join(workdir, "tokenizer")
+  if os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
+    return ChatTokenizer.from_dir(tokenizer_dir), tokenizer_dir
+  from mlx_med.rl.tokenizer import train_chat_tokenizer
+
+  log.info("no model.tokenizer_path: training a %d-token chat tokenizer on the data into %s",
+           int(m.tokenizer_vocab_size), tokenizer_dir)
+  return train_chat_tokenizer(list(texts()), tokenizer_dir, vocab_size=int(m.tokenizer_vocab_size)), tokenizer_dir
+
+
+def decoder_config(config: ml_collections.ConfigDict, vocab_size: int, seq_len: int | None = None
+                   ) -> tuple[DecoderConfig, dict | None]:
+  """The decoder a run trains and the config.json dict it came from (None when built from model.decoder).
+
+  model.path: the Hugging Face directory's architecture; otherwise model.decoder (DecoderConfig
+  fields; vocab_size 0 = the tokenizer's rounded up to 64; head_dim 0 = d_model // num_heads;
+  max_seq_len 0 = seq_len). Numerics (dtype, param_dtype, remat, attention_backend) from model.*.
+  """
+  m = config.model
+  numerics = dict(dtype=str(m.get("dtype", "float32")), param_dtype=str(m.get("param_dtype", "float32")),
+                  remat=str(m.get("remat", "none")), attention_backend=str(m.get("attention_backend", "xla")))
+  if m.get("path", ""):
+    from mlx_med.llm import hf_config as hf_config_lib
+
+    hf = hf_config_lib.read_hf_config(str(m.path))
+    max_len = int(m.get("max_seq_len", 0) or 0) or None
+    cfg = hf_config_lib.decoder_config_from_hf(hf, scan_layers=True, max_seq_len=max_len, **numerics)
+    if seq_len and cfg.max_seq_len < seq_len:
+      raise ValueError(f"sequences of {seq_len} tokens exceed the model's max_position_embeddings={cfg.max_seq_len}; "
+                       "lower data.seq_len")
+    if cfg.vocab_size < vocab_size:
+      raise ValueError(f"the tokenizer has {vocab_size} tokens but {m.path} embeds only {cfg.vocab_size}; "
+                       "use the model's own tokenizer (empty model.tokenizer_path)")
+    return cfg, hf
+  values = dict(m.decoder)
+  values.update(numerics)
+  values["head_dim"] = values.get("head_dim") or None
+  values["max_seq_len"] = values.get("max_seq_len") or seq_len or 2048
+  configured = int(values.get("vocab_size") or 0)
+  if not configured:
+    values["vocab_size"] = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+  elif configured < vocab_size:
+    raise ValueError(f"model.decoder.vocab_size={configured} is smaller than the tokenizer's {vocab_size} tokens; "
+                     "set it to 0 to follow the tokenizer")
+  return DecoderConfig.from_config(values), None
+
+
 def load_policy(config: ml_collections.ConfigDict, workdir: str, rules=None, examples: list | None = None
                 ) -> PolicySource:
   """The starting policy of a run (see the module docstring)."""
   from mlx_med.llm import checkpoint as ckpt
   from mlx_med.llm import hf_config as hf_lib
-  from mlx_med.llm.tokenizer import ChatTokenizer
 
-  m = config.model
-  path = str(m.get("path", ""))
-  if path:
-    if not os.path.isdir(path):
-      raise FileNotFoundError(f"model.path={path!r} is not a directory; give a Hugging Face model directory")
-    hf = hf_lib.read_hf_config(path)
-    cfg = hf_lib.decoder_config_from_hf(hf, dtype=str(m.get("dtype", "float32")),
-                                        param_dtype=str(m.get("param_dtype", "float32")),
-                                        max_seq_len=int(m.get("max_seq_len", 0)) or None,
-                                        attention_backend=str(m.get("attention_backend", "xla")), scan_layers=True)
-    cfg = dataclasses.replace(cfg, remat=str(m.get("remat", "none")))
-    params = ckpt.load_hf_params(path, cfg, rules)
-    return PolicySource(cfg, params, ChatTokenizer.from_dir(path), path, hf)
+  def texts():
+    nonlocal examples
+    if examples is None:
+      train, held = load_examples(config, workdir)
+      examples = train + held
+    return tokenizer_corpus(examples)
 
-  tok_dir = str(m.get("tokenizer_path", ""))
-  if not tok_dir:
-    from mlx_med.rl import tokenizer as tok_lib
-
-    tok_dir = os.path.join(workdir, "tokenizer")
-    if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-      if examples is None:
-        train, held = load_examples(config, workdir)
-        examples = train + held
-      tok_lib.train_chat_tokenizer(tokenizer_corpus(examples), tok_dir,
-                                   vocab_size=int(m.get("tokenizer_vocab_size", 1024)))
-  tokenizer = ChatTokenizer.from_dir(tok_dir)
-  fields = dict(m.decoder)
-  vocab = len(tokenizer)
-  fields["vocab_size"] = -(-vocab // 64) * 64  # room for every id, rounded for even sharding
-  cfg = DecoderConfig.from_config(fields)
-  params = params_lib.init_params(cfg, jax.random.key(int(config.seed)), rules)
-  eos = tokenizer.eos_token_ids
-  hf = hf_lib.hf_config_from_decoder(cfg, base={"eos_token_id": eos[0] if eos else None,
-                                                "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None})
-  return PolicySource(cfg, params, tokenizer, tok_dir, hf)
+  tokenizer, tokenizer_dir = resolve_tokenizer(config, workdir, texts)
+  cfg, hf = decoder_config(config, len(tokenizer))
+  if config.model.get("path", ""):
+    params = ckpt.load_hf_params(str(config.model.path), cfg, rules)
+  else:
+    params = params_lib.init_params(cfg, jax.random.key(int(config.seed)), rules)
+    eos = tokenizer.eos_token_ids
+    hf = hf_lib.hf_config_from_decoder(cfg, base={"eos_token_id": eos[0] if len(eos) == 1 else list(eos),
+                                                  "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None})
+  return PolicySource(cfg, params, tokenizer, tokenizer_dir, hf)

@@ -44,11 +44,11 @@ from mlx_med.core.config import default_mesh_config, default_train_config
 from mlx_med.core.lm_task import TOKEN_BATCH_KEYS, DecoderLMTask
 from mlx_med.core.transformer import DecoderConfig
 from mlx_med.llm.tokenizer import ChatTokenizer
+from mlx_med.rl import setup as setup_lib
 
 log = logging.getLogger("mlx_med.rl.sft")
 
 DATA_FORMATS = ("synthetic", "jsonl")
-_VOCAB_MULTIPLE = 64  # a decoder built from the config pads its embedding table to a multiple of this
 
 
 class ChatTemplateError(ValueError):
@@ -339,7 +339,8 @@ def synthetic_conversations(d: ml_collections.ConfigDict, workdir: str | None = 
   kb, train, held_out = setup_lib.synthetic_task(d.synthetic, workdir)
 
   def conversation(example):
-    reply = {"role": "assistant", "content": synth.reference_solution(example, kb)}
+    reply = {"role": "assistant",
+             "content": synth.reference_solution(example, kb, str(d.synthetic.get("answer_style", "letter")))}
     return list(data_lib.build_messages(example, str(d.template))) + [reply]
 
   return [conversation(e) for e in train], [conversation(e) for e in held_out], list(kb.facts())
@@ -376,7 +377,9 @@ def default_config() -> ml_collections.ConfigDict:
       "template": "xreasoner",  # synthetic: the prompt template (mlx_med.rl.data.TEMPLATES)
       # synthetic: the questions (mlx_med.rl.setup.synthetic_task; the RL configs' section of the same name)
       "synthetic": ml_collections.ConfigDict({"seed": 0, "num_diseases": 24, "n_train": 512, "n_eval": 64,
-                                              "num_options": 4, "two_hop_fraction": 0.3}),
+                                              "num_options": 4, "two_hop_fraction": 0.3,
+                                              # the reference answers: the option "letter" or its "text"
+                                              "answer_style": "letter"}),
       "worker_count": 0,
   })
   config.train = default_train_config()
@@ -399,51 +402,6 @@ def _conversations(config: ml_collections.ConfigDict, workdir: str | None = None
   raise ValueError(f"data.format={fmt!r}: choose one of {', '.join(DATA_FORMATS)}")
 
 
-def _tokenizer(config: ml_collections.ConfigDict, workdir: str, texts: list[str]) -> tuple[ChatTokenizer, str]:
-  m = config.model
-  tokenizer_dir = str(m.tokenizer_path or m.path)
-  if tokenizer_dir:
-    return ChatTokenizer.from_dir(tokenizer_dir), tokenizer_dir
-  from mlx_med.rl.tokenizer import train_chat_tokenizer
-
-  tokenizer_dir = os.path.join(workdir, "tokenizer")
-  if os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):  # a resumed run keeps its tokenizer
-    return ChatTokenizer.from_dir(tokenizer_dir), tokenizer_dir
-  log.info("no model.tokenizer_path: training a %d-token chat tokenizer on the data into %s",
-           int(m.tokenizer_vocab_size), tokenizer_dir)
-  return train_chat_tokenizer(texts, tokenizer_dir, vocab_size=int(m.tokenizer_vocab_size)), tokenizer_dir
-
-
-def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> tuple[DecoderConfig, dict | None]:
-  """The decoder to train and the config.json dict it came from (None when built from model.decoder)."""
-  m, seq_len = config.model, int(config.data.seq_len)
-  numerics = {"dtype": str(m.dtype), "param_dtype": str(m.param_dtype), "remat": str(m.remat),
-              "attention_backend": str(m.attention_backend)}
-  if m.path:
-    from mlx_med.llm import hf_config as hf_config_lib
-
-    hf = hf_config_lib.read_hf_config(str(m.path))
-    cfg = hf_config_lib.decoder_config_from_hf(hf, scan_layers=True, **numerics)
-    if cfg.max_seq_len < seq_len:
-      raise ValueError(f"data.seq_len={seq_len} exceeds the model's max_position_embeddings={cfg.max_seq_len}; "
-                       "lower data.seq_len")
-    if cfg.vocab_size < vocab_size:
-      raise ValueError(f"the tokenizer has {vocab_size} tokens but {m.path} embeds only {cfg.vocab_size}; "
-                       "use the model's own tokenizer (empty model.tokenizer_path)")
-    return cfg, hf
-  values = dict(m.decoder)
-  values.update(numerics)
-  values["head_dim"] = values.get("head_dim") or None
-  values["max_seq_len"] = values.get("max_seq_len") or seq_len
-  configured = int(values.get("vocab_size") or 0)
-  if not configured:
-    values["vocab_size"] = -(-vocab_size // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
-  elif configured < vocab_size:
-    raise ValueError(f"model.decoder.vocab_size={configured} is smaller than the tokenizer's {vocab_size} tokens; "
-                     "set it to 0 to follow the tokenizer")
-  return DecoderConfig.from_config(values), None
-
-
 def run_sft(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
             allow_config_change: bool = False) -> str:
   """Trains (or resumes) SFT in `workdir` and exports `<workdir>/hf`; returns that path.
@@ -456,8 +414,8 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str, *, progress: bool =
   seq_len = int(config.data.seq_len)
   train_convs, eval_convs, facts = _conversations(config, workdir)
   texts = facts + [f"{m['role']}\n{m['content']}\n" for c in train_convs for m in c]  # role names too
-  tokenizer, tokenizer_dir = _tokenizer(config, workdir, texts)
-  cfg, hf = model_config(config, len(tokenizer))
+  tokenizer, tokenizer_dir = setup_lib.resolve_tokenizer(config, workdir, lambda: texts)
+  cfg, hf = setup_lib.decoder_config(config, len(tokenizer), seq_len)
   train_source = SFTSource.from_conversations(tokenizer, train_convs, seq_len)
   eval_source = SFTSource.from_conversations(tokenizer, eval_convs, seq_len) if eval_convs else None
   stats = train_source.stats

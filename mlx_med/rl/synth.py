@@ -416,8 +416,14 @@ def make_mcqa_splits(kb: KnowledgeBase, *, n_train: int, n_eval: int, seed: int,
   return train, held_out
 
 
-def reference_solution(example: MCQAExample, kb: KnowledgeBase) -> str:
-  """A short correct chain of thought naming the facts used, then the answer block (SFT target)."""
+def reference_solution(example: MCQAExample, kb: KnowledgeBase, answer: str = "letter") -> str:
+  """A short correct chain of thought naming the facts used, then the answer block (SFT target).
+
+  answer: what the answer block holds: "letter" (the option letter) or "text" (the option
+  itself; the prompt templates ask for "one of the options" and the rewards accept either).
+  """
+  if answer not in ("letter", "text"):
+    raise ValueError(f"answer={answer!r}: choose letter or text")
   chosen = example.options[example.answer]
   qtype, meta = example.category, example.meta
   if qtype in ("diagnosis", "treatment_vignette"):
@@ -438,4 +444,5 @@ def reference_solution(example: MCQAExample, kb: KnowledgeBase) -> str:
     raise ValueError(f"example {example.id!r}: category {qtype!r} is not a synthetic question type")
   if not ok:
     raise ValueError(f"example {example.id!r}: its answer does not follow from this knowledge base")
-  return f"<think>{think}</think><answer>{example.answer}</answer>"
+  shown = example.answer if answer == "letter" else chosen
+  return f"<think>{think}</think><answer>{shown}</answer>"
