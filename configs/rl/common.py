@@ -61,6 +61,7 @@ def rl_section(**overrides) -> ml_collections.ConfigDict:
       max_new_tokens=512,
       temperature=1.0,
       top_p=1.0,
+      ignore_eos=False,  # True: completions never stop early (throughput benchmarks)
       think_budget=-1,  # >= 0: force "</think>" after that many tokens during rollouts (forced exit)
       mask_forced=True,  # leave forced tokens out of the loss (the policy did not sample them)
       rewards="medrlvr",  # name[:weight], comma-separated (mlx_med.rl.functions rewards)

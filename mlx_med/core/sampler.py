@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlx_med.core import sharding as sharding_lib
-from mlx_med.core.transformer import Decoder, DecoderConfig, init_cache
+from mlx_med.core.transformer import Decoder, DecoderConfig, init_cache, project_to_vocab
 
 _NEG_INF = -jnp.inf
 
@@ -374,15 +374,6 @@ def _constrain_state(state: DecodeState, rules) -> DecodeState:
   return state._replace(cache=cache, **others)
 
 
-def _project_to_vocab(module: Decoder, hidden: jax.Array) -> jax.Array:
-  """The decoder's own output projection, applied to selected hidden states only."""
-  if module.cfg.tie_embeddings:
-    logits = module.embed.attend(hidden)
-  else:
-    logits = module.lm_head(hidden)
-  return logits.astype(jnp.float32)
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "rules", "max_new", "num_top", "mode", "penalties",
                                              "cache_dtype"))
 def _prefill(params, prompt, rows: RowParams, *, cfg: DecoderConfig, rules, max_new: int, num_top: int,
@@ -403,7 +394,7 @@ def _prefill(params, prompt, rows: RowParams, *, cfg: DecoderConfig, rules, max_
   # one row per sequence (the full [B, P, V] logits are dead code and removed by XLA).
   (_, cache), hidden = model.apply({"params": params}, prompt, positions=positions, segment_ids=segment_ids,
                                    cache=cache, cache_index=0, return_hidden=True)
-  logits = model.apply({"params": params}, hidden[:, -1, :], method=_project_to_vocab)
+  logits = model.apply({"params": params}, hidden[:, -1, :], method=project_to_vocab)
   state = DecodeState(
       cache=cache,
       tokens=jnp.zeros((batch, max_new), jnp.int32),

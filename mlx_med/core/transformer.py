@@ -362,3 +362,16 @@ class Decoder(nn.Module):
     if return_hidden:
       return outputs, hidden
     return outputs
+
+
+def project_to_vocab(module: Decoder, hidden: jax.Array) -> jax.Array:
+  """The decoder's own output projection (tied embedding or lm_head) on selected final hidden
+  states, fp32: `Decoder(cfg).apply({"params": p}, hidden, method=project_to_vocab)`. With
+  `return_hidden=True` a caller that needs logits at a few positions only (the sampler's last
+  prompt token, an RL update's completion tokens) projects just those; XLA drops the unused
+  full logits."""
+  if module.cfg.tie_embeddings:
+    logits = module.embed.attend(hidden)
+  else:
+    logits = module.lm_head(hidden)
+  return logits.astype(jnp.float32)

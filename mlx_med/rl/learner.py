@@ -50,7 +50,7 @@ from mlx_med.core.lm_task import DecoderLMTask, decoder_init_fn
 from mlx_med.core.sampler import Sampler, SamplingParams
 from mlx_med.core.task import LossOutput, Task
 from mlx_med.core.trainer import Trainer, mesh_from_config
-from mlx_med.core.transformer import Decoder, DecoderConfig, unstack_layers
+from mlx_med.core.transformer import Decoder, DecoderConfig, project_to_vocab, unstack_layers
 from mlx_med.rl import functions
 from mlx_med.rl import rollout as rollout_lib
 
@@ -101,9 +101,13 @@ class PolicyGradientTask(Task):
 
   decomposable = True
 
-  def __init__(self, cfg: DecoderConfig, rl: ml_collections.ConfigDict, seq_len: int, *, on_policy: bool):
+  def __init__(self, cfg: DecoderConfig, rl: ml_collections.ConfigDict, seq_len: int, *, on_policy: bool,
+               completion_start: int = 0):
     self.cfg = cfg
     self.seq_len = seq_len
+    # Columns before this one hold no counted target (the prompt block): the output projection,
+    # softmax and losses run on the completion columns only.
+    self.completion_start = int(completion_start)
     self.on_policy = on_policy
     self.temperature = float(rl.temperature) or 1.0
     self.beta = float(rl.beta)
@@ -124,16 +128,20 @@ class PolicyGradientTask(Task):
 
   def loss(self, params, batch, rng, *, rules=None, train=True) -> LossOutput:
     del rng, train
-    logits = Decoder(self.cfg, rules).apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                                            segment_ids=batch["segment_ids"])
-    logp, entropy = rollout_lib.token_logprobs(logits, batch["targets"], self.temperature, with_entropy=True)
-    mask = batch["mask"]
-    old = jax.lax.stop_gradient(logp) if self.on_policy else batch["old_logprobs"]
-    per_token, clipped = self.policy_loss(logp, old, batch["advantages"], eps_low=self.eps_low,
+    model = Decoder(self.cfg, rules)
+    _, hidden = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                            segment_ids=batch["segment_ids"], return_hidden=True)
+    c = self.completion_start
+    logits = model.apply({"params": params}, hidden[:, c:], method=project_to_vocab)
+    cols = lambda k: batch[k][:, c:]  # noqa: E731
+    logp, entropy = rollout_lib.token_logprobs(logits, cols("targets"), self.temperature, with_entropy=True)
+    mask = cols("mask")
+    old = jax.lax.stop_gradient(logp) if self.on_policy else cols("old_logprobs")
+    per_token, clipped = self.policy_loss(logp, old, cols("advantages"), eps_low=self.eps_low,
                                           eps_high=self.eps_high, dual_clip=self.dual_clip)
     kl = jnp.zeros_like(logp)
     if self.beta:
-      kl = self.kl(logp, batch["ref_logprobs"])
+      kl = self.kl(logp, cols("ref_logprobs"))
       per_token = per_token + self.beta * kl
     loss_sum, weight = self.aggregate(per_token, mask, max_len=self.max_len)
     tokens = jnp.maximum(jnp.sum(mask), 1.0)
@@ -209,7 +217,8 @@ class RLRunner:
     on_policy = self.passes == 1 and self.minibatches_per_pass == 1
     self.needs_ref = float(rl.beta) > 0
     if self.algorithm == "grpo":
-      self.task = PolicyGradientTask(self.cfg, rl, self.seq_len, on_policy=on_policy)
+      self.task = PolicyGradientTask(self.cfg, rl, self.seq_len, on_policy=on_policy,
+                                     completion_start=self.prompt_cols - 1)
       self.on_policy = on_policy
       initial = lambda: self.source.params
       self.policy_of = lambda p: p
@@ -244,7 +253,8 @@ class RLRunner:
     self._to_generation_layout = jax.jit(lambda p: unstack_layers(p, num_layers), out_shardings=gen_shardings)
     self.sampler = Sampler(self.gen_cfg, self.rules, pad_id=self._pad_id(), min_prompt_bucket=16,
                            min_new_bucket=16, min_batch_bucket=8)
-    self.stop_ids = tuple(self.tokenizer.eos_token_ids)
+    # rl.ignore_eos: every completion runs to max_new_tokens (throughput measurements)
+    self.stop_ids = () if bool(rl.get("ignore_eos", False)) else tuple(self.tokenizer.eos_token_ids)
     self.think_close_ids = self.tokenizer.token_ids_of("</think>")
     self.state_path = os.path.join(self.workdir, "rl_state.json")
     self.iteration_index = self._restore_iteration()
@@ -369,7 +379,8 @@ class RLRunner:
     for s in range(0, batch["inputs"].shape[0], chunk):
       part = {k: jnp.asarray(batch[k][s:s + chunk]) for k in keys}
       out.append(np.asarray(rollout_lib.sequence_logprobs(params, part, cfg=self.cfg, rules=self.rules,
-                                                          temperature=float(self.config.rl.temperature) or 1.0)))
+                                                          temperature=float(self.config.rl.temperature) or 1.0,
+                                                          start=self.prompt_cols - 1)))
     return np.concatenate(out, axis=0)
 
   def iteration(self) -> dict:

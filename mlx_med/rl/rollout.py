@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlx_med.core.transformer import Decoder, DecoderConfig
+from mlx_med.core.transformer import Decoder, DecoderConfig, project_to_vocab
 from mlx_med.rl import functions
 
 UPDATE_KEYS = ("inputs", "targets", "positions", "segment_ids", "mask")
@@ -79,11 +79,15 @@ def token_logprobs(logits: jax.Array, targets: jax.Array, temperature: float = 1
   return logp, entropy
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "rules", "temperature"))
-def sequence_logprobs(params: Any, batch: dict, *, cfg: DecoderConfig, rules=None, temperature: float = 1.0
-                      ) -> jax.Array:
-  """log p(targets) [B, T] under a decoder in the training layout (reference / behaviour policy)."""
-  logits = Decoder(cfg, rules).apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                                     segment_ids=batch["segment_ids"])
-  logp, _ = token_logprobs(logits, batch["targets"], temperature)
-  return logp * batch["mask"]
+@functools.partial(jax.jit, static_argnames=("cfg", "rules", "temperature", "start"))
+def sequence_logprobs(params: Any, batch: dict, *, cfg: DecoderConfig, rules=None, temperature: float = 1.0,
+                      start: int = 0) -> jax.Array:
+  """log p(targets) [B, T] under a decoder in the training layout (reference / behaviour policy);
+  columns before `start` (no counted target there) are 0 and skip the output projection."""
+  model = Decoder(cfg, rules)
+  _, hidden = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                          segment_ids=batch["segment_ids"], return_hidden=True)
+  logits = model.apply({"params": params}, hidden[:, start:], method=project_to_vocab)
+  logp, _ = token_logprobs(logits, batch["targets"][:, start:], temperature)
+  logp = logp * batch["mask"][:, start:]
+  return jnp.pad(logp, ((0, 0), (start, 0))) if start else logp
