@@ -25,8 +25,8 @@ Same work on both sides:
   neither side pads prompts;
 - completions: exactly `--completion-len` tokens on both sides. TRL gets
   `generation_kwargs={"min_new_tokens": L}` with `max_completion_length=L` (transformers then
-  masks the end-of-turn token until L tokens exist); ours samples with the runner's stop ids
-  emptied after setup (`runner.stop_ids = ()`), so every row runs to `rl.max_new_tokens`.
+  masks the end-of-turn token until L tokens exist); ours runs with `rl.ignore_eos` (no stop
+  token), so every row runs to `rl.max_new_tokens`.
   Each side checks afterwards that every iteration's mean completion length is exactly L;
 - rewards: the same python functions on the decoded completions: X-Reasoner's 0/1 answer
   reward from `mlx_med.rl.functions` (weight 1) plus `length_parity` (weight 0.1, 1 when the
@@ -325,7 +325,7 @@ def ours_config(model_dir: str, data_path: str, args):
       "num_generations": G, "prompts_per_iteration": P, "max_prompt_len": args.prompt_len,
       "max_new_tokens": args.completion_len, "temperature": 1.0, "top_p": 1.0, "beta": args.beta,
       "kl_estimator": "k3", "eps_low": 0.2, "eps_high": 0.28, "loss_agg": "token-mean", "advantage": "grpo",
-      "num_iterations": 1, "drop_zero_variance": False, "think_budget": -1,
+      "num_iterations": 1, "drop_zero_variance": False, "think_budget": -1, "ignore_eos": True,
       "rewards": ",".join(f"{n}:{w}" for n, _, w in rewards())})
   config.train.batch_size = P * G  # one minibatch: one optimizer step per generation batch, as TRL's
   config.train.lr = 3e-6
@@ -343,7 +343,6 @@ class Ours:
     config = ours_config(model_dir, data_path, args)
     self.runner = learner.RLRunner(config, os.path.join(workdir, "ours"), progress=False,
                                    log_fn=lambda m: None).setup()
-    self.runner.stop_ids = ()  # no end-of-turn stop: every row runs to max_new_tokens (TRL: min_new_tokens)
     self.spans: list[tuple[float, float, float]] = []  # (iteration, rollout, update) seconds
     self.lengths: list[float] = []
 
@@ -356,6 +355,7 @@ class Ours:
   def warmup(self) -> None:
     for _ in range(self.args.warmup):
       self.step()
+      print(f"ours warm-up iteration (compiles): {self.spans[-1][0]:.1f}s", flush=True)
     self.spans.clear()
 
   def result(self) -> dict:
@@ -451,8 +451,11 @@ def main(argv=None) -> int:
       ours.warmup()
     between = ours.step if ours is not None else None
     if args.no_trl:
-      for _ in range(args.iters):
+      for i in range(args.iters):
         ours.step()
+        total, roll, upd = ours.spans[-1]
+        print(f"ours iteration {i + 1}/{args.iters}: {total:.3f}s (rollout {roll:.3f}s, update {upd:.3f}s)",
+              flush=True)
     else:
       variants = [(f"trl_{'compiled' if c else 'eager'}_t{t}", c, t) for c in (False, True) for t in threads
                   if not (c and args.no_trl_compile)]
