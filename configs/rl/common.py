@@ -17,8 +17,11 @@ TINY_DECODER = dict(vocab_size=0, num_layers=4, d_model=128, num_heads=4, num_kv
 # The synthetic questions of `make rl-demo` (SFT and GRPO stages share them): a knowledge base of
 # 12 diseases, 2000 training and 200 held-out questions.
 DEMO_SYNTHETIC = dict(seed=0, num_diseases=12, n_train=2000, n_eval=200)
-# The demo's SFT answers name the option's text: a 1M-parameter decoder learns the facts in minutes
-# but binds an answer to its option letter only at chance after 300 steps (measured; see DESIGN).
+# The demo's SFT demonstrations: from an imperfect teacher (half of its facts wrong, used for 70%
+# of the demonstrations; `mlx_med.rl.sft._imperfect_teacher`), answering with the option's text (a
+# 1M-parameter decoder learns facts in minutes but binds an answer to its option letter only at
+# chance after 300 steps; measured, see docs/DESIGN.md).
+DEMO_TEACHER = dict(answer_style="text", teacher_error_fraction=0.5, teacher_error_rate=0.7)
 
 
 def model_section(path: str = "", decoder: dict | None = None, **kw) -> ml_collections.ConfigDict:

@@ -47,8 +47,8 @@ def get_config(arg: str | None = None):
     config.train.update(dict(steps=4, batch_size=8, lr=1e-3, warmup_steps=1, log_every=1, eval_every=4,
                              ckpt_every=4, async_checkpointing=False))
   else:
-    config.data.synthetic.update(common.DEMO_SYNTHETIC, answer_style="text")
-    config.train.update(dict(steps=200, batch_size=16, lr=2e-3, schedule="cosine", warmup_steps=20,
+    config.data.synthetic.update(common.DEMO_SYNTHETIC, **common.DEMO_TEACHER)
+    config.train.update(dict(steps=400, batch_size=16, lr=2e-3, schedule="cosine", warmup_steps=20,
                              weight_decay=0.0, log_every=25, eval_every=100, ckpt_every=100,
                              async_checkpointing=False))
   return config

@@ -336,14 +336,47 @@ def synthetic_conversations(d: ml_collections.ConfigDict, workdir: str | None = 
   from mlx_med.rl import setup as setup_lib
   from mlx_med.rl import synth
 
-  kb, train, held_out = setup_lib.synthetic_task(d.synthetic, workdir)
+  s = d.synthetic
+  kb, train, held_out = setup_lib.synthetic_task(s, workdir)
+  style = str(s.get("answer_style", "letter"))
 
-  def conversation(example):
-    reply = {"role": "assistant",
-             "content": synth.reference_solution(example, kb, str(d.synthetic.get("answer_style", "letter")))}
+  def conversation(example, source_kb):
+    reply = {"role": "assistant", "content": synth.reference_solution(example, source_kb, style)}
     return list(data_lib.build_messages(example, str(d.template))) + [reply]
 
-  return [conversation(e) for e in train], [conversation(e) for e in held_out], list(kb.facts())
+  sources = [(e, kb) for e in train]
+  error_fraction = float(s.get("teacher_error_fraction", 0.0))
+  if error_fraction > 0:
+    sources = _imperfect_teacher(kb, train, held_out, s, error_fraction)
+  return ([conversation(e, k) for e, k in sources], [conversation(e, kb) for e in held_out],
+          list(kb.facts()))
+
+
+def _imperfect_teacher(kb, train, held_out, s, error_fraction: float) -> list[tuple[Any, Any]]:
+  """(question, knowledge base that answers it) for an imperfect teacher's demonstrations.
+
+  A share `teacher_error_rate` of the training demonstrations come from the teacher's copy of the
+  knowledge base (`KnowledgeBase.imperfect_teacher`: `teacher_error_fraction` of its facts wrong,
+  consistently) -- questions drawn from what the teacher believes, answered by it -- and the rest
+  are the true questions with correct solutions. No teacher question equals a held-out one.
+  Facts the teacher has wrong are then demonstrated wrongly most of the time: what a verifiable
+  reward can correct and more imitation cannot.
+  """
+  from mlx_med.rl import synth
+
+  teacher = kb.imperfect_teacher(error_fraction, int(s.seed))
+  taught, _ = synth.make_mcqa_splits(teacher, n_train=len(train), n_eval=0, seed=int(s.seed) + 1,
+                                     num_options=int(s.num_options), two_hop_fraction=float(s.two_hop_fraction))
+  held = {(e.question, tuple(e.options.values())) for e in held_out}
+  rate = float(s.get("teacher_error_rate", 1.0))
+  pick = np.random.default_rng([int(s.seed), 23]).random(len(train)) < rate
+  out = []
+  for ex, t, use_teacher in zip(train, taught, pick):
+    if use_teacher and (t.question, tuple(t.options.values())) not in held:
+      out.append((t, teacher))
+    else:
+      out.append((ex, kb))
+  return out
 
 
 # ------------------------------------------------------------------ config and run
@@ -379,7 +412,9 @@ def default_config() -> ml_collections.ConfigDict:
       "synthetic": ml_collections.ConfigDict({"seed": 0, "num_diseases": 24, "n_train": 512, "n_eval": 64,
                                               "num_options": 4, "two_hop_fraction": 0.3,
                                               # the reference answers: the option "letter" or its "text"
-                                              "answer_style": "letter"}),
+                                              "answer_style": "letter",
+                                              # > 0: demonstrations from an imperfect teacher (_imperfect_teacher)
+                                              "teacher_error_fraction": 0.0, "teacher_error_rate": 1.0}),
       "worker_count": 0,
   })
   config.train = default_train_config()

@@ -205,6 +205,41 @@ class KnowledgeBase:
     if set(self.contraindications) - set(self.drugs):
       raise ValueError("contraindications name an unknown drug")
 
+  def imperfect_teacher(self, fraction: float, seed: int) -> KnowledgeBase:
+    """A teacher's copy of this knowledge base in which `fraction` of the facts are wrong, consistently.
+
+    Models the distilled chains of thought of stage-1 SFT: a teacher that is sure of some wrong
+    facts. Disjoint pairs of diseases swap their finding sets (the teacher diagnoses one as the
+    other), other pairs swap their places in the drugs' indications (the teacher prescribes one's
+    drugs for the other), and pairs of drugs swap their contraindications; about `fraction` of the
+    diseases and drugs are in some swapped pair. Swaps keep every invariant of `validate`, so the
+    teacher's questions are well-formed and its answers consistent with its own beliefs.
+    """
+    if not 0.0 <= fraction <= 1.0:
+      raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    rng = np.random.default_rng([int(seed), 17])
+    diseases = {k: list(v) for k, v in self.diseases.items()}
+    drugs = {k: list(v) for k, v in self.drugs.items()}
+    contra = {k: list(v) for k, v in self.contraindications.items()}
+
+    def pairs(names: list[str]) -> list[tuple[str, str]]:
+      k = int(round(fraction * len(names) / 2))
+      order = [names[i] for i in rng.permutation(len(names))]
+      return [(order[2 * i], order[2 * i + 1]) for i in range(min(k, len(order) // 2))]
+
+    names = list(diseases)
+    half = [names[i] for i in rng.permutation(len(names))]
+    for a, b in pairs(half[:len(half) // 2]):  # findings swapped: wrong diagnoses
+      diseases[a], diseases[b] = diseases[b], diseases[a]
+    for a, b in pairs(half[len(half) // 2:]):  # indications swapped: wrong treatments
+      swap = {a: b, b: a}
+      drugs = {d: [swap.get(t, t) for t in targets] for d, targets in drugs.items()}
+    for a, b in pairs(list(contra)):  # contraindications swapped
+      contra[a], contra[b] = contra[b], contra[a]
+    teacher = KnowledgeBase(seed=self.seed, diseases=diseases, drugs=drugs, contraindications=contra)
+    teacher.validate()
+    return teacher
+
   # ---------------------------------------------------------------------------------- queries
 
   @property

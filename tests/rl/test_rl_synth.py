@@ -202,3 +202,38 @@ def test_reference_solutions_earn_full_reward_without_leak(kb, splits):
   for ex in splits[0][:200]:
     sol, d = synth.reference_solution(ex, kb), ex.to_dict()
     assert (fmt(sol, d), acc(sol, d), leak(sol, d)) == (1.0, 1.0, 0.0), sol
+
+
+def test_imperfect_teacher_is_wrong_on_a_share_of_facts_consistently(kb):
+  teacher = kb.imperfect_teacher(0.5, seed=3)
+  teacher.validate()
+  assert kb.imperfect_teacher(0.0, seed=3).to_dict() == kb.to_dict()
+  assert teacher.to_dict() == kb.imperfect_teacher(0.5, seed=3).to_dict()  # seeded
+  n = len(kb.diseases)
+  wrong_dx = [d for d in kb.diseases if sorted(teacher.diseases[d]) != sorted(kb.diseases[d])]
+  wrong_rx = [d for d in kb.diseases if sorted(teacher.drugs_for(d)) != sorted(kb.drugs_for(d))]
+  # half the diseases are in swapped pairs: a quarter of them by findings, a quarter by indications
+  assert abs(len(wrong_dx) - n / 4) <= 2 and abs(len(wrong_rx) - n / 4) <= 2
+  assert not set(wrong_dx) & set(wrong_rx)
+  # a vignette of a swapped disease is diagnosed as its partner by the teacher
+  d = wrong_dx[0]
+  assert teacher.diagnose(kb.diseases[d]) != d
+
+
+def test_sft_demonstrations_from_an_imperfect_teacher(kb):
+  import ml_collections
+
+  from mlx_med.rl import sft
+
+  s = ml_collections.ConfigDict(dict(seed=0, num_options=4, two_hop_fraction=0.3, teacher_error_rate=0.7))
+  train, held_out = synth.make_mcqa_splits(kb, n_train=400, n_eval=60, seed=0)
+  pairs = sft._imperfect_teacher(kb, train, held_out, s, 0.5)
+  assert len(pairs) == 400
+  from_teacher = [ex for ex, source in pairs if source is not kb]
+  assert 0.6 * 400 < len(from_teacher) < 0.8 * 400  # ~70% of the demonstrations
+  held = {(e.question, tuple(e.options.values())) for e in held_out}
+  assert not held & {(e.question, tuple(e.options.values())) for e, _ in pairs}
+  # Judged by the true knowledge base, a good share of the teacher's answers are wrong, the rest right.
+  wrong = sum(synth.correct_options(ex, kb) != [ex.answer] for ex in from_teacher)
+  assert 0.15 * len(from_teacher) < wrong < 0.75 * len(from_teacher)
+  assert all(synth.correct_options(ex, kb) == [ex.answer] for ex, source in pairs if source is kb)
