@@ -15,7 +15,9 @@ STAMP      := $(VENV)/.installed-stamp
 TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
 TORCH_VERSION := $(shell sed -n 's/.*"torch==\([^"]*\)".*/\1/p' pyproject.toml)
 
-.PHONY: demo ehr-demo embed-demo test bench clean-venv
+SERVE_STAMP := $(VENV)/.serve-stamp
+
+.PHONY: demo ehr-demo embed-demo rl-demo test bench clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +45,17 @@ ehr-demo: $(CORE_STAMP)
 # ROC AUC, image-image search precision@10, operating points and ROC plots in runs/embed_demo.
 embed-demo: $(CORE_STAMP)
 	$(PY) -m mlx_med.embed.demo --workdir runs/embed_demo
+
+# The serve extra adds transformers (tokenizers and chat templates only; no torch).
+$(SERVE_STAMP): pyproject.toml $(CORE_STAMP)
+	$(PY) -m pip install -q -e '.[serve]'
+	touch $@
+
+# RLVR on synthetic medical MCQA: SFT a ~1M-parameter decoder on an imperfect teacher's chains of
+# thought, then GRPO with the verifiable reward; held-out accuracy before/after and the
+# training-dynamics plot in runs/rl_demo (CPU, about 10 minutes).
+rl-demo: $(SERVE_STAMP)
+	$(PY) -m mlx_med.rl.demo --workdir runs/rl_demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=20 tests
