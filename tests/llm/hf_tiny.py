@@ -48,6 +48,9 @@ def write_tokenizer(directory: str, model_max_length: int = 256) -> int:
 def make_hf_model(kind: str, vocab_size: int = 320, seed: int = 0, **overrides):
   """A tiny random transformers model of one family, all weights redrawn with std 0.1."""
   import torch
+  from torch_peers import import_torchvision
+
+  import_torchvision()  # transformers' model classes import torchvision (CUDA-linked on PyPI)
   import transformers
 
   common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
