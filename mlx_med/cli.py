@@ -86,14 +86,35 @@ def config_catalog(root: str | None = None) -> str:
       continue
     shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
     summary = doc.strip().splitlines()[0] if doc.strip() else ""
-    variants = next((line.split(":", 1)[1].strip() for line in doc.splitlines()
-                     if line.strip().lower().startswith("variants:")), "(none documented)")
+    variants = _documented_variants(doc)
     lines.append(f"  {shown}  {summary}")
     lines.extend(textwrap.wrap(f"variants: {variants}", width=96, initial_indent="      ",
                                subsequent_indent="        "))
   if not lines:
     return ""
   return "configs (--config PATH:VARIANT):\n" + "\n".join(lines)
+
+
+def _documented_variants(doc: str) -> str:
+  """The names after a docstring's "Variants:" line: on that line, or the first word of each
+  indented line below it (a list of `name  description` rows), up to a blank line."""
+  lines = doc.splitlines()
+  for i, line in enumerate(lines):
+    if line.strip().lower().startswith("variants:"):
+      inline = line.split(":", 1)[1].strip()
+      if inline:
+        return inline
+      names = []
+      indent = None
+      for row in lines[i + 1:]:
+        if not row.strip():
+          break
+        width = len(row) - len(row.lstrip())
+        indent = width if indent is None else indent
+        if width == indent:
+          names.append(row.split()[0])
+      return ", ".join(names) or "(none documented)"
+  return "(none documented)"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ Variants:
   smoke_grpo  GRPO likewise.
 """
 
-from configs.rl import common
+from configs.rl import _common as common
 
 VARIANTS = ("paper", "paper_grpo", "smoke", "smoke_grpo")
 

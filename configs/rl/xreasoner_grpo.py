@@ -17,7 +17,7 @@ Variants:
          1M-parameter policy at lr 5e-4 lost its format within 10 iterations (measured).
 """
 
-from configs.rl import common
+from configs.rl import _common as common
 
 VARIANTS = ("paper", "smoke", "demo")
 

@@ -19,7 +19,7 @@ Variants:
 
 import ml_collections
 
-from configs.rl import common
+from configs.rl import _common as common
 from mlx_med.rl import sft
 
 VARIANTS = ("paper", "smoke", "demo")
