@@ -73,6 +73,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mlx_med.core.fileio import replace_dir
 from mlx_med.ehr import labels as labels_lib
 from mlx_med.ehr.meds import BIRTH_CODE, DEATH_CODE, HELD_OUT_SPLIT, TRAIN_SPLIT, TUNING_SPLIT
 
@@ -1117,13 +1118,7 @@ def generate_cohort(
     summary = _generate_into(tmp, num_subjects, seed, chunk_size, max_admissions, progress)
     summary["generation_seconds"] = round(time.perf_counter() - start, 2)
     (tmp / "task_labels" / "summary.json").write_text(json.dumps(summary, indent=2))
-    if out.exists():
-      trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-      os.replace(out, trash)
-      os.replace(tmp, out)
-      shutil.rmtree(trash, ignore_errors=True)
-    else:
-      os.replace(tmp, out)
+    replace_dir(tmp, out)
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)

@@ -58,6 +58,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mlx_med.core.fileio import replace_dir
+
 FORMAT = "mlx_med.exact_index"
 VERSION = 1
 METRICS = ("cosine", "ip", "l2")
@@ -427,13 +429,7 @@ class ExactIndex:
     meta = {"format": FORMAT, "version": VERSION, "metric": self.metric, "dtype": self.dtype, "count": len(self),
             "dim": self.dim}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    old = None
-    if target.exists():
-      old = target.with_name(f".{target.name}.old-{os.getpid()}")
-      os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-      shutil.rmtree(old)
+    replace_dir(tmp, target)
     return target
 
   @classmethod

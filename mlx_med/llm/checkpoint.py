@@ -35,6 +35,7 @@ import numpy as np
 
 from mlx_med.core import params as params_lib
 from mlx_med.core import sharding as sharding_lib
+from mlx_med.core.fileio import replace_dir
 from mlx_med.core.transformer import DecoderConfig, as_dtype, layers_are_stacked, unstack_layers
 from mlx_med.llm import hf_config as hf_config_lib
 from mlx_med.llm.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
@@ -402,13 +403,7 @@ def save_hf_checkpoint(out_dir: str, params: Any, cfg: DecoderConfig, *, hf_conf
         src = os.path.join(copy_files_from, name)
         if os.path.isfile(src):
           shutil.copy2(src, os.path.join(tmp, name))
-    if os.path.exists(out_dir):
-      old = out_dir + f".old-{os.getpid()}"
-      os.rename(out_dir, old)
-      os.rename(tmp, out_dir)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     tmp = None
   finally:
     if tmp is not None:

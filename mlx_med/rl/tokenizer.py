@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 
+from mlx_med.core.fileio import replace_dir
 from mlx_med.llm.tokenizer import ChatTokenizer
 
 PAD_TOKEN = "<|endoftext|>"
@@ -61,13 +62,7 @@ def _write_dir(out_dir: str, files: dict[str, str]) -> None:
     for name, text in files.items():
       with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
         f.write(text)
-    if os.path.exists(out_dir):
-      old = f"{out_dir}.old-{os.getpid()}"
-      os.rename(out_dir, old)
-      os.rename(tmp, out_dir)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     tmp = None
   finally:
     if tmp is not None:
