@@ -33,7 +33,7 @@ def model_section(path: str = "", decoder: dict | None = None, **kw) -> ml_colle
       dtype=kw.get("dtype", "float32"),  # compute dtype (bfloat16 on accelerators)
       param_dtype="float32",
       remat=kw.get("remat", "none"),
-      attention_backend=kw.get("attention_backend", "xla"),
+      attention_backend=kw.get("attention_backend", "auto"),  # auto: the blocked cpu kernel on CPU, xla elsewhere
       max_seq_len=kw.get("max_seq_len", 0),  # 0 = the checkpoint's context
   ))
 

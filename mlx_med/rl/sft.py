@@ -397,7 +397,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.peak_flops_per_device = 0.0
   config.model = ml_collections.ConfigDict({
       "path": "", "tokenizer_path": "", "tokenizer_vocab_size": 1024,
-      "dtype": "float32", "param_dtype": "float32", "remat": "none", "attention_backend": "xla",
+      "dtype": "float32", "param_dtype": "float32", "remat": "none", "attention_backend": "auto",
       "decoder": ml_collections.ConfigDict({
           "vocab_size": 0, "num_layers": 2, "d_model": 64, "num_heads": 4, "num_kv_heads": 2, "mlp_dim": 192,
           "head_dim": 0, "max_seq_len": 0, "rope_theta": 10000.0, "norm_eps": 1e-6, "tie_embeddings": False,
