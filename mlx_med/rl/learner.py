@@ -37,7 +37,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +50,12 @@ from mlx_med.core.lm_task import DecoderLMTask, decoder_init_fn
 from mlx_med.core.sampler import Sampler, SamplingParams
 from mlx_med.core.task import LossOutput, Task
 from mlx_med.core.trainer import Trainer, mesh_from_config
-from mlx_med.core.transformer import Decoder, DecoderConfig, project_to_vocab, unstack_layers
+from mlx_med.core.transformer import (
+  Decoder,
+  DecoderConfig,
+  project_to_vocab,
+  unstack_layers,
+)
 from mlx_med.rl import functions
 from mlx_med.rl import rollout as rollout_lib
 
@@ -81,7 +86,7 @@ def parse_rewards(spec: str) -> list[tuple[str, float]]:
   return out
 
 
-def _opt_budget(value) -> Optional[int]:
+def _opt_budget(value) -> int | None:
   value = int(value)
   return None if value < 0 else value
 
@@ -133,7 +138,7 @@ class PolicyGradientTask(Task):
                             segment_ids=batch["segment_ids"], return_hidden=True)
     c = self.completion_start
     logits = model.apply({"params": params}, hidden[:, c:], method=project_to_vocab)
-    cols = lambda k: batch[k][:, c:]  # noqa: E731
+    cols = lambda k: batch[k][:, c:]
     logp, entropy = rollout_lib.token_logprobs(logits, cols("targets"), self.temperature, with_entropy=True)
     mask = cols("mask")
     old = jax.lax.stop_gradient(logp) if self.on_policy else cols("old_logprobs")
@@ -180,7 +185,7 @@ class RLRunner:
     self._setup_done = False
 
   # ---------------------------------------------------------------- setup
-  def setup(self) -> "RLRunner":
+  def setup(self) -> RLRunner:
     from mlx_med.rl import setup as setup_lib
 
     config, rl = self.config, self.config.rl
@@ -471,7 +476,7 @@ class RLRunner:
     return metrics
 
   # ---------------------------------------------------------------- evaluation
-  def evaluate(self, examples=None, *, think_budget: Optional[int] = None) -> dict:
+  def evaluate(self, examples=None, *, think_budget: int | None = None) -> dict:
     """Greedy answers to the held-out questions with the current policy."""
     from mlx_med.rl import data as data_lib
     from mlx_med.rl import evaluate as eval_lib
@@ -555,7 +560,7 @@ class RLRunner:
     plot = self._plot()
     return {"before": first_eval, "after": last, "hf_dir": out_dir, "plot": plot, "workdir": self.workdir}
 
-  def _plot(self) -> Optional[str]:
+  def _plot(self) -> str | None:
     if jax.process_index() != 0:
       return None
     from mlx_med.rl import evaluate as eval_lib
@@ -565,7 +570,7 @@ class RLRunner:
       return None
     return eval_lib.plot_training_dynamics(path, os.path.join(self.workdir, "training_dynamics.png"))
 
-  def export(self, out_dir: Optional[str] = None) -> str:
+  def export(self, out_dir: str | None = None) -> str:
     """Writes the current policy as a Hugging Face directory (weights, config, tokenizer files)."""
     from mlx_med.llm import checkpoint as ckpt
 

@@ -13,13 +13,13 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from tiny import TINY_GENERATE, tiny_params
 
 from mlx_med.core import optim
 from mlx_med.core.config import get_config
 from mlx_med.core.sampler import Sampler, SamplingParams
 from mlx_med.core.transformer import Decoder, unstack_layers
 from mlx_med.rl import learner, rollout
-from tiny import TINY_GENERATE, tiny_params
 
 
 def test_assemble_lays_out_prompt_completion_and_mask():
@@ -223,7 +223,8 @@ def test_eval_command_on_the_run(grpo_runs, capsys):
   out = os.path.join(straight, "eval_cli.json")
   assert main(["rl", "eval", "--workdir", straight, "--data", "synthetic", "--max-new-tokens", "16",
                "--think-budget", "4", "--out", out]) == 0
-  report = json.load(open(out))
+  with open(out) as f:
+    report = json.load(f)
   assert report["n"] == 8
   assert 0.0 <= report["accuracy"] <= 1.0
   assert main(["rl", "eval", "--workdir", straight, "--data", "medqa:/nonexistent.jsonl"]) == 2
