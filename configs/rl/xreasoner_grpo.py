@@ -52,6 +52,6 @@ def _demo():
   config.rl = common.rl_section(
       algorithm="grpo", rewards="medrlvr", advantage="grpo", loss_agg="token-mean", beta=0.0,
       eps_low=0.2, eps_high=0.28, temperature=1.0, num_generations=8, prompts_per_iteration=16,
-      max_prompt_len=256, max_new_tokens=40, iterations=60, ckpt_every=10)
+      max_prompt_len=256, max_new_tokens=40, iterations=150, ckpt_every=10)
   config.eval = common.eval_section(every=10, max_examples=0, batch_size=200)
   return config

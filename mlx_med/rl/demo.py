@@ -8,7 +8,7 @@
 2. **SFT** (X-Reasoner's stage 1, `configs/rl/xreasoner_sft.py:demo`): a fresh ~1M-parameter
    decoder and a byte-level BPE tokenizer learn the chat format, short chains of thought
    and the answer block from reference solutions, for a few minutes only.
-3. **GRPO** (`configs/rl/xreasoner_grpo.py:demo`): 8 samples per question at temperature 1,
+3. **GRPO** (`configs/rl/xreasoner_grpo.py:demo`, 150 iterations): 8 samples per question at temperature 1,
    the 0/1 answer reward, group-normalised advantages, clip-higher, token-level loss.
 4. Held-out accuracy (greedy decoding) before and after GRPO is printed; the training-dynamics
    plot and metrics.jsonl (rows with `step` and `eval/accuracy`) are in `<workdir>/grpo`.
