@@ -21,7 +21,7 @@ _LIBRARY = None  # keeps the torch.library registration alive
 
 def _compiled_ops_loaded(torch) -> bool:
   try:
-    torch.ops.torchvision.nms
+    _ = torch.ops.torchvision.nms
     return True
   except (AttributeError, RuntimeError):
     return False

@@ -31,7 +31,8 @@ def get_config(arg: str | None = None):
   ppo = variant in ("paper", "smoke")
   config = common.base_config("rl", lr=1e-4 if smoke else 5e-7, batch_size=32 if smoke else 64)
   config.model = common.model_section(dtype="float32" if smoke else "bfloat16", remat="none" if smoke else "full")
-  config.data = common.data_section("synthetic", template="medrlvr", **(dict(n_train=256, n_eval=32) if smoke else {}))
+  sizes = {"n_train": 256, "n_eval": 32} if smoke else {}
+  config.data = common.data_section("synthetic", template="medrlvr", **sizes)
   config.rl = common.rl_section(
       algorithm="ppo" if ppo else "grpo", rewards="medrlvr", beta=0.001, kl_estimator="k1",
       advantage="grpo", loss_agg="token-mean", eps_low=0.2, eps_high=0.2, temperature=1.0,
@@ -40,5 +41,5 @@ def get_config(arg: str | None = None):
       num_iterations=1, iterations=3 if smoke else 300, gamma=1.0, lam=0.95, vf_coef=0.5, value_clip=0.2)
   config.eval = common.eval_section(every=3 if smoke else 20, max_examples=32 if smoke else 0)
   if not smoke:
-    config.mesh.shape.update(dict(data=1, fsdp=-1))
+    config.mesh.shape.update({"data": 1, "fsdp": -1})
   return config

@@ -32,7 +32,7 @@ def get_config(arg: str | None = None):
   config = common.base_config("rl", lr=1e-4 if smoke else 3e-6, batch_size=32 if smoke else 128)
   config.model = common.model_section(dtype="float32" if smoke else "bfloat16", remat="none" if smoke else "full")
   config.data = common.data_section("synthetic", template="xreasoner",
-                                    **(dict(n_train=256, n_eval=32) if smoke else {}))
+                                    **({"n_train": 256, "n_eval": 32} if smoke else {}))
   config.rl = common.rl_section(
       algorithm="grpo", rewards="xreasoner", advantage="grpo", loss_agg="token-mean", beta=0.01,
       kl_estimator="k3", eps_low=0.2, eps_high=0.28, temperature=1.0,
@@ -41,7 +41,7 @@ def get_config(arg: str | None = None):
       iterations=3 if smoke else 500)
   config.eval = common.eval_section(every=3 if smoke else 20, max_examples=32 if smoke else 0)
   if not smoke:
-    config.mesh.shape.update(dict(data=1, fsdp=-1))
+    config.mesh.shape.update({"data": 1, "fsdp": -1})
   return config
 
 

@@ -34,21 +34,21 @@ def get_config(arg: str | None = None):
     config.model.dtype = "bfloat16"
     config.model.remat = "full"
     config.data.seq_len = 4096
-    config.train.update(dict(epochs=4.0, lr=1e-5, batch_size=128, schedule="cosine", warmup_steps=50,
-                             weight_decay=0.0, log_every=10, eval_every=200, ckpt_every=500))
-    config.mesh.shape.update(dict(data=1, fsdp=-1))
+    config.train.update({"epochs": 4.0, "lr": 1e-5, "batch_size": 128, "schedule": "cosine", "warmup_steps": 50,
+                         "weight_decay": 0.0, "log_every": 10, "eval_every": 200, "ckpt_every": 500})
+    config.mesh.shape.update({"data": 1, "fsdp": -1})
     return config
   config.model.decoder = ml_collections.ConfigDict(dict(common.TINY_DECODER, head_dim=0, max_seq_len=0,
                                                         rope_theta=10000.0, norm_eps=1e-6, qk_norm=False))
   config.data.seq_len = 256
   config.data.template = "xreasoner"
   if variant == "smoke":
-    config.data.synthetic.update(dict(n_train=128, n_eval=16))
-    config.train.update(dict(steps=4, batch_size=8, lr=1e-3, warmup_steps=1, log_every=1, eval_every=4,
-                             ckpt_every=4, async_checkpointing=False))
+    config.data.synthetic.update({"n_train": 128, "n_eval": 16})
+    config.train.update({"steps": 4, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "log_every": 1, "eval_every": 4,
+                         "ckpt_every": 4, "async_checkpointing": False})
   else:
     config.data.synthetic.update(common.DEMO_SYNTHETIC, **common.DEMO_TEACHER)
-    config.train.update(dict(steps=400, batch_size=16, lr=2e-3, schedule="cosine", warmup_steps=20,
-                             weight_decay=0.0, log_every=25, eval_every=100, ckpt_every=100,
-                             async_checkpointing=False))
+    config.train.update({"steps": 400, "batch_size": 16, "lr": 2e-3, "schedule": "cosine", "warmup_steps": 20,
+                         "weight_decay": 0.0, "log_every": 25, "eval_every": 100, "ckpt_every": 100,
+                         "async_checkpointing": False})
   return config

@@ -350,16 +350,20 @@ class RLRunner:
     arrays = self.sampler.generate_arrays(gen_params, prompts, self._sampling(iteration, len(prompts)))
     del gen_params
     host = jax.device_get(arrays._asdict())
+    host["texts"] = self._texts(host)
+    host["examples"] = examples
+    return host
+
+  def _texts(self, host: dict) -> list[str]:
+    """Decoded completions of host rollout arrays (the stop token that ended a row left out)."""
     texts = []
-    for row in range(len(prompts)):
+    for row in range(host["tokens"].shape[0]):
       n = int(host["lengths"][row])
       ids = [int(t) for t in host["tokens"][row, :n]]
       if host["stopped"][row] and n:
         ids = ids[:-1]
       texts.append(self.tokenizer.decode(ids))
-    host["texts"] = texts
-    host["examples"] = examples
-    return host
+    return texts
 
   def score(self, host: dict) -> tuple[np.ndarray, dict]:
     """Rewards [rows] and the diagnostics averaged over the rollout."""
@@ -478,7 +482,6 @@ class RLRunner:
   # ---------------------------------------------------------------- evaluation
   def evaluate(self, examples=None, *, think_budget: int | None = None) -> dict:
     """Greedy answers to the held-out questions with the current policy."""
-    from mlx_med.rl import data as data_lib
     from mlx_med.rl import evaluate as eval_lib
 
     ev = self.config.eval
@@ -499,16 +502,9 @@ class RLRunner:
         prompts = [self.tokenizer.encode_chat(c) for c in conversations[s:s + batch_size]]
         sp = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop_token_ids=self.stop_ids,
                             think_budget=budget, think_close_ids=self.think_close_ids if budget is not None else ())
-        arrays = jax.device_get(self.sampler.generate_arrays(gen_params, prompts, sp)._asdict())
-        for row in range(len(prompts)):
-          n = int(arrays["lengths"][row])
-          ids = [int(t) for t in arrays["tokens"][row, :n]]
-          if arrays["stopped"][row] and n:
-            ids = ids[:-1]
-          outs.append(self.tokenizer.decode(ids))
+        outs.extend(self._texts(jax.device_get(self.sampler.generate_arrays(gen_params, prompts, sp)._asdict())))
       return outs
 
-    del data_lib
     result = eval_lib.evaluate(generate, examples, template=template)
     return {"eval/accuracy": result.accuracy, "eval/accuracy_lo": result.accuracy_ci[0],
             "eval/accuracy_hi": result.accuracy_ci[1], "eval/format_failure": result.format_failure,

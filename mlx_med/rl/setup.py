@@ -143,8 +143,8 @@ def decoder_config(config: ml_collections.ConfigDict, vocab_size: int, seq_len: 
   max_seq_len 0 = seq_len). Numerics (dtype, param_dtype, remat, attention_backend) from model.*.
   """
   m = config.model
-  numerics = dict(dtype=str(m.get("dtype", "float32")), param_dtype=str(m.get("param_dtype", "float32")),
-                  remat=str(m.get("remat", "none")), attention_backend=str(m.get("attention_backend", "xla")))
+  numerics = {"dtype": str(m.get("dtype", "float32")), "param_dtype": str(m.get("param_dtype", "float32")),
+              "remat": str(m.get("remat", "none")), "attention_backend": str(m.get("attention_backend", "xla"))}
   if m.get("path", ""):
     from mlx_med.llm import hf_config as hf_config_lib
 

@@ -145,13 +145,13 @@ def test_grpo_update_equals_a_direct_computation(agg, start):
 def _tiny_run_config(iterations: int, algorithm: str = "grpo") -> ml_collections.ConfigDict:
   config = get_config("configs/rl/medrlvr.py:smoke" if algorithm == "ppo" else "configs/rl/xreasoner_grpo.py:smoke")
   with config.unlocked():
-    config.model.decoder.update(dict(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64))
+    config.model.decoder.update({"num_layers": 2, "d_model": 32, "num_heads": 4, "num_kv_heads": 2, "mlp_dim": 64})
     config.model.tokenizer_vocab_size = 400
-    config.data.synthetic.update(dict(n_train=48, n_eval=8, num_diseases=8))
-    config.rl.update(dict(iterations=iterations, prompts_per_iteration=4, num_generations=4, max_new_tokens=16,
-                          ckpt_every=1, num_iterations=2))
+    config.data.synthetic.update({"n_train": 48, "n_eval": 8, "num_diseases": 8})
+    config.rl.update({"iterations": iterations, "prompts_per_iteration": 4, "num_generations": 4, "max_new_tokens": 16,
+                      "ckpt_every": 1, "num_iterations": 2})
     config.train.batch_size = 8
-    config.eval.update(dict(every=2, max_examples=8, max_new_tokens=16))
+    config.eval.update({"every": 2, "max_examples": 8, "max_new_tokens": 16})
   return config
 
 

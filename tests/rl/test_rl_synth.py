@@ -225,7 +225,7 @@ def test_sft_demonstrations_from_an_imperfect_teacher(kb):
 
   from mlx_med.rl import sft
 
-  s = ml_collections.ConfigDict(dict(seed=0, num_options=4, two_hop_fraction=0.3, teacher_error_rate=0.7))
+  s = ml_collections.ConfigDict({"seed": 0, "num_options": 4, "two_hop_fraction": 0.3, "teacher_error_rate": 0.7})
   train, held_out = synth.make_mcqa_splits(kb, n_train=400, n_eval=60, seed=0)
   pairs = sft._imperfect_teacher(kb, train, held_out, s, 0.5)
   assert len(pairs) == 400
