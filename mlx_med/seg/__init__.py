@@ -1,0 +1,1 @@
+"""Text-prompted medical image segmentation: BoltzFormer (Boltzmann-sampled masked attention) and its baselines."""
