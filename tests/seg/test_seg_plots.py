@@ -1,0 +1,126 @@
+"""The experiment's figures (valid PNGs, the kept-key maps they draw), the comparison table, and the
+decoder-step benchmark's smoke mode."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlx_med.seg import plots
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LEVELS = ((2, 2), (4, 4), (8, 8))  # 1/32, 1/16, 1/8 of a 64 px image
+
+
+def _rows():
+  return [
+      {"mode": "boltzmann", "steps": 40, "attention_gflops": 0.05, "train_s": 61.25, "eval_s": 3.0,
+       "dice": {">1%": {"mean": 0.8, "lo": 0.75, "hi": 0.85, "n": 5}, "<0.1%": {"mean": 0.4, "ci": [0.3, 0.5]},
+                "0.1-1%": (0.6, 0.55, 0.65), "all": 0.6}},
+      {"mode": "threshold", "steps": 40, "attention_gflops": 0.2, "train_s": 60.0, "eval_s": 2.9,
+       "dice": {"<0.1%": {"mean": 0.3, "lo": 0.2, "hi": 0.4}, "0.1-1%": 0.5, ">1%": 0.82, "all": 0.55}},
+      {"mode": "full", "steps": 40, "attention_gflops": 0.5, "train_s": 59.0, "eval_s": 2.8,
+       "dice": {"<0.1%": 0.35, "0.1-1%": 0.52, ">1%": 0.83, "all": 0.57}},
+  ]
+
+
+def _keep_masks(rng, heads=2, queries=3):
+  return [rng.random((heads, queries, h * w)) < 0.3 for i in range(9) for h, w in [LEVELS[i % 3]]]
+
+
+def _assert_png(path, min_side=100):
+  assert os.path.exists(path)
+  with Image.open(path) as im:
+    im.verify()
+  with Image.open(path) as im:
+    assert im.format == "PNG"
+    assert min(im.size) >= min_side and max(im.size) <= 4000
+  leftovers = [f for f in os.listdir(os.path.dirname(path)) if ".tmp" in f]
+  assert leftovers == []
+
+
+def test_kept_key_maps_average_heads_and_queries():
+  # Layer 0: 2 heads x 2 queries over a 2x2 grid; known shares per key.
+  m = np.zeros((2, 2, 4), bool)
+  m[0, 0, 0] = m[1, 0, 0] = m[0, 1, 0] = m[1, 1, 0] = True  # key 0 kept by all four rows
+  m[0, 0, 3] = True  # key 3 by one of four
+  m[1, 1, 1] = True  # key 1 by one of four, query 1 only
+  all_q = plots.kept_key_maps([m], [(2, 2)])[0]
+  np.testing.assert_allclose(all_q, [[1.0, 0.25], [0.0, 0.25]])
+  q1 = plots.kept_key_maps([m], [(2, 2)], query=1)[0]
+  np.testing.assert_allclose(q1, [[1.0, 0.5], [0.0, 0.0]])
+  # Batch axis: `example` picks the row; the grid is row-major (h, w) as the level's tokens.
+  batched = np.stack([np.zeros_like(m), m])
+  np.testing.assert_allclose(plots.kept_key_maps([batched], [(1, 4)], example=1)[0], [[1.0, 0.25, 0.0, 0.25]])
+
+
+def test_upsample_nearest_is_cell_replication():
+  g = np.arange(6, dtype=np.float32).reshape(2, 3)
+  up = plots._upsample_nearest(g, (4, 6))
+  np.testing.assert_array_equal(up, np.repeat(np.repeat(g, 2, 0), 2, 1))
+
+
+def test_plot_kept_keys_writes_png(tmp_path):
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+  gt = np.zeros((64, 64), np.uint8)
+  gt[20:26, 30:37] = 1
+  temps = [1.0 / (2 + i) for i in range(9)]
+  out = plots.plot_kept_keys(image, gt, _keep_masks(rng), temps, tmp_path / "kept.png", level_shapes=LEVELS)
+  _assert_png(out, min_side=300)
+  # One query, float image of an arbitrary range, grayscale, no ground-truth object, per-layer shapes.
+  per_layer = [LEVELS[i % 3] for i in range(9)]
+  out2 = plots.plot_kept_keys(rng.normal(size=(64, 64)), np.zeros((64, 64)), _keep_masks(rng), temps,
+                              str(tmp_path / "sub" / "kept_q1.png"), level_shapes=per_layer, query=1)
+  _assert_png(out2, min_side=300)
+
+
+def test_plot_kept_keys_bad_input(tmp_path):
+  rng = np.random.default_rng(0)
+  image = np.zeros((64, 64), np.uint8)
+  masks = _keep_masks(rng)
+  with pytest.raises(ValueError, match="temperatures"):
+    plots.plot_kept_keys(image, None, masks, [0.5] * 8, tmp_path / "a.png", level_shapes=LEVELS)
+  with pytest.raises(ValueError, match="level grid"):
+    plots.plot_kept_keys(image, None, masks, [0.5] * 9, tmp_path / "a.png", level_shapes=LEVELS[::-1])
+  with pytest.raises(ValueError, match="gt_mask"):
+    plots.plot_kept_keys(image, np.zeros((32, 32)), masks, [0.5] * 9, tmp_path / "a.png", level_shapes=LEVELS)
+  # Square grids are inferred without level_shapes; a non-square count asks for them.
+  with pytest.raises(ValueError, match="level_shapes"):
+    plots.plot_kept_keys(image, None, [np.ones((1, 1, 6), bool)], [0.5], tmp_path / "a.png")
+  assert not (tmp_path / "a.png").exists()
+
+
+def test_dice_and_flops_plots(tmp_path):
+  _assert_png(plots.plot_dice_by_bucket(_rows(), tmp_path / "dice.png"))
+  as_mapping = {r["mode"]: r["dice"] for r in _rows()}
+  _assert_png(plots.plot_dice_by_bucket(as_mapping, tmp_path / "dice2.png"))
+  _assert_png(plots.plot_flops_vs_dice(_rows(), tmp_path / "flops.png"))
+  with pytest.raises(ValueError, match="fraction"):
+    plots.plot_dice_by_bucket({"full": {"<0.1%": 35.0}}, tmp_path / "bad.png")
+
+
+def test_comparison_table_markdown():
+  md = plots.comparison_table_markdown(_rows())
+  lines = md.strip().splitlines()
+  assert len(lines) == 2 + 3
+  header = [c.strip() for c in lines[0].strip("|").split("|")]
+  # Buckets smallest first whatever the dict order, "all" last.
+  assert header == ["mode", "steps", "Dice % <0.1%", "Dice % 0.1-1%", "Dice % >1%", "Dice % all",
+                    "attn GFLOPs/image", "FLOPs vs full", "train s", "eval s"]
+  boltz = [c.strip() for c in lines[2].strip("|").split("|")]
+  assert boltz == ["boltzmann", "40", "40.0 [30.0, 50.0]", "60.0 [55.0, 65.0]", "80.0 [75.0, 85.0]", "60.0",
+                   "0.05", "0.100 (10.0x fewer)", "61.2", "3.0"]
+  full = [c.strip() for c in lines[4].strip("|").split("|")]
+  assert full[7] == "1.000" and full[2] == "35.0"
+  # An explicit ratio wins over the computed one; a missing value prints "-".
+  rows = [dict(_rows()[0], ratio_vs_full=0.125, eval_s=None)]
+  cells = [c.strip() for c in plots.comparison_table_markdown(rows).splitlines()[2].strip("|").split("|")]
+  assert cells[7] == "0.125 (8.0x fewer)" and cells[9] == "-"
+  with pytest.raises(ValueError, match="no rows"):
+    plots.comparison_table_markdown([])
