@@ -297,3 +297,52 @@ def token_selection_attend_from_config(config: SparseAttentionConfig, q, k, v, r
       q, k, v, relevance, num_selected=config.num_selected, threshold=config.threshold,
       backend=config.backend, block_sizes=config.block_sizes(), lowering=config.lowering,
       sm_scale=sm_scale, layout=config.layout)
+
+
+def boltzmann_attend_mask(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    backend: str = "auto",
+    block_sizes: BlockSizes | None = None,
+    lowering: str | None = None,
+    sm_scale: float | None = None,
+    layout: str = "BHLD",
+) -> jax.Array:
+  """Attention restricted to a GIVEN keep mask, through the Boltzmann backends.
+
+  For callers that sample themselves (BoltzFormer's decoder samples against its
+  predicted masks with its own rules, `mlx_med.seg.sampling.keep_mask`) and
+  want the sparse kernels for the attention only. The mask reaches each backend
+  in the form it reads: the XLA fallback takes it as is (dense masked
+  formulation); the kernels (and the reference, which reads it back) take the
+  block-sparse layout built on the kernel tiles.
+
+  Args:
+    q: [B, H, Q, D]; k, v: [B, Hkv, N, D] (or BLHD with layout='BLHD').
+    mask: bool [B, Q, N] (shared by all heads) or [B, Hs, Q, N] (Hs dividing
+      H); True = attend. Rows with nothing kept attend everywhere.
+    backend: see module docstring.
+  Returns:
+    Attention output shaped like q.
+  """
+  q, k, v = _to_bhld(layout, q, k, v)
+  mask = _sampling._as_4d(mask, "mask").astype(jnp.bool_)
+  if mask.shape[0] != q.shape[0] or mask.shape[2:] != (q.shape[2], k.shape[2]):
+    raise ValueError(
+        f"mask shape {mask.shape} does not fit q {q.shape} / k {k.shape}; expected"
+        f" [batch, (heads,) queries, keys] = [{q.shape[0]}, ..., {q.shape[2]}, {k.shape[2]}].")
+  if q.shape[1] % mask.shape[1]:
+    raise ValueError(f"mask heads {mask.shape[1]} must divide q heads {q.shape[1]}.")
+  entry = BOLTZMANN_BACKENDS.get(backend)
+  interpret = entry.name == "pallas_interpret"
+  _, bsz = _kernel_settings(interpret, block_sizes, lowering)
+  if entry.name == "xla":
+    sample = mask
+  else:
+    sample = _sampling.block_sparse_layout_from_mask(mask, block_q=bsz.block_q, block_k=bsz.block_k)
+  out = entry.fn(q, k, v, sample, sm_scale=sm_scale, block_sizes=bsz, lowering=lowering)
+  return _from_bhld(layout, out)
+
