@@ -195,12 +195,13 @@ def hausdorff(pred: Any, gt: Any, spacing: Any = None, *, percentile: float = 95
   Both empty -> 0.0; exactly one empty -> NaN (undefined).
   """
   p, g = _pair(pred, gt)
+  s = _spacing(spacing, p.ndim)  # checked even when the masks make it unused
   pe, ge = not p.any(), not g.any()
   if pe and ge:
     return 0.0
   if pe or ge:
     return math.nan
-  d1, d2 = surface_distances(p, g, spacing, connectivity)
+  d1, d2 = surface_distances(p, g, s, connectivity)
   return float(np.percentile(np.concatenate([d1, d2]), percentile))
 
 
@@ -438,8 +439,8 @@ def _table(groups: Mapping[str, Mapping[str, Any]], first: str) -> list[str]:
 def summary_markdown(result: Mapping[str, Any]) -> str:
   """The summary.md text: overall, per size bucket and per prompt tables."""
   lines = ["# Segmentation evaluation", "",
-           f"{result['n_images']} images; HD95 in {result['hd95_unit']}; intervals: percentile bootstrap over "
-           f"images, {result['n_boot']} resamples, seed {result['seed']}.", "",
+           (f"{result['n_images']} images; HD95 in {result['hd95_unit']}; intervals: percentile bootstrap over "
+            f"images, {result['n_boot']} resamples, seed {result['seed']}."), "",
            *_table({"all": result["overall"]}, "images"), "", "## By size of the ground-truth target", "",
            *_table(result["by_bucket"], "bucket"), "", "## By prompt", "", *_table(result["by_prompt"], "prompt"),
            "", f"Conventions: {result['conventions']}.", ""]
