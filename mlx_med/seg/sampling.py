@@ -88,6 +88,23 @@ def sampling_probabilities(scores: jax.Array, *, temperature, threshold: float =
   return e / jnp.where(z > 0, z, 1.0)
 
 
+def keep_probability(scores: jax.Array, *, layer_id: int | jax.Array, sample_ratio: float = 0.1,
+                     base_temp: float = 1.0, threshold: float = 0.5) -> jax.Array:
+  """Exact P(key attended) under the sampled modes, fp32, shaped like `scores` (no guard).
+
+  1 for the foreground (s >= threshold); 1 - (1 - p)^n for the background,
+  p from `sampling_probabilities` at the layer's temperature and n =
+  `num_draws(N, sample_ratio)`. Both samplers have this marginal; it is the
+  noise-free picture of where a query looks (plots) and the expected kept count.
+  """
+  n = num_draws(scores.shape[-1], sample_ratio)
+  s = lax.stop_gradient(scores).astype(jnp.float32)
+  p = sampling_probabilities(s, temperature=base_temp / (2.0 + layer_id), threshold=threshold)
+  # -expm1(n log1p(-p)) = 1 - (1 - p)^n without cancellation for small p.
+  marginal = -jnp.expm1(n * jnp.log1p(-jnp.minimum(p, 1.0))) if n > 0 else jnp.zeros_like(p)
+  return jnp.where(s >= threshold, 1.0, marginal)
+
+
 def _heads_scores(scores: jax.Array, num_heads: int) -> jax.Array:
   """[B, Q, N] or [B, 1|H, Q, N] -> [B, H, Q, N] (broadcast; no copy under jit)."""
   if scores.ndim == 3:
@@ -108,15 +125,18 @@ def _keep_mask(rng, scores, layer_id, base_temp, threshold, *, mode, num_heads, 
   if mode in SAMPLED_MODES:
     n = num_draws(s.shape[-1], sample_ratio)
     if n > 0:
-      p = sampling_probabilities(s, temperature=base_temp / (2.0 + layer_id), threshold=threshold)
       if sampler == "bernoulli":
-        # P(drawn at least once in n draws) = 1 - (1 - p)^n, computed stably.
-        marginal = -jnp.expm1(n * jnp.log1p(-jnp.minimum(p, 1.0)))
-        u = jax.random.uniform(rng, (p.size,), jnp.float32).reshape(p.shape)
+        # Each key on its own with P(drawn at least once in n draws); one
+        # uniform per (batch, head, query, key), drawn flat (threefry compiles
+        # much faster for a 1-D shape).
+        marginal = keep_probability(s, layer_id=layer_id, sample_ratio=sample_ratio,
+                                    base_temp=base_temp, threshold=threshold)
+        u = jax.random.uniform(rng, (s.size,), jnp.float32).reshape(s.shape)
         sampled = u < marginal
       else:
         # The kernels' inverse-CDF draws; rows without mass get the sentinel N
         # (no draw), which the scatter drops.
+        p = sampling_probabilities(s, temperature=base_temp / (2.0 + layer_id), threshold=threshold)
         draws = _bs._inverse_cdf_draws(rng, p, n)
         sampled = _bs._indices_to_mask(draws, s.shape[-1])
       keep = keep | sampled

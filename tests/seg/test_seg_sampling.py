@@ -134,6 +134,8 @@ def test_keep_frequency_matches_one_minus_one_minus_p_to_the_n(sample_scores, sa
   m = B_REP * H_REP
   freq = keep.reshape(m, Q_S, N_S).mean(0)
   want = _release_keep_probability(s, layer_id, RATIO)
+  _close(smp.keep_probability(jnp.asarray(s), layer_id=layer_id, sample_ratio=RATIO), want, 1e-6,
+         "keep_probability")
   sigma = np.sqrt(want * (1 - want) / m)
   err = np.abs(freq - want)
   assert np.all(err <= 5 * sigma + 1e-12), (
@@ -287,3 +289,30 @@ def test_kept_pairs_and_attention_flops_by_hand():
   np.testing.assert_array_equal(np.asarray(smp.attention_flops(smp.kept_pairs(jnp.asarray(keep)), 64)),
                                 [4 * 64 * 24, 4 * 64 * 3])
   assert smp.attention_flops(10, 32) == 1280
+
+
+# ------------------------------------------------------------- on a GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_kernel_equals_dense_sampled_at_decoder_shapes(dtype):
+  """The compiled Triton kernel at a decoder layer's shapes (101 queries, 8 heads, a 32x32 level)."""
+  b, h, nq, n, d = 2, 8, 101, 1024, 64
+  q, k, v = (_randn(i, shape).astype(dtype) for i, shape in
+             enumerate([(b, h, nq, d), (b, h, n, d), (b, h, n, d)]))
+  scores = jax.nn.sigmoid(3 * _randn(9, (b, nq, n)))
+  keep = smp.keep_mask(jax.random.PRNGKey(0), scores, mode="boltzmann", layer_id=3, num_heads=h)
+  ct = jnp.cos(jnp.arange(q.size, dtype=jnp.float32)).reshape(q.shape).astype(dtype)
+
+  @jax.jit
+  def both(q, k, v):
+    out, vjp = jax.vjp(lambda *a: smp.attend(*a, keep, mode="boltzmann", kernel_backend="pallas"),
+                       q, k, v)
+    ref, ref_vjp = jax.vjp(lambda *a: smp.attend(*a, keep, mode="dense_sampled"), q, k, v)
+    return out, vjp(ct), ref, ref_vjp(ct)
+
+  assert "triton" in both.lower(q, k, v).as_text()
+  out, grads, ref, ref_grads = both(q, k, v)
+  fwd, grad = (2e-3, 1e-2) if dtype == jnp.float32 else (3e-2, 8e-2)  # TF32 / bf16 matmuls
+  _close(out, ref, fwd, "output")
+  for name, g, r in zip("qkv", grads, ref_grads):
+    _close(g, r, grad, f"d{name}")
