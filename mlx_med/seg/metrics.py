@@ -44,8 +44,8 @@ import numpy as np
 from scipy import ndimage
 
 # Size buckets of the target, as a fraction of the image area (lower bound inclusive, upper exclusive; the last
-# one closed). The canonical copy belongs with the data (mlx_med/seg/data.py); it lives here until that module
-# defines it, and the two must stay equal.
+# one closed). The data side (mlx_med/seg/synth.py, which labels the synthetic lesions) defines the same tuple;
+# the metrics keep their own copy so that scoring imports no data code, and a test holds the two equal.
 SIZE_BUCKETS = (("<0.1%", 0.0, 0.001), ("0.1-1%", 0.001, 0.01), (">1%", 0.01, 1.0))
 EMPTY_BUCKET = "empty"
 METRICS = ("dice", "iou", "hd95")
@@ -236,20 +236,20 @@ def _check_boot(n_boot: int) -> None:
 def bootstrap_mean_ci(values: Any, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
   """Mean of the finite `values` and its percentile bootstrap interval.
 
-  NaN values are dropped first (and counted as `n_undefined`). Returns {"mean", "ci_low", "ci_high", "n",
+  NaN values are dropped first (and counted as `n_undefined`). Returns {"mean", "lo", "hi", "n",
   "n_undefined"}; with no finite value the figures are NaN. Deterministic given `seed`.
   """
   _check_boot(n_boot)
   v = np.asarray(values, np.float64).reshape(-1)
   finite = v[np.isfinite(v)]
-  out = {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": int(finite.size),
+  out = {"mean": math.nan, "lo": math.nan, "hi": math.nan, "n": int(finite.size),
          "n_undefined": int(v.size - finite.size)}
   if finite.size == 0:
     return out
   means = _bootstrap_means(finite, int(n_boot), np.random.default_rng(seed))
   alpha = (1.0 - level) / 2.0
   lo, hi = np.percentile(means, [100 * alpha, 100 * (1 - alpha)])
-  out.update(mean=float(finite.mean()), ci_low=float(lo), ci_high=float(hi))
+  out.update(mean=float(finite.mean()), lo=float(lo), hi=float(hi))
   return out
 
 
@@ -257,8 +257,8 @@ def paired_difference(a: Any, b: Any, n_boot: int = 1000, seed: int = 0, level: 
   """Mean of a - b over the same images with a paired percentile bootstrap interval.
 
   `a` and `b` are per-image values in the same image order (e.g. Dice of one checkpoint under two attention
-  modes). Images where either value is NaN are dropped and counted (`n_excluded`). Returns {"mean_diff",
-  "ci_low", "ci_high", "n", "n_excluded", "mean_a", "mean_b"}; an interval excluding 0 marks a difference
+  modes). Images where either value is NaN are dropped and counted (`n_excluded`). Returns {"mean",
+  "lo", "hi", "n", "n_excluded", "mean_a", "mean_b"}; an interval excluding 0 marks a difference
   the resampling supports at that level.
   """
   x = np.asarray(a, np.float64).reshape(-1)
@@ -267,7 +267,7 @@ def paired_difference(a: Any, b: Any, n_boot: int = 1000, seed: int = 0, level: 
     raise SegMetricsError(f"paired difference needs the same images on both sides; got {x.size} and {y.size} values")
   ok = np.isfinite(x) & np.isfinite(y)
   stats = bootstrap_mean_ci(x[ok] - y[ok], n_boot=n_boot, seed=seed, level=level)
-  return {"mean_diff": stats["mean"], "ci_low": stats["ci_low"], "ci_high": stats["ci_high"], "n": stats["n"],
+  return {"mean": stats["mean"], "lo": stats["lo"], "hi": stats["hi"], "n": stats["n"],
           "n_excluded": int(x.size - ok.sum()),
           "mean_a": float(x[ok].mean()) if ok.any() else math.nan,
           "mean_b": float(y[ok].mean()) if ok.any() else math.nan}
@@ -323,8 +323,8 @@ def evaluate_masks(preds: Sequence[Any], gts: Sequence[Any], examples: Sequence[
       NIfTI header); HD95 is in those units.
     n_boot, seed: bootstrap resamples and their seed (the same seed for every group: deterministic).
     threshold: when given, prediction = pred >= threshold.
-  Returns {"n_images", "hd95_unit", "conventions", "n_boot", "seed", "overall", "by_bucket", "by_prompt",
-  "per_image"}; each group is {"n", "dice"/"iou"/"hd95": {"mean", "ci_low", "ci_high", "n", "n_undefined"},
+  Returns {"n_images", "hd95_unit", "conventions", "n_boot", "seed", "overall", "buckets", "prompts",
+  "per_image"}; each group is {"n", "dice"/"iou"/"hd95": {"mean", "lo", "hi", "n", "n_undefined"},
   "n_both_empty", "n_pred_empty", "n_gt_empty"}.
   """
   _check_boot(n_boot)
@@ -353,13 +353,14 @@ def evaluate_masks(preds: Sequence[Any], gts: Sequence[Any], examples: Sequence[
         "hd95": hausdorff(p, g, s, percentile=95.0, connectivity=connectivity), "empty": empty,
     })
   bucket_names = [b[0] for b in SIZE_BUCKETS] + [EMPTY_BUCKET]
-  by_bucket = {b: _group_summary([r for r in rows if r["bucket"] == b], n_boot, seed)
+  buckets = {b: _group_summary([r for r in rows if r["bucket"] == b], n_boot, seed)
                for b in bucket_names if any(r["bucket"] == b for r in rows)}
   prompts = sorted({r["prompt"] for r in rows})
-  by_prompt = {p: _group_summary([r for r in rows if r["prompt"] == p], n_boot, seed) for p in prompts}
-  return {"n_images": n, "hd95_unit": "pixel" if spacing is None else "spacing units (mm for NIfTI/DICOM)",
+  prompt_groups = {p: _group_summary([r for r in rows if r["prompt"] == p], n_boot, seed) for p in prompts}
+  unit = "pixel" if all(sp is None for sp in spacings) else "spacing units (mm for NIfTI/DICOM)"
+  return {"n_images": n, "hd95_unit": unit,
           "conventions": CONVENTIONS, "n_boot": int(n_boot), "seed": int(seed),
-          "overall": _group_summary(rows, n_boot, seed), "by_bucket": by_bucket, "by_prompt": by_prompt,
+          "overall": _group_summary(rows, n_boot, seed), "buckets": buckets, "prompts": prompt_groups,
           "per_image": rows}
 
 
@@ -376,11 +377,11 @@ def compare_results(a: Mapping[str, Any], b: Mapping[str, Any], *, metric: str =
     raise SegMetricsError("the two results cover different images (count, order or ground truth differ); "
                           "evaluate both on the same masks in the same order")
   out = {"metric": metric, "overall": paired_difference([r[metric] for r in ra], [r[metric] for r in rb],
-                                                         n_boot, seed), "by_bucket": {}}
+                                                         n_boot, seed), "buckets": {}}
   for name in [x[0] for x in SIZE_BUCKETS] + [EMPTY_BUCKET]:
     idx = [i for i, r in enumerate(ra) if r["bucket"] == name]
     if idx:
-      out["by_bucket"][name] = paired_difference([ra[i][metric] for i in idx], [rb[i][metric] for i in idx],
+      out["buckets"][name] = paired_difference([ra[i][metric] for i in idx], [rb[i][metric] for i in idx],
                                                  n_boot, seed)
   return out
 
@@ -423,7 +424,7 @@ def _fmt(x: float, digits: int) -> str:
 def _cell(stats: Mapping[str, Any], digits: int) -> str:
   if not math.isfinite(stats["mean"]):
     return "n/a"
-  return f"{_fmt(stats['mean'], digits)} [{_fmt(stats['ci_low'], digits)}, {_fmt(stats['ci_high'], digits)}]"
+  return f"{_fmt(stats['mean'], digits)} [{_fmt(stats['lo'], digits)}, {_fmt(stats['hi'], digits)}]"
 
 
 def _table(groups: Mapping[str, Mapping[str, Any]], first: str) -> list[str]:
@@ -442,7 +443,7 @@ def summary_markdown(result: Mapping[str, Any]) -> str:
            (f"{result['n_images']} images; HD95 in {result['hd95_unit']}; intervals: percentile bootstrap over "
             f"images, {result['n_boot']} resamples, seed {result['seed']}."), "",
            *_table({"all": result["overall"]}, "images"), "", "## By size of the ground-truth target", "",
-           *_table(result["by_bucket"], "bucket"), "", "## By prompt", "", *_table(result["by_prompt"], "prompt"),
+           *_table(result["buckets"], "bucket"), "", "## By prompt", "", *_table(result["prompts"], "prompt"),
            "", f"Conventions: {result['conventions']}.", ""]
   return "\n".join(lines)
 

@@ -167,8 +167,8 @@ def test_undefined_hd95_is_counted_and_left_out_of_the_mean():
   assert hd["mean"] == pytest.approx((2.0 + 0.0) / 2)  # the shifted squares and the both-empty image
   assert res["overall"]["dice"]["mean"] == pytest.approx(1.5 / 4) and res["overall"]["dice"]["n_undefined"] == 0
   assert (res["overall"]["n_pred_empty"], res["overall"]["n_gt_empty"], res["overall"]["n_both_empty"]) == (1, 1, 1)
-  assert set(res["by_bucket"]) == {">1%", "empty"}  # a 16-voxel target in 256 voxels; empty targets apart
-  assert res["by_bucket"]["empty"]["n"] == 2
+  assert set(res["buckets"]) == {">1%", "empty"}  # a 16-voxel target in 256 voxels; empty targets apart
+  assert res["buckets"]["empty"]["n"] == 2
 
 
 # --------------------------------------------------------------------------- bootstrap
@@ -180,13 +180,13 @@ def test_bootstrap_interval_contains_the_mean_is_seeded_and_has_the_normal_width
   a = M.bootstrap_mean_ci(values, n_boot=2000, seed=3)
   assert a == M.bootstrap_mean_ci(values, n_boot=2000, seed=3)  # deterministic given the seed
   assert a != M.bootstrap_mean_ci(values, n_boot=2000, seed=4)
-  assert a["ci_low"] < a["mean"] < a["ci_high"]
+  assert a["lo"] < a["mean"] < a["hi"]
   assert a["mean"] == pytest.approx(values.mean(), abs=1e-15)
   # percentile interval of a mean of 400 draws ~ mean +- 1.96 * sd / sqrt(n): width within 10% of that
   normal_width = 2 * 1.96 * values.std(ddof=1) / math.sqrt(values.size)
-  assert (a["ci_high"] - a["ci_low"]) == pytest.approx(normal_width, rel=0.1)
+  assert (a["hi"] - a["lo"]) == pytest.approx(normal_width, rel=0.1)
   one = M.bootstrap_mean_ci([0.3], n_boot=10, seed=0)
-  assert (one["mean"], one["ci_low"], one["ci_high"]) == (0.3, 0.3, 0.3)
+  assert (one["mean"], one["lo"], one["hi"]) == (0.3, 0.3, 0.3)
   none = M.bootstrap_mean_ci([math.nan], n_boot=10, seed=0)
   assert math.isnan(none["mean"]) and none["n"] == 0 and none["n_undefined"] == 1
 
@@ -195,7 +195,7 @@ def test_bootstrap_chunks_large_inputs_deterministically():
   values = np.random.default_rng(0).random(300_000)  # forces several resample chunks
   a = M.bootstrap_mean_ci(values, n_boot=40, seed=0)
   assert a == M.bootstrap_mean_ci(values, n_boot=40, seed=0)
-  assert a["ci_low"] <= a["mean"] <= a["ci_high"] and a["ci_high"] - a["ci_low"] < 0.01
+  assert a["lo"] <= a["mean"] <= a["hi"] and a["hi"] - a["lo"] < 0.01
 
 
 def test_paired_difference():
@@ -203,18 +203,18 @@ def test_paired_difference():
   b = rng.random(200)
   shifted = M.paired_difference(b + 0.1, b, n_boot=200, seed=0)
   # a constant shift: every paired resample has the same mean difference
-  assert shifted["mean_diff"] == pytest.approx(0.1) and shifted["ci_low"] == pytest.approx(0.1)
-  assert shifted["ci_high"] == pytest.approx(0.1)
+  assert shifted["mean"] == pytest.approx(0.1) and shifted["lo"] == pytest.approx(0.1)
+  assert shifted["hi"] == pytest.approx(0.1)
   a = b + rng.normal(0.05, 0.1, 200)
   a[:3] = math.nan
   d = M.paired_difference(a, b, n_boot=500, seed=0)
   assert d["n"] == 197 and d["n_excluded"] == 3
-  assert d["mean_diff"] == pytest.approx(np.mean(a[3:] - b[3:]), abs=1e-12)
-  assert d["ci_low"] < d["mean_diff"] < d["ci_high"] and d["ci_low"] > 0  # the 0.05 gain is resolved
+  assert d["mean"] == pytest.approx(np.mean(a[3:] - b[3:]), abs=1e-12)
+  assert d["lo"] < d["mean"] < d["hi"] and d["lo"] > 0  # the 0.05 gain is resolved
   assert d == M.paired_difference(a, b, n_boot=500, seed=0)
   # pairing removes the between-image spread: the interval of the difference is narrower than that of a's mean
   ua = M.bootstrap_mean_ci(a, n_boot=500, seed=0)
-  assert d["ci_high"] - d["ci_low"] < (ua["ci_high"] - ua["ci_low"])
+  assert d["hi"] - d["lo"] < (ua["hi"] - ua["lo"])
   with pytest.raises(M.SegMetricsError, match="same images"):
     M.paired_difference(a, b[:10])
 
@@ -254,30 +254,30 @@ def test_per_bucket_and_per_prompt_grouping():
                      "image_path": f"/data/img{i}.png", "label": "lesion"})
   res = M.evaluate_masks(preds, gts, examples, n_boot=300, seed=0)
   rows = res["per_image"]
-  assert list(res["by_bucket"]) == ["<0.1%", "0.1-1%", ">1%"]
+  assert list(res["buckets"]) == ["<0.1%", "0.1-1%", ">1%"]
   for bucket, area in zip(["<0.1%", "0.1-1%", ">1%"], (5, 50, 400)):
     group = [r for r in rows if r["bucket"] == bucket]
     assert len(group) == 10 and all(r["gt_area_fraction"] == area / 1e4 for r in group)
     for m in ("dice", "iou", "hd95"):
-      assert res["by_bucket"][bucket][m]["mean"] == pytest.approx(np.mean([r[m] for r in group]), abs=1e-12)
-  assert sorted(res["by_prompt"]) == ["kidney stone in CT scan", "lung nodule in CT scan"]
+      assert res["buckets"][bucket][m]["mean"] == pytest.approx(np.mean([r[m] for r in group]), abs=1e-12)
+  assert sorted(res["prompts"]) == ["kidney stone in CT scan", "lung nodule in CT scan"]
   lung = [r for r in rows if r["prompt"] == "lung nodule in CT scan"]
-  assert res["by_prompt"]["lung nodule in CT scan"]["n"] == 15
-  assert res["by_prompt"]["lung nodule in CT scan"]["dice"]["mean"] == pytest.approx(np.mean([r["dice"] for r in lung]))
+  assert res["prompts"]["lung nodule in CT scan"]["n"] == 15
+  assert res["prompts"]["lung nodule in CT scan"]["dice"]["mean"] == pytest.approx(np.mean([r["dice"] for r in lung]))
   assert res["overall"]["n"] == 30 and rows[7]["case_id"] == "c7" and rows[7]["image"] == "/data/img7.png"
   for i, r in enumerate(rows):  # the rows agree with the one-image functions
     assert (r["dice"], r["iou"], r["hd95"]) == (M.dice(preds[i], gts[i]), M.iou(preds[i], gts[i]),
                                                 M.hd95(preds[i], gts[i]))
-  for group in [res["overall"], *res["by_bucket"].values(), *res["by_prompt"].values()]:
+  for group in [res["overall"], *res["buckets"].values(), *res["prompts"].values()]:
     for m in ("dice", "iou", "hd95"):
-      assert group[m]["ci_low"] <= group[m]["mean"] <= group[m]["ci_high"]
+      assert group[m]["lo"] <= group[m]["mean"] <= group[m]["hi"]
   assert M.evaluate_masks(preds, gts, examples, n_boot=300, seed=0) == res
 
   # comparing two results on the same images: a better prediction set gains Dice in every bucket
   res_gt = M.evaluate_masks(gts, gts, examples, n_boot=300, seed=0)
   cmp = M.compare_results(res_gt, res, metric="dice", n_boot=300, seed=0)
-  assert cmp["overall"]["mean_diff"] == pytest.approx(1.0 - res["overall"]["dice"]["mean"])
-  assert set(cmp["by_bucket"]) == {"<0.1%", "0.1-1%", ">1%"} and all(v["mean_diff"] > 0 for v in cmp["by_bucket"].values())
+  assert cmp["overall"]["mean"] == pytest.approx(1.0 - res["overall"]["dice"]["mean"])
+  assert set(cmp["buckets"]) == {"<0.1%", "0.1-1%", ">1%"} and all(v["mean"] > 0 for v in cmp["buckets"].values())
 
 
 def test_volumes_with_per_image_spacing_and_threshold():
@@ -352,3 +352,22 @@ def test_thousand_images_of_128_px_take_seconds():
   elapsed = time.perf_counter() - start
   assert res["overall"]["n"] == 1000
   assert elapsed < 15.0, f"evaluating 1000 images of 128 px took {elapsed:.1f} s"  # about 0.5 s measured
+
+
+def test_size_buckets_agree_with_the_data_modules():
+  import importlib
+  import importlib.util
+
+  found = 0
+  for name in ("mlx_med.seg.data", "mlx_med.seg.synth"):
+    if importlib.util.find_spec(name) is None:
+      continue
+    module = importlib.import_module(name)
+    if not hasattr(module, "SIZE_BUCKETS"):
+      continue
+    found += 1
+    assert tuple(module.SIZE_BUCKETS) == M.SIZE_BUCKETS, name
+    for area in (0.0, 0.0005, 0.001, 0.005, 0.01, 0.3, 1.0):
+      assert module.size_bucket(area) == M.size_bucket(area), (name, area)
+  if not found:
+    pytest.skip("no data module defines SIZE_BUCKETS yet")
