@@ -3,6 +3,7 @@ decoder-step benchmark's smoke mode."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -124,3 +125,25 @@ def test_comparison_table_markdown():
   assert cells[7] == "0.125 (8.0x fewer)" and cells[9] == "-"
   with pytest.raises(ValueError, match="no rows"):
     plots.comparison_table_markdown([])
+
+
+def test_seg_step_bench_smoke(tmp_path):
+  """The decoder-step benchmark runs at tiny shapes, checks kernel vs dense, and prints its ratio line."""
+  out_json = tmp_path / "seg_step.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "bench", "seg_step.py"), "--smoke", "--check", "--json", str(out_json)],
+      capture_output=True, text=True, timeout=180, cwd=REPO, env=env, check=False)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  out = proc.stdout
+  assert "# machine:" in out and "load average" in out and "jax " in out
+  assert "check boltzmann[xla] vs dense_sampled on the same keep masks: PASS" in out
+  ratio_lines = [line for line in out.splitlines() if line.startswith("ratio dense_sampled / boltzmann:")]
+  assert len(ratio_lines) == 1 and "kept fraction" in ratio_lines[0]
+  payload = json.loads(out_json.read_text())
+  assert payload["check"]["ok"] is True
+  assert payload["ratio"]["boltzmann"] > 0
+  assert len(payload["layers_detail"]) == 3
+  # Layer i samples at the temperature of the prediction before it: T = 1 / (2 + (i - 1)).
+  assert [round(r["temperature"], 6) for r in payload["layers_detail"]] == [1.0, 0.5, round(1 / 3, 6)]
+  assert 0 < payload["kept_fraction"] <= 1
