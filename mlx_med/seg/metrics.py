@@ -349,7 +349,7 @@ def evaluate_masks(preds: Sequence[Any], gts: Sequence[Any], examples: Sequence[
         "label": _meta(ex, "label", "") or "",
         "bucket": EMPTY_BUCKET if gs == 0 else size_bucket(gt_area),
         "gt_area_fraction": gt_area, "pred_area_fraction": ps / p.size,
-        "dice": _dice_from(tp, ps, gs), "iou": _iou_from(tp, ps, gs),
+        "tp": tp, "fp": ps - tp, "fn": gs - tp, "dice": _dice_from(tp, ps, gs), "iou": _iou_from(tp, ps, gs),
         "hd95": hausdorff(p, g, s, percentile=95.0, connectivity=connectivity), "empty": empty,
     })
   bucket_names = [b[0] for b in SIZE_BUCKETS] + [EMPTY_BUCKET]
@@ -449,7 +449,7 @@ def summary_markdown(result: Mapping[str, Any]) -> str:
 
 
 PER_IMAGE_COLUMNS = ("index", "case_id", "slice_index", "image", "prompt", "label", "bucket", "gt_area_fraction",
-                     "pred_area_fraction", "dice", "iou", "hd95", "empty")
+                     "pred_area_fraction", "tp", "fp", "fn", "dice", "iou", "hd95", "empty")
 
 
 def write_report(result: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> ReportPaths:

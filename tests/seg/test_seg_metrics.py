@@ -162,6 +162,7 @@ def test_undefined_hd95_is_counted_and_left_out_of_the_mean():
   rows = res["per_image"]
   assert [r["empty"] for r in rows] == ["", "pred", "gt", "both"]
   assert [r["dice"] for r in rows] == [0.5, 0.0, 0.0, 1.0]
+  assert [(r["tp"], r["fp"], r["fn"]) for r in rows] == [(8, 8, 8), (0, 0, 16), (0, 16, 0), (0, 0, 0)]
   hd = res["overall"]["hd95"]
   assert hd["n"] == 2 and hd["n_undefined"] == 2
   assert hd["mean"] == pytest.approx((2.0 + 0.0) / 2)  # the shifted squares and the both-empty image
