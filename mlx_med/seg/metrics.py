@@ -1,7 +1,8 @@
 """Segmentation metrics: Dice, IoU and the 95% Hausdorff distance, aggregated with bootstrap intervals.
 
-The definitions are those nnU-Net and the Medical Segmentation Decathlon report (as `medpy.metric.binary`
-computes them), so figures here compare with published ones:
+The definitions are the ones medical segmentation papers report (nnU-Net's Dice and IoU; HD95 as
+`medpy.metric.binary.hd95` computes it, which nnU-Net's first evaluator called), so figures here compare with
+published ones:
 
 - `dice(pred, gt)` = 2|P∩G| / (|P| + |G|); `iou(pred, gt)` = |P∩G| / |P∪G|.
 - `hd95(pred, gt, spacing)`: the surface of a mask is the mask minus its binary erosion with the
@@ -12,8 +13,9 @@ computes them), so figures here compare with published ones:
   the other mask (`scipy.ndimage.distance_transform_edt(..., sampling=spacing)`); HD95 is the 95th percentile
   (numpy's linear interpolation) of the union of both directed distance sets. 2D and 3D alike.
 
-Empty masks (the conventions nnU-Net and the Decathlon use; stated in every report):
-- both empty: Dice 1, IoU 1, HD95 0 (a correct "nothing here");
+Empty masks (stated in every report):
+- both empty: Dice 1, IoU 1, HD95 0: a prompt for an absent target answered with nothing is a correct answer.
+  (nnU-Net leaves this case undefined, 0/0, and skips it in its means; medpy refuses empty masks.)
 - exactly one empty: Dice 0, IoU 0, HD95 undefined (NaN): it is counted per group (`n_undefined`) and left out
   of the HD95 mean and its interval, never replaced by an arbitrary penalty distance.
 

@@ -273,6 +273,8 @@ def test_per_bucket_and_per_prompt_grouping():
     for m in ("dice", "iou", "hd95"):
       assert group[m]["lo"] <= group[m]["mean"] <= group[m]["hi"]
   assert M.evaluate_masks(preds, gts, examples, n_boot=300, seed=0) == res
+  # a stacked array (first axis = images) scores the same as the list
+  assert M.evaluate_masks(np.stack(preds), np.stack(gts), examples, n_boot=300, seed=0) == res
 
   # comparing two results on the same images: a better prediction set gains Dice in every bucket
   res_gt = M.evaluate_masks(gts, gts, examples, n_boot=300, seed=0)
