@@ -16,8 +16,11 @@ Rows and tables use one shape (what `mlx-med seg compare` collects per attention
   {"mode": "boltzmann", "steps": 300,
    "dice": {"<0.1%": {"mean": 0.61, "lo": 0.55, "hi": 0.66, "n": 40}, "0.1-1%": ..., ">1%": ..., "all": ...},
    "attention_gflops": 0.42, "ratio_vs_full": 0.098, "train_s": 512.0, "eval_s": 14.2}
-A bucket's statistic may also be a bare float (no interval), a (mean, lo, hi) triple, or a dict with
-"ci": [lo, hi] (or "ci_lo"/"ci_hi"). Dice values are fractions in [0, 1]; the figures and the table show them
+A bucket's statistic may also be a bare float (no interval), a (mean, lo, hi) triple, a dict with
+"ci": [lo, hi] (or "ci_lo"/"ci_hi"), or a metrics group ({"n", "dice": {"mean", "lo", "hi"}, "iou": ...}).
+Rows shaped as `mlx_med.seg.compare` collects them are read too: "buckets" ({bucket: metrics group}) and
+"overall" (shown as "all") instead of "dice", "attention_gflops_per_image", "flops_ratio_vs_full" (full / mode,
+the inverse of "ratio_vs_full"), "train_seconds" and "predict_seconds". Dice values are fractions in [0, 1]; the figures and the table show them
 in percent, the unit the paper's "+3 to +12 Dice" speaks in.
 
 Drawn with matplotlib's Agg backend (no display); every PNG is written under a temporary name in the target
@@ -142,7 +145,7 @@ def kept_key_maps(keep_masks: Sequence[Any], level_shapes=None, *, query: int | 
 def plot_kept_keys(image, gt_mask, keep_masks: Sequence[Any], layer_temperatures: Sequence[float],
                    out_png: str | os.PathLike, *, level_shapes: Sequence[tuple[int, int]] | None = None,
                    query: int | None = None, example: int = 0, title: str | None = None,
-                   ncols: int = 3) -> str:
+                   ncols: int = 3, grids: Sequence[tuple[int, int]] | None = None) -> str:
   """One panel per decoder layer: the kept keys of that layer over the image.
 
   Args:
@@ -154,10 +157,15 @@ def plot_kept_keys(image, gt_mask, keep_masks: Sequence[Any], layer_temperatures
     level_shapes: (h, w) per level (layer i uses level i % len) or per layer; None = square grids.
     query: average over the heads of this query only; None = over heads and all queries.
     title: the figure title (default names the query choice).
+    grids: another name for level_shapes (give one of the two).
   Returns:
     out_png.
   """
   plt = _pyplot()
+  if grids is not None:
+    if level_shapes is not None:
+      raise ValueError("plot_kept_keys: give level_shapes= or grids= (the same thing), not both.")
+    level_shapes = grids
   if len(layer_temperatures) != len(keep_masks):
     raise ValueError(f"plot_kept_keys: {len(keep_masks)} keep masks but {len(layer_temperatures)} temperatures; "
                      "give one temperature per decoder layer.")
@@ -206,6 +214,8 @@ def plot_kept_keys(image, gt_mask, keep_masks: Sequence[Any], layer_temperatures
 # ------------------------------------------------------------- dice / table
 def _stat(value: Any, where: str) -> tuple[float, float | None, float | None]:
   """A bucket statistic in any of the documented shapes -> (mean, lo, hi) as fractions."""
+  if isinstance(value, Mapping) and isinstance(value.get("dice"), Mapping):
+    value = value["dice"]  # a metrics group: {"n", "dice": {...}, "iou": {...}, ...}
   if isinstance(value, Mapping):
     mean = value.get("mean", value.get("dice"))
     if "ci" in value and value["ci"] is not None:
@@ -227,16 +237,47 @@ def _stat(value: Any, where: str) -> tuple[float, float | None, float | None]:
   return out
 
 
+def _row_dice(r: Mapping) -> Mapping:
+  """A row's {bucket: stat}: its "dice", or its "buckets" (+ "overall" as "all")."""
+  if "mode" not in r or ("dice" not in r and "buckets" not in r):
+    raise ValueError(f"comparison row with keys {sorted(r)} lacks 'mode' or 'dice'/'buckets'; see "
+                     "mlx_med.seg.plots for the row shape.")
+  if "dice" in r:
+    return r["dice"]
+  out = dict(r["buckets"] or {})
+  if r.get("overall") is not None:
+    out.setdefault("all", r["overall"])
+  return out
+
+
+def _first(r: Mapping, *keys: str) -> Any:
+  for k in keys:
+    if r.get(k) is not None:
+      return r[k]
+  return None
+
+
+def _gflops(r: Mapping) -> Any:
+  return _first(r, "attention_gflops", "attention_gflops_per_image")
+
+
+def _ratio_vs_full(r: Mapping) -> float | None:
+  """Attention FLOPs of the row's mode / those of `full` (from either row shape)."""
+  if r.get("ratio_vs_full") is not None:
+    return float(r["ratio_vs_full"])
+  if r.get("flops_ratio_vs_full") is not None:  # full / mode
+    x = float(r["flops_ratio_vs_full"])
+    return 1.0 / x if x > 0 else None
+  return None
+
+
 def _dice_table(table: Any) -> dict[str, dict[str, tuple[float, float | None, float | None]]]:
   """Rows (list of {"mode", "dice": {bucket: stat}}) or {mode: {bucket: stat}} -> {mode: {bucket: stat}}."""
   if isinstance(table, Mapping):
     items = list(table.items())
   else:
     items = []
-    for r in table:
-      if "mode" not in r or "dice" not in r:
-        raise ValueError(f"comparison row {r!r} lacks 'mode' or 'dice'; see mlx_med.seg.plots for the row shape.")
-      items.append((r["mode"], r["dice"]))
+    items = [(r["mode"], _row_dice(r)) for r in table]
   return {str(mode): {str(b): _stat(s, f"mode {mode!r}, bucket {b!r}") for b, s in (buckets or {}).items()}
           for mode, buckets in items}
 
@@ -291,7 +332,7 @@ def plot_flops_vs_dice(rows: Sequence[Mapping], out_png: str | os.PathLike, *,
   data = _dice_table(rows)
   flops = {}
   for r in rows:
-    g = r.get("attention_gflops")
+    g = _gflops(r)
     if g is None or not float(g) > 0:
       raise ValueError(f"plot_flops_vs_dice: mode {r.get('mode')!r} has attention_gflops={g!r}; need a "
                        "positive number per row.")
@@ -344,19 +385,19 @@ def comparison_table_markdown(rows: Sequence[Mapping]) -> str:
   data = _dice_table(rows)
   buckets = _bucket_order(b for d in data.values() for b in d)
   full = next((r for r in rows if r["mode"] == "full"), None)
-  full_g = float(full["attention_gflops"]) if full and full.get("attention_gflops") else None
+  full_g = float(_gflops(full)) if full and _gflops(full) else None
   header = (["mode", "steps"] + [f"Dice % {b}" for b in buckets]
             + ["attn GFLOPs/image", "FLOPs vs full", "train s", "eval s"])
   lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
   for r in rows:
     mode = str(r["mode"])
-    ratio = r.get("ratio_vs_full")
-    if ratio is None and full_g and r.get("attention_gflops") is not None:
-      ratio = float(r["attention_gflops"]) / full_g
+    ratio = _ratio_vs_full(r)
+    if ratio is None and full_g and _gflops(r) is not None:
+      ratio = float(_gflops(r)) / full_g
     ratio_txt = "-" if ratio is None else (
         f"{float(ratio):.3f}" + (f" ({1 / float(ratio):.1f}x fewer)" if 0 < float(ratio) < 1 else ""))
     cells = ([mode, _fmt_num(r.get("steps"), "g")] + [_fmt_dice(data[mode].get(b)) for b in buckets]
-             + [_fmt_num(r.get("attention_gflops"), ".4g"), ratio_txt,
-                _fmt_num(r.get("train_s"), ".1f"), _fmt_num(r.get("eval_s"), ".1f")])
+             + [_fmt_num(_gflops(r), ".4g"), ratio_txt, _fmt_num(_first(r, "train_s", "train_seconds"), ".1f"),
+                _fmt_num(_first(r, "eval_s", "predict_seconds"), ".1f")])
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"

@@ -4,6 +4,7 @@ decoder-step benchmark's smoke mode."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -125,6 +126,34 @@ def test_comparison_table_markdown():
   assert cells[7] == "0.125 (8.0x fewer)" and cells[9] == "-"
   with pytest.raises(ValueError, match="no rows"):
     plots.comparison_table_markdown([])
+
+
+def test_rows_as_compare_collects_them(tmp_path):
+  """Rows with metrics groups under "buckets"/"overall" and the compare module's key names."""
+  def group(mean, lo, hi):
+    return {"n": 4, "dice": {"mean": mean, "lo": lo, "hi": hi, "n": 4, "n_undefined": 0},
+            "iou": {"mean": mean / 2, "lo": lo / 2, "hi": hi / 2, "n": 4, "n_undefined": 0}}
+  rows = [{"mode": "boltzmann", "steps": 10, "buckets": {"0.1-1%": group(0.5, 0.4, 0.6),
+                                                         "<0.1%": group(0.2, 0.1, 0.3)},
+           "overall": group(0.4, 0.3, 0.5), "attention_gflops_per_image": 0.02, "flops_ratio_vs_full": 8.0,
+           "train_seconds": 12.0, "predict_seconds": 1.5},
+          {"mode": "full", "steps": 10,
+           "buckets": {"<0.1%": group(0.1, 0.05, 0.2), "0.1-1%": group(math.nan, math.nan, math.nan)},
+           "overall": group(0.3, 0.2, 0.4), "attention_gflops_per_image": 0.16, "flops_ratio_vs_full": 1.0,
+           "train_seconds": 11.0, "predict_seconds": 1.4}]
+  lines = plots.comparison_table_markdown(rows).strip().splitlines()
+  assert [c.strip() for c in lines[0].strip("|").split("|")][2:5] == ["Dice % <0.1%", "Dice % 0.1-1%", "Dice % all"]
+  boltz = [c.strip() for c in lines[2].strip("|").split("|")]
+  assert boltz == ["boltzmann", "10", "20.0 [10.0, 30.0]", "50.0 [40.0, 60.0]", "40.0 [30.0, 50.0]", "0.02",
+                   "0.125 (8.0x fewer)", "12.0", "1.5"]
+  assert [c.strip() for c in lines[3].strip("|").split("|")][3] == "-"  # an undefined mean
+  _assert_png(plots.plot_dice_by_bucket(rows, tmp_path / "dice.png"))
+  _assert_png(plots.plot_flops_vs_dice(rows, tmp_path / "flops.png"))
+  # grids= is another name for level_shapes.
+  rng = np.random.default_rng(1)
+  out = plots.plot_kept_keys(np.zeros((64, 64), np.uint8), np.ones((64, 64), np.uint8), _keep_masks(rng),
+                             [0.5] * 9, tmp_path / "kept.png", grids=LEVELS, title="a prompt")
+  _assert_png(out, min_side=300)
 
 
 def test_seg_step_bench_smoke(tmp_path):
