@@ -1,7 +1,8 @@
 """Config-driven entry points for the two sparse attentions (BoltzFormer, SemCLIP).
 
-Models call `boltzmann_attend` / `token_selection_attend`; the backend is a
-config choice, never a code change. Each attention has a
+Models call `boltzmann_attend` / `token_selection_attend` (or
+`boltzmann_attend_mask` with a keep mask they sampled themselves); the backend
+is a config choice, never a code change. Each attention has a
 `mlx_med.core.attention.BackendRegistry` (`BOLTZMANN_BACKENDS`,
 `TOKEN_SELECTION_BACKENDS`, the same mechanism as the decoder's backends) with
 these entries:

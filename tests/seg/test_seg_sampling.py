@@ -161,6 +161,8 @@ def test_same_rng_same_samples_and_heads_independent(sample_scores):
   b = np.asarray(smp.keep_mask(jax.random.PRNGKey(3), scores, mode="dense_sampled", **kw))
   c = np.asarray(smp.keep_mask(jax.random.PRNGKey(4), scores, mode="boltzmann", **kw))
   np.testing.assert_array_equal(a, b)  # both sampled modes see the same samples
+  typed = smp.keep_mask(jax.random.key(3), scores, mode="boltzmann", **kw)  # new-style key, same bits
+  np.testing.assert_array_equal(np.asarray(typed), a)
   assert not np.array_equal(a, c)
   for h in range(1, 4):
     assert not np.array_equal(a[:, 0], a[:, h]), "heads must get independent samples"
