@@ -222,7 +222,7 @@ def _vessels(sl: _Slice, lung: np.ndarray) -> None:
 
 def _draw_abdomen(sl: _Slice) -> None:
   rng = sl.rng
-  cy, ry, rx = _body(sl, sl.jitter(0.35), sl.jitter(0.45, 0.04))
+  cy, _, _ = _body(sl, sl.jitter(0.35), sl.jitter(0.45, 0.04))
   for _ in range(rng.integers(4, 8)):  # bowel loops (soft tissue with gas)
     y, x = cy + rng.uniform(-0.2, 0.05), 0.5 + rng.uniform(-0.2, 0.25)
     r = rng.uniform(0.025, 0.045)
