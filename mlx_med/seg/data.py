@@ -79,7 +79,8 @@ CT_WINDOW = "soft_tissue"
 
 __all__ = [
   "CLIP_MEAN", "CLIP_STD", "FORMATS", "SIZE_BUCKETS", "RecordSegSource", "SegDataError", "SegExample", "SegSource",
-  "build_tfds", "load_example", "make_tokenizer", "normalize", "read_example", "resize_image", "resize_mask",
+  "build_tfds", "build_tfds_examples", "data_settings", "load_example", "make_source", "model_spacing",
+  "normalize_device", "prepare_image", "make_tokenizer", "normalize", "read_example", "resize_image", "resize_mask",
   "resolve_window", "scan", "size_bucket",
 ]
 
@@ -120,6 +121,7 @@ class SegExample:
   split: str = "train"
   organ: str = ""
   modality: str = ""
+  window: str | tuple[float, float] = "auto"
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -130,6 +132,8 @@ class SegExample:
     d["source_shape"] = tuple(int(v) for v in d["source_shape"])
     if d.get("affine") is not None:
       d["affine"] = tuple(tuple(float(v) for v in row) for row in d["affine"])
+    if isinstance(d.get("window"), list):
+      d["window"] = tuple(float(v) for v in d["window"])
     return cls(**d)
 
 
@@ -139,14 +143,15 @@ class SegExample:
 
 def scan(root: str | os.PathLike, *, format: str, split: str | None = "train", prompt: str | None = None,
          labels: Mapping[int, str] | None = None, channel: int = 0, empty: str = "error",
-         test_fraction: float = 0.0, seed: int = 0) -> list[SegExample]:
+         test_fraction: float = 0.0, seed: int = 0, window: Any = "auto") -> list[SegExample]:
   """The examples of one split (`split=None`: all) of the dataset at `root` (see the module docstring).
 
   prompt: png images/+masks/ pairs and binary DICOM masks: the prompt of every target.
   labels: dicom: {mask value: name}, one target per value. channel: msd 4-D images: the modality used.
   empty: "error" or "skip" for masks with no foreground. test_fraction, seed: msd and dicom, which have
   no split of their own: that share of the cases (chosen by a hash of the case name and seed, stable
-  as cases are added) gets split "test", the others "train".
+  as cases are added) gets split "test", the others "train". window: the display window the examples
+  are read with (kept on each example; see `resolve_window`).
   """
   if format not in FORMATS:
     raise SegDataError(root, f"unknown data format {format!r}", f"use one of {', '.join(FORMATS)}")
@@ -163,6 +168,9 @@ def scan(root: str | os.PathLike, *, format: str, split: str | None = "train", p
     examples, skipped = _scan_dicom(base, prompt, labels, empty, test_fraction, seed)
   if skipped:
     log.warning("%s: skipped %d empty mask(s) (empty='skip')", base, skipped)
+  if not (isinstance(window, str) and window == "auto"):
+    window = window if isinstance(window, str) else tuple(float(v) for v in window)
+    examples = [dataclasses.replace(e, window=window) for e in examples]
   chosen = [e for e in examples if split is None or e.split == split]
   if not chosen:
     have = sorted({e.split for e in examples})
@@ -481,8 +489,10 @@ def _mask_volume(path: Path) -> np.ndarray:
 # Reading one example
 
 
-def resolve_window(ex: SegExample, window: Any = "auto") -> Any:
-  """The `vision.io.load_image` window for `ex`: "auto" -> soft tissue for CT NIfTI, else "header"."""
+def resolve_window(ex: SegExample, window: Any = None) -> Any:
+  """The `vision.io.load_image` window for `ex`: `window`, or the example's own when None; "auto" ->
+  the soft-tissue preset for CT NIfTI volumes, else "header"."""
+  window = ex.window if window is None else window
   if isinstance(window, str) and window == "auto":
     return CT_WINDOW if ex.format == "msd" and ex.modality.strip().upper() == "CT" else "header"
   return window
@@ -531,7 +541,7 @@ def _window_slice(values: np.ndarray, header: Any, window: Any) -> np.ndarray:
   return np.zeros(data.shape, np.float32) if hi <= lo else ((data - lo) / (hi - lo)).astype(np.float32)
 
 
-def read_example(ex: SegExample, *, window: Any = "auto", cache: _VolumeCache | None = None
+def read_example(ex: SegExample, *, window: Any = None, cache: _VolumeCache | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
   """(image float32 [H, W] or [H, W, 3] in [0, 1], mask bool [H, W]) at the source size.
 
@@ -612,7 +622,7 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
   return out.astype(np.uint8)
 
 
-def load_example(ex: SegExample, *, image_size: int, window: Any = "auto", cache: _VolumeCache | None = None
+def load_example(ex: SegExample, *, image_size: int, window: Any = None, cache: _VolumeCache | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
   """(uint8 [S, S, 3] image, uint8 [S, S] mask of 0/1) at the model's size S = image_size."""
   image, mask = read_example(ex, window=window, cache=cache)
@@ -623,6 +633,59 @@ def normalize(images: Any, mean: Sequence[float] = CLIP_MEAN, std: Sequence[floa
   """uint8 images [..., 3] (numpy or jax) -> float32 (x / 255 - mean) / std, CLIP's mean/std by default."""
   x = images.astype(np.float32) / np.float32(255.0)
   return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def normalize_device(images: Any) -> Any:
+  """`normalize` inside a jitted step: uint8 jax array [..., 3] -> float32 with CLIP's mean/std."""
+  import jax.numpy as jnp
+
+  x = jnp.asarray(images).astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
+
+
+def prepare_image(image: np.ndarray, *, image_size: int) -> np.ndarray:
+  """A source image (uint8, or floats in [0, 1]) -> the model's uint8 [S, S, 3], as the records have it."""
+  return resize_image(image, int(image_size))
+
+
+def model_spacing(ex: SegExample, image_size: int) -> tuple[float, float]:
+  """(row, column) pixel spacing of the model-size mask of `ex`: millimetres for NIfTI (the affine's
+  voxel sizes, in vision.io's display orientation) and DICOM with geometry tags, else source pixels."""
+  s = float(image_size)
+  if ex.format == "msd" and ex.affine is not None:
+    import nibabel as nib
+
+    affine = np.asarray(ex.affine, float)
+    vox = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    ornt = nib.io_orientation(affine)
+    spacing, shape = [1.0] * 3, [1] * 3
+    for i in range(3):
+      spacing[int(ornt[i, 0])], shape[int(ornt[i, 0])] = float(vox[i]), int(ex.source_shape[i])
+    return spacing[1] * shape[1] / s, spacing[0] * shape[0] / s  # display rows: canonical axis 1, columns: 0
+  rows, cols = int(ex.source_shape[0]), int(ex.source_shape[1])
+  if ex.format == "dicom" and ex.affine is not None:
+    affine = np.asarray(ex.affine, float)
+    return float(np.linalg.norm(affine[:3, 1])) * rows / s, float(np.linalg.norm(affine[:3, 0])) * cols / s
+  return rows / s, cols / s
+
+
+def data_settings(config: Any, image_size: int) -> dict[str, Any]:
+  """What a run's data.json records for inference: the model's size, the normalisation and the resolved
+  display window ("auto" becomes the soft-tissue preset for a CT Decathlon task, else "header")."""
+  d = config.data
+  window = d.get("window", "auto")
+  fmt = d.get("format", "png") if d.get("root") else "png"
+  if window == "auto":
+    window = "header"
+    if fmt == "msd":
+      try:
+        modality = json.loads((Path(d.root) / "dataset.json").read_text()).get("modality", {})
+        if str(dict(modality).get(str(int(d.get("channel", 0))), "")).strip().upper() == "CT":
+          window = CT_WINDOW
+      except (OSError, ValueError, TypeError, AttributeError):
+        pass  # scan reports a bad dataset.json with its own message
+  return {"image_size": int(image_size), "normalisation": {"name": "clip", "mean": list(CLIP_MEAN),
+          "std": list(CLIP_STD)}, "window": window, "format": fmt, "channel": int(d.get("channel", 0))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -668,7 +731,7 @@ class SegSource:
   "text_ids": int32 [L]}; `.examples[i]` is record i's metadata. An image shared by several targets
   (the synthetic set, a slice with several labels) is stored once."""
 
-  def __init__(self, examples: Sequence[SegExample], *, image_size: int, tokenizer: Any, window: Any = "auto",
+  def __init__(self, examples: Sequence[SegExample], *, image_size: int, tokenizer: Any, window: Any = None,
                progress: bool = False):
     self.examples = list(examples)
     if not self.examples:
@@ -698,8 +761,8 @@ class SegSource:
   @classmethod
   def from_root(cls, root: str | os.PathLike, *, format: str, image_size: int, tokenizer: Any, split: str = "train",
                 window: Any = "auto", progress: bool = False, **scan_kwargs: Any) -> SegSource:
-    return cls(scan(root, format=format, split=split, **scan_kwargs), image_size=image_size, tokenizer=tokenizer,
-               window=window, progress=progress)
+    return cls(scan(root, format=format, split=split, window=window, **scan_kwargs), image_size=image_size,
+               tokenizer=tokenizer, progress=progress)
 
   def __len__(self) -> int:
     return len(self.examples)
@@ -732,7 +795,7 @@ def _builder_class():
     root: str = ""
     format: str = "png"
     image_size: int = 128
-    window: str = '"auto"'
+    window: str = "null"
     scan_options: str = "{}"
 
   class SegSlices(tfds.core.GeneratorBasedBuilder):
@@ -742,9 +805,10 @@ def _builder_class():
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "image, mask, prompt, example metadata"}
 
-    def __init__(self, *, config: SegSlicesConfig | None = None, **kwargs: Any):
-      self._examples: list[SegExample] | None = None
-      if isinstance(config, SegSlicesConfig) and config.root:
+    def __init__(self, *, config: SegSlicesConfig | None = None, examples: Sequence[SegExample] | None = None,
+                 **kwargs: Any):
+      self._examples = list(examples) if examples is not None else None
+      if self._examples is None and isinstance(config, SegSlicesConfig) and config.root:
         self._examples = scan(config.root, format=config.format, split=None, **json.loads(config.scan_options))
       kwargs.setdefault("file_format", "array_record")
       super().__init__(config=config, **kwargs)
@@ -772,7 +836,7 @@ def _builder_class():
     def _generate_examples(self, split: str):
       cfg = self.builder_config
       window, cache = json.loads(cfg.window), _VolumeCache()
-      window = tuple(window) if isinstance(window, list) else window
+      window = tuple(window) if isinstance(window, list) else window  # None: each example's own
       for i, ex in enumerate(self._examples):
         if ex.split != split:
           continue
@@ -788,10 +852,11 @@ _SegSlicesConfig: Any = None
 
 
 def build_tfds(root: str | os.PathLike, data_dir: str | os.PathLike, *, format: str, image_size: int,
-               window: Any = "auto", config_name: str = "default", overwrite: bool = False, **scan_kwargs: Any):
+               window: Any = None, config_name: str = "default", overwrite: bool = False, **scan_kwargs: Any):
   """Converts the dataset at `root` once into ArrayRecord files under `data_dir` (every split the scan
   finds) and returns the TFDS builder; `builder.as_data_source(split)` gives grain's random access,
-  `RecordSegSource` the training records. An existing build is reused unless `overwrite`."""
+  `RecordSegSource` the training records. An existing build is reused unless `overwrite`. window: None
+  reads each example with its own (the scan's `window` option, in scan_kwargs)."""
   tfds = _tfds()
   builder_cls, config_cls = _builder_class()
   if format not in FORMATS:
@@ -801,6 +866,28 @@ def build_tfds(root: str | os.PathLike, data_dir: str | os.PathLike, *, format: 
   config = config_cls(name=config_name, root=str(root), format=format, image_size=int(image_size),
                       window=json.dumps(window), scan_options=json.dumps(options, sort_keys=True))
   builder = builder_cls(config=config, data_dir=str(data_dir))
+  mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+  return builder
+
+
+def build_tfds_examples(examples: Sequence[SegExample], data_dir: str | os.PathLike, *, image_size: int,
+                        window: Any = None, config_name: str | None = None, overwrite: bool = False):
+  """`build_tfds` for a given list of examples (any subset, any layout): one split per example split.
+  The default config name is a fingerprint of the examples and settings, so a changed list builds anew
+  and an unchanged one is reused."""
+  tfds = _tfds()
+  builder_cls, config_cls = _builder_class()
+  examples = list(examples)
+  if not examples:
+    raise ValueError("build_tfds_examples needs at least one example")
+  if config_name is None:
+    digest = zlib.crc32(json.dumps([e.to_dict() for e in examples] + [int(image_size), window],
+                                   sort_keys=True, default=str).encode())
+    config_name = f"examples-{digest:08x}"
+  config = config_cls(name=config_name, format=examples[0].format, image_size=int(image_size),
+                      window=json.dumps(window))
+  builder = builder_cls(config=config, examples=examples, data_dir=str(data_dir))
   mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
   return builder
@@ -838,3 +925,28 @@ class RecordSegSource:
 
 def _text(v: Any) -> str:
   return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
+def make_source(config: Any, workdir: str | os.PathLike, examples: Sequence[SegExample], tokenizer: Any, *,
+                image_size: int, split: str = "train", progress: bool = False, train: bool = True) -> Any:
+  """The records of `examples` by `config.data.source`: "memory" (`SegSource`, decoded once) or "tfds"
+  (`RecordSegSource` over ArrayRecord files built once into data.tfds_dir, default <workdir>/tfds, by
+  process 0 while the others wait). Records are never augmented here (`train` is accepted for the
+  callers' symmetry)."""
+  del train
+  d = config.data
+  kind = d.get("source", "memory")
+  if kind == "memory":
+    return SegSource(examples, image_size=image_size, tokenizer=tokenizer, progress=progress)
+  if kind != "tfds":
+    raise ValueError(f"data.source={kind!r}: choose memory (decoded once, held in RAM) or tfds (ArrayRecord, lazy)")
+  import jax
+
+  data_dir = d.get("tfds_dir") or os.path.join(os.fspath(workdir), "tfds")
+  if jax.process_index() == 0:
+    build_tfds_examples(examples, data_dir, image_size=image_size)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"seg_tfds_{split}")
+  builder = build_tfds_examples(examples, data_dir, image_size=image_size)
+  return RecordSegSource.from_builder(builder, split, tokenizer)

@@ -349,3 +349,36 @@ def test_tfds_round_trip(tmp_path, synthetic, tokenizer):
   import grain.python as grain
   batch = next(iter(grain.MapDataset.source(records).batch(4)))
   assert batch["images"].shape == (4, 48, 48, 3) and batch["masks"].shape == (4, 48, 48)
+
+
+def test_make_source_settings_and_spacing(tmp_path, synthetic, tokenizer):
+  import ml_collections
+
+  exs = data.scan(synthetic, format="png", split="test")[:6]
+  config = ml_collections.ConfigDict({"data": {"source": "tfds", "tfds_dir": str(tmp_path / "tfds"), "root": "",
+                                               "format": "png", "window": "auto", "channel": 0}})
+  records = data.make_source(config, tmp_path, exs, tokenizer, image_size=32, split="test")
+  config.data.source = "memory"
+  memory = data.make_source(config, tmp_path, exs, tokenizer, image_size=32, split="test")
+  assert isinstance(records, data.RecordSegSource) and isinstance(memory, data.SegSource)
+  assert records.examples == exs and len(records) == len(memory) == 6
+  for i in range(6):
+    for key in ("images", "masks", "text_ids"):
+      np.testing.assert_array_equal(records[i][key], memory[i][key])
+  np.testing.assert_allclose(np.asarray(data.normalize_device(memory[0]["images"])),
+                             data.normalize(memory[0]["images"]), rtol=1e-6, atol=1e-6)
+  settings = data.data_settings(config, 32)
+  assert settings["window"] == "header" and settings["image_size"] == 32
+  assert settings["normalisation"]["mean"] == list(data.CLIP_MEAN)
+  assert data.model_spacing(exs[0], 32) == (4.0, 4.0)  # png: source pixels per model pixel
+
+  root, affine = _msd(tmp_path / "Task", flip=True)
+  config.data.update({"root": str(root), "format": "msd"})
+  assert data.data_settings(config, 32)["window"] == "soft_tissue"  # a CT task: no header window in NIfTI
+  ex = data.scan(root, format="msd")[0]
+  assert data.resolve_window(ex) == "soft_tissue"
+  # display rows follow canonical y (0.7 mm, 16 voxels), columns canonical x (0.8 mm, 20 voxels)
+  assert data.model_spacing(ex, 32) == pytest.approx((0.7 * 16 / 32, 0.8 * 20 / 32))
+  windowed = data.scan(root, format="msd", window=(40, 400))[0]
+  assert windowed.window == (40.0, 400.0) and data.resolve_window(windowed) == (40.0, 400.0)
+  assert data.SegExample.from_dict(json.loads(json.dumps(windowed.to_dict()))) == windowed
