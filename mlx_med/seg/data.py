@@ -78,10 +78,30 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CT_WINDOW = "soft_tissue"
 
 __all__ = [
-  "CLIP_MEAN", "CLIP_STD", "FORMATS", "SIZE_BUCKETS", "RecordSegSource", "SegDataError", "SegExample", "SegSource",
-  "build_tfds", "build_tfds_examples", "data_settings", "load_example", "make_source", "model_spacing",
-  "normalize_device", "prepare_image", "make_tokenizer", "normalize", "read_example", "resize_image", "resize_mask",
-  "resolve_window", "scan", "size_bucket",
+  "CLIP_MEAN",
+  "CLIP_STD",
+  "FORMATS",
+  "SIZE_BUCKETS",
+  "RecordSegSource",
+  "SegDataError",
+  "SegExample",
+  "SegSource",
+  "build_tfds",
+  "build_tfds_examples",
+  "data_settings",
+  "load_example",
+  "make_source",
+  "make_tokenizer",
+  "model_spacing",
+  "normalize",
+  "normalize_device",
+  "prepare_image",
+  "read_example",
+  "resize_image",
+  "resize_mask",
+  "resolve_window",
+  "scan",
+  "size_bucket",
 ]
 
 

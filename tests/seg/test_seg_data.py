@@ -372,7 +372,7 @@ def test_make_source_settings_and_spacing(tmp_path, synthetic, tokenizer):
   assert settings["normalisation"]["mean"] == list(data.CLIP_MEAN)
   assert data.model_spacing(exs[0], 32) == (4.0, 4.0)  # png: source pixels per model pixel
 
-  root, affine = _msd(tmp_path / "Task", flip=True)
+  root, _ = _msd(tmp_path / "Task", flip=True)
   config.data.update({"root": str(root), "format": "msd"})
   assert data.data_settings(config, 32)["window"] == "soft_tissue"  # a CT task: no header window in NIfTI
   ex = data.scan(root, format="msd")[0]
