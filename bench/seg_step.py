@@ -157,9 +157,74 @@ def max_rel_error(actual, expected) -> float:
 
 
 # ------------------------------------------------------------------ full model
-def full_model_rows(args) -> list[str]:
-  """The whole BoltzFormer model step (forward + backward of the loss) under boltzmann vs dense_sampled."""
-  return ["# --full-model: not available in this version of the benchmark; skipped"]
+def full_model_rows(args, backend: str) -> tuple[list[str], dict | None]:
+  """The whole BoltzFormer training step (forward + backward of Dice + BCE over every parameter) under
+  mode boltzmann (our kernel) and mode dense_sampled (the release's dense computation), same samples.
+
+  The model comes from configs/seg/boltzformer.py (--full-model-variant: paper = 512 px, DaViT + 6-layer
+  transformer FPN + 12-layer text tower, bf16; smoke = 128 px, tiny towers), random parameters and inputs.
+  """
+  try:
+    from configs.seg import boltzformer as seg_config
+    from mlx_med.seg import model as seg_model
+  except ImportError as e:
+    return [f"# --full-model: the BoltzFormer model or its config is not importable ({e}); skipped"], None
+  variant = args.full_model_variant
+  config = seg_config.get_config(variant)
+  values = config.model.to_dict()
+  values.pop("encoder_init_from", None)
+  vocab = int(config.data.get("tokenizer_vocab_size", 512))
+  text = dict(values["text"])
+  text["vocab_size"] = int(text.get("vocab_size", 0)) if int(text.get("vocab_size", 0)) > 0 else vocab
+  text["pad_token_id"] = 0 if int(text.get("pad_token_id", -1)) < 0 else int(text["pad_token_id"])
+  text["eos_token_id"] = 1 if int(text.get("eos_token_id", -1)) < 0 else int(text["eos_token_id"])
+  values["text"] = text
+  values["encoder"] = dict(values["encoder"], image_size=int(values["image_size"]))
+  values["kernel_backend"] = backend
+  cfg = seg_model.BoltzFormerConfig.from_dict(values)
+  import flax.linen as nn
+
+  params = nn.meta.unbox(seg_model.init_params(cfg, jax.random.PRNGKey(args.seed)))
+  b, size, length = args.full_model_batch, cfg.image_size, 8
+  rng = np.random.default_rng(args.seed)
+  images = jnp.asarray(rng.standard_normal((b, size, size, 3), dtype=np.float32))
+  ids = np.concatenate([rng.integers(2, text["vocab_size"], (b, length - 1)), np.ones((b, 1))], 1)
+  ids = jnp.asarray(ids, jnp.int32)
+  yy, xx = np.mgrid[:size, :size]
+  masks = jnp.asarray(np.stack([((yy - size * 0.4) ** 2 + (xx - size * 0.6) ** 2 < (size * 0.05) ** 2)] * b),
+                      jnp.uint8)
+
+  def make(mode):
+    model = seg_model.BoltzFormer(cfg.with_attention(mode))
+
+    def step(params, images, ids, masks, key):
+      def loss(p):
+        out = model.apply({"params": p}, images, ids, sample_rng=key, train=True)
+        return jnp.sum(seg_model.seg_loss(out.logits, masks)[0])
+
+      return jax.value_and_grad(loss)(params)
+
+    return jax.jit(step)
+
+  key = jax.random.PRNGKey(args.seed + 1)
+  step_args = (params, images, ids, masks, key)
+  t0 = time.time()
+  calls = {mode: compiled(make(mode), step_args) for mode in ("dense_sampled", "boltzmann")}
+  compile_s = time.time() - t0
+  loss_d = float(calls["dense_sampled"](*step_args)[0])
+  loss_b = float(calls["boltzmann"](*step_args)[0])
+  times = time_interleaved(calls, {m: step_args for m in calls}, args.reps)
+  med = {m: 1e3 * statistics.median(t) for m, t in times.items()}
+  ratio = statistics.median(a / c for a, c in zip(times["dense_sampled"], times["boltzmann"]))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+  lines = [(f"# full model ({variant}: {size} px, {n_params / 1e6:.1f}M parameters, {cfg.dtype}, batch {b}),"
+            f" forward + backward of Dice + BCE; compiled in {compile_s:.1f}s;"
+            f" loss dense_sampled {loss_d:.6f} vs boltzmann {loss_b:.6f} (same samples)")]
+  for m in calls:
+    lines.append(f"  full model {m:<14} {med[m]:10.2f} ms  (median of {args.reps})")
+  lines.append(f"ratio full model dense_sampled / boltzmann: {ratio:.2f}x (median of paired per-rep ratios)")
+  return lines, {"variant": variant, "batch": b, "params": n_params, "median_ms": med, "ratio": ratio,
+                 "loss": {"dense_sampled": loss_d, "boltzmann": loss_b}, "compile_s": compile_s}
 
 
 # ------------------------------------------------------------------ main
@@ -185,6 +250,9 @@ def parse_args(argv=None):
   p.add_argument("--time-patch-major", action="store_true",
                  help="also time boltzmann with keys (and k, v, mask) in patch-major order")
   p.add_argument("--full-model", action="store_true", help="also time the whole model step (mlx_med.seg.model)")
+  p.add_argument("--full-model-variant", default=None, choices=("paper", "smoke"),
+                 help="configs/seg/boltzformer.py variant for --full-model (default: paper on GPU/TPU, else smoke)")
+  p.add_argument("--full-model-batch", type=int, default=None, help="images per full-model step (default 2 / 1)")
   p.add_argument("--smoke", action="store_true", help="tiny shapes and 2 reps (seconds; for tests)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, help="write the figures to this JSON file")
@@ -196,6 +264,8 @@ def parse_args(argv=None):
     args.reps = args.reps or 2
   args.batch = args.batch or (8 if on_accel else 1)
   args.reps = args.reps or (10 if on_accel else 5)
+  args.full_model_variant = args.full_model_variant or ("paper" if on_accel and not args.smoke else "smoke")
+  args.full_model_batch = args.full_model_batch or (2 if on_accel else 1)
   if args.dtype == "auto":
     args.dtype = "bfloat16" if on_accel else "float32"
   if args.hidden % args.heads:
@@ -331,7 +401,7 @@ def main(argv=None) -> int:
     ratios[name] = statistics.median(a / c for a, c in zip(times["dense_sampled"], times[name]))
     print(f"ratio dense_sampled / {name}: {ratios[name]:.2f}x (median of paired per-rep ratios; > 1 = ours"
           f" faster), kept fraction {kept_fraction:.3f}")
-  extra = full_model_rows(args) if args.full_model else []
+  extra, full_model = full_model_rows(args, backend) if args.full_model else ([], None)
   for line in extra:
     print(line)
   print(f"# total {time.time() - t_start:.1f}s")
@@ -341,7 +411,7 @@ def main(argv=None) -> int:
                "layers": args.layers, "image_size": args.image_size, "sample_ratio": args.sample_ratio,
                "block_sizes": [bsz.block_q, bsz.block_k], "layers_detail": layer_rows,
                "kept_fraction": kept_fraction, "median_ms": med, "ratio": ratios, "check": check,
-               "full_model": extra}
+               "full_model": full_model}
     tmp = args.json + f".{os.getpid()}.tmp"
     with open(tmp, "w") as f:
       json.dump(payload, f, indent=1)
