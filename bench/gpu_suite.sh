@@ -162,13 +162,15 @@ step "EHR zero-shot (bench/zero_shot_throughput.py --gpu)" 60 \
 #    (bf16 tolerances 3e-2 / 8e-2 relative to max(1, max|ref|)) and the lowered
 #    step must hold the Triton kernel call, else the step FAILs; then the timed
 #    ratio dense_sampled / ours (goal >= 4x), also with the keys in patch-major
-#    order, and the kernel's visited-tile fractions. Standalone:
-#      python bench/seg_step.py --backend pallas --check --time-patch-major
+#    order and (labelled as a different sampling rule) on whole-block samples,
+#    and the kernel's visited-tile fractions. Standalone:
+#      python bench/seg_step.py --backend pallas --check --time-patch-major --block-sampled
 #    Not yet measured on a GPU; the budget (60 s) is a guess: two programs to
 #    compile (dense and kernel, forward + backward for three key counts) and
-#    10 timed reps of each of three variants.
+#    10 timed reps of each of four variants.
 step "BoltzFormer decoder step: kernel vs dense_sampled (bench/seg_step.py --backend pallas)" 60 \
-  "$PY" bench/seg_step.py --backend pallas --check --time-patch-major --reps 10 --json "$OUT/seg_step.json"
+  "$PY" bench/seg_step.py --backend pallas --check --time-patch-major --block-sampled --reps 10 \
+  --json "$OUT/seg_step.json"
 # ---------------------------------------------------------------------------
 
 # Add further GPU checks above this line, each as `step NAME BUDGET CMD`. The

@@ -10,8 +10,8 @@ masks for both methods:
                  kernel on GPU/TPU (building its block layout from the mask is inside the timed step, as in
                  the model), its XLA fallback on CPU (which, for a per-key mask, is the dense formulation:
                  expect a ratio near 1 on CPU).
-Projections, self-attention and FFN are the same code in both modes and are not timed (see --full-model
-for the whole model step once `mlx_med.seg.model` exists).
+Projections, self-attention and FFN are the same code in both modes and are not timed here; --full-model
+times the whole model's training step (`mlx_med.seg.model`) under both modes.
 
 The keep masks follow the release's rules (`mlx_med.seg.sampling.keep_mask`, mode "boltzmann", samples
 independent per head) on realistic score maps: per query a sigmoid mask map, a blob for the queries that
@@ -21,8 +21,13 @@ prediction before it (layer_id i - 1: T = 1, 1/2, ..., 1/9), or one fixed --laye
 
 Also reported, per level: the kept fraction of (head, query, key) triples and the fraction of (query tile x
 key block) pairs the kernel visits (`BlockSparseLayout.visited_fraction`) with the keys in raster order and in
-patch-major order (`pallas_kernels.boltzmann_sampling.patch_major_permutation`, patch^2 = block_k): per-key
-samples at 10% touch most blocks in raster order, which bounds what block skipping can save.
+patch-major order (`pallas_kernels.boltzmann_sampling.patch_major_permutation`, patch^2 = block_k), and with
+one query per tile (the floor any query tiling could reach). Per-key samples at 10% touch nearly every block
+whatever the order (measured: 1.000 at 64x64 tiles in both orders, 0.998 per query): rows of queries that
+predict nothing have a near-uniform Boltzmann distribution, keeping ~10% of keys everywhere, and one query
+misses a 64-key block with probability about 0.9^64 = 0.001. So the
+kernel cannot skip work under the release's per-key semantics; --block-sampled times it on whole-block samples
+(`sample_kept_blocks`, a different sampling rule, labelled so) to show what skipping tiles buys.
 
 Timing: one warm-up call per method (compile excluded), then --reps calls interleaved round robin (alternating
 order) so background load hits both alike; the figure is the median, the ratio the median of the per-rep
@@ -32,7 +37,8 @@ on a GPU with --backend pallas the lowered step must contain the Triton kernel c
 
 Commands:
   python bench/seg_step.py --batch 1 --reps 5                               # CPU figure (XLA path)
-  python bench/seg_step.py --backend pallas --check --time-patch-major      # GPU (gpu_suite.sh)
+  python bench/seg_step.py --backend pallas --check --time-patch-major --block-sampled   # GPU (gpu_suite.sh)
+  python bench/seg_step.py --full-model                                     # + the whole model step
   python bench/seg_step.py --smoke                                          # tiny shapes, seconds (tests)
 """
 
@@ -249,6 +255,9 @@ def parse_args(argv=None):
   p.add_argument("--check", action="store_true", help="compare outputs/grads first; exit 1 on a mismatch")
   p.add_argument("--time-patch-major", action="store_true",
                  help="also time boltzmann with keys (and k, v, mask) in patch-major order")
+  p.add_argument("--block-sampled", action="store_true",
+                 help="also time the kernel on block-granularity samples (sample_kept_blocks; different "
+                 "semantics from the release's, labelled so): what skipping tiles buys")
   p.add_argument("--full-model", action="store_true", help="also time the whole model step (mlx_med.seg.model)")
   p.add_argument("--full-model-variant", default=None, choices=("paper", "smoke"),
                  help="configs/seg/boltzformer.py variant for --full-model (default: paper on GPU/TPU, else smoke)")
@@ -353,6 +362,29 @@ def main(argv=None) -> int:
         jnp.take(x, perms[lv], axis=x.ndim - axis_from_end) if lv in perms else x for x, lv in zip(xs, levels)]
     step_args["boltzmann[patch-major]"] = (qs, pm(ks, 2), pm(vs, 2), pm(keeps, 1), cts)
     steps["boltzmann[patch-major]"] = steps["boltzmann"]
+  block_rows = []
+  if args.block_sampled:
+    # NOT the release's semantics: whole key blocks drawn per (query tile, head) from the tile's Boltzmann
+    # block mass (pallas_kernels.boltzmann_sampling.sample_kept_blocks), keys in patch-major order where the
+    # level allows. What the kernel gains when its tiles can actually be skipped.
+    bkeeps = []
+    for i, (level, t) in enumerate(zip(levels, temps)):
+      sc = jnp.asarray(maps[level])
+      if level in perms:
+        sc = sc[..., perms[level]]
+      sc = jnp.broadcast_to(sc[:, None], (b, h) + sc.shape[1:])
+      lay = bs.sample_kept_blocks(jax.random.fold_in(root, 1000 + i), sc, temperature=t,
+                                  sample_ratio=args.sample_ratio, block_q=bsz.block_q, block_k=bsz.block_k)
+      bkeeps.append(jax.block_until_ready(lay.to_dense_mask()))
+      block_rows.append({"layer": i, "kept_fraction": float(jnp.mean(bkeeps[-1])),
+                         "visited": float(lay.visited_fraction())})
+    print("# block-sampled (NOT the release's per-key semantics; whole key blocks per query tile): visited "
+          + " ".join(f"{r['visited']:.3f}" for r in block_rows) + " per layer; kept fraction "
+          + f"{sum(float(jnp.sum(k)) for k in bkeeps) / full_total:.3f}")
+    pmk = [jnp.take(x, perms[lv], axis=2) if lv in perms else x for x, lv in zip(ks, levels)]
+    pmv = [jnp.take(x, perms[lv], axis=2) if lv in perms else x for x, lv in zip(vs, levels)]
+    step_args["boltzmann[block-sampled]"] = (qs, pmk, pmv, bkeeps, cts)
+    steps["boltzmann[block-sampled]"] = steps["boltzmann"]
 
   t0 = time.time()
   calls, by_program = {}, {}
@@ -399,8 +431,10 @@ def main(argv=None) -> int:
     if name == "dense_sampled":
       continue
     ratios[name] = statistics.median(a / c for a, c in zip(times["dense_sampled"], times[name]))
+    note = (" [different sampling semantics: whole key blocks; dense_sampled's time does not depend on the"
+            " mask]" if name.endswith("[block-sampled]") else f", kept fraction {kept_fraction:.3f}")
     print(f"ratio dense_sampled / {name}: {ratios[name]:.2f}x (median of paired per-rep ratios; > 1 = ours"
-          f" faster), kept fraction {kept_fraction:.3f}")
+          f" faster){note}")
   extra, full_model = full_model_rows(args, backend) if args.full_model else ([], None)
   for line in extra:
     print(line)
@@ -411,7 +445,7 @@ def main(argv=None) -> int:
                "layers": args.layers, "image_size": args.image_size, "sample_ratio": args.sample_ratio,
                "block_sizes": [bsz.block_q, bsz.block_k], "layers_detail": layer_rows,
                "kept_fraction": kept_fraction, "median_ms": med, "ratio": ratios, "check": check,
-               "full_model": full_model}
+               "block_sampled": block_rows or None, "full_model": full_model}
     tmp = args.json + f".{os.getpid()}.tmp"
     with open(tmp, "w") as f:
       json.dump(payload, f, indent=1)
