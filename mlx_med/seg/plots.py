@@ -142,9 +142,28 @@ def kept_key_maps(keep_masks: Sequence[Any], level_shapes=None, *, query: int | 
   return maps
 
 
+def object_query(keep_masks: Sequence[Any], gt_mask, level_shapes=None, *, example: int = 0) -> int:
+  """The query whose last-layer kept keys favour the object: argmax over queries of (share of heads keeping
+  keys inside gt_mask) - (share keeping keys outside), the mask taken to the level's grid by nearest sampling."""
+  last = np.asarray(keep_masks[-1])
+  last = last[example] if last.ndim == 4 else last
+  h, w = _resolve_grids(level_shapes, len(keep_masks), [np.shape(m)[-1] for m in keep_masks])[-1]
+  gt = np.asarray(gt_mask) != 0
+  rows = np.minimum(((np.arange(h) + 0.5) * gt.shape[0] / h).astype(np.int64), gt.shape[0] - 1)
+  cols = np.minimum(((np.arange(w) + 0.5) * gt.shape[1] / w).astype(np.int64), gt.shape[1] - 1)
+  inside = gt[rows][:, cols].reshape(-1)
+  if not inside.any():  # an object smaller than one key cell: the cell holding most of it
+    ys, xs = np.nonzero(gt)
+    inside = np.zeros(h * w, bool)
+    inside[int(ys.mean() * h / gt.shape[0]) * w + int(xs.mean() * w / gt.shape[1])] = True
+  share = last.astype(np.float32).mean(axis=0)  # [Q, N]
+  out = share[:, ~inside].mean(axis=1) if (~inside).any() else 0.0
+  return int(np.argmax(share[:, inside].mean(axis=1) - out))
+
+
 def plot_kept_keys(image, gt_mask, keep_masks: Sequence[Any], layer_temperatures: Sequence[float],
                    out_png: str | os.PathLike, *, level_shapes: Sequence[tuple[int, int]] | None = None,
-                   query: int | None = None, example: int = 0, title: str | None = None,
+                   query: int | str | None = None, example: int = 0, title: str | None = None,
                    ncols: int = 3, grids: Sequence[tuple[int, int]] | None = None) -> str:
   """One panel per decoder layer: the kept keys of that layer over the image.
 
@@ -155,7 +174,9 @@ def plot_kept_keys(image, gt_mask, keep_masks: Sequence[Any], layer_temperatures
     layer_temperatures: per layer the sampling temperature (None or nan for modes without one).
     out_png: where the PNG goes (written atomically).
     level_shapes: (h, w) per level (layer i uses level i % len) or per layer; None = square grids.
-    query: average over the heads of this query only; None = over heads and all queries.
+    query: average over the heads of this query only; None = over heads and all queries; "object" = the
+      query whose last-layer kept keys favour the ground truth most (share of heads keeping keys inside
+      the object minus the share outside; needs a non-empty gt_mask).
     title: the figure title (default names the query choice).
     grids: another name for level_shapes (give one of the two).
   Returns:
@@ -179,6 +200,15 @@ def plot_kept_keys(image, gt_mask, keep_masks: Sequence[Any], layer_temperatures
     if gt.shape[:2] != size or gt.ndim != 2:
       raise ValueError(f"plot_kept_keys: gt_mask has shape {gt.shape} but the image is {size}; give a [S, S] "
                        "mask at the image's size.")
+  if isinstance(query, str):
+    if query != "object":
+      raise ValueError(f"plot_kept_keys: query={query!r}; give an index, None (all queries) or 'object'.")
+    if gt is None or not gt.any():
+      raise ValueError("plot_kept_keys: query='object' needs a non-empty gt_mask to pick the query.")
+    query = object_query(keep_masks, gt, level_shapes, example=example)
+    chosen = f"query {query} (the one focusing on the object at the last layer)"
+  else:
+    chosen = "all queries" if query is None else f"query {query}"
   maps = kept_key_maps(keep_masks, level_shapes, query=query, example=example)
   n = len(maps)
   ncols = max(1, min(ncols, n))
@@ -201,8 +231,9 @@ def plot_kept_keys(image, gt_mask, keep_masks: Sequence[Any], layer_temperatures
     ax.set_title(f"layer {i} ({m.shape[0]}x{m.shape[1]} keys)\n{t_txt}, kept {float(m.mean()):.1%}",
                  fontsize=9)
   if title is None:
-    who = "all queries" if query is None else f"query {query}"
-    title = f"Kept keys per decoder layer (share of heads x {who}); cyan = ground truth"
+    title = f"Kept keys per decoder layer (share of heads x {chosen}); cyan = ground truth"
+  else:
+    title = f"{title}\n{chosen}"
   fig.suptitle(title, fontsize=10)
   fig.tight_layout(rect=(0, 0, 0.92, 0.95))
   if im is not None:

@@ -176,3 +176,27 @@ def test_seg_step_bench_smoke(tmp_path):
   # Layer i samples at the temperature of the prediction before it: T = 1 / (2 + (i - 1)).
   assert [round(r["temperature"], 6) for r in payload["layers_detail"]] == [1.0, 0.5, round(1 / 3, 6)]
   assert 0 < payload["kept_fraction"] <= 1
+
+
+def test_object_query_picks_the_query_focusing_on_the_object(tmp_path):
+  # 3 queries over an 8x8 last level of a 64 px image; the object covers grid cells (2..3, 4..5).
+  gt = np.zeros((64, 64), np.uint8)
+  gt[16:32, 32:48] = 1
+  keep = np.zeros((2, 3, 64), bool)
+  keep[:, 0] = True  # attends everywhere: no preference
+  obj = np.zeros((8, 8), bool)
+  obj[2:4, 4:6] = True
+  keep[:, 2] = obj.reshape(-1)  # exactly the object
+  keep[0, 1, :8] = True  # a row far away
+  masks = [np.ones((2, 3, 4), bool), np.ones((2, 3, 16), bool), keep]
+  assert plots.object_query(masks, gt, LEVELS) == 2
+  # An object smaller than one key cell still picks the query keeping its cell.
+  tiny = np.zeros((64, 64), np.uint8)
+  tiny[20, 36] = 1
+  assert plots.object_query(masks, tiny, [(2, 2), (4, 4), (8, 8)]) == 2
+  out = plots.plot_kept_keys(np.zeros((64, 64), np.uint8), gt, masks, [1.0, 0.5, 0.33], tmp_path / "obj.png",
+                             query="object", title="a prompt")
+  _assert_png(out, min_side=200)
+  with pytest.raises(ValueError, match="non-empty gt_mask"):
+    plots.plot_kept_keys(np.zeros((64, 64), np.uint8), None, masks, [1.0, 0.5, 0.33], tmp_path / "x.png",
+                         query="object")
