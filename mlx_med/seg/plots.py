@@ -6,6 +6,8 @@
                               layer's feature level, upsampled nearest to the image), the ground-truth contour,
                               and the layer's temperature and kept fraction in the panel title. As the
                               temperature anneals (T = 1 / (2 + layer)) the kept keys should close in on the object.
+                              query="object" picks the query focusing on the ground truth (`object_query`);
+                              `kept_key_maps` gives the per-layer maps themselves.
   plot_dice_by_bucket         grouped bars: Dice with its 95% bootstrap interval per lesion-size bucket, one bar
                               per attention mode.
   plot_flops_vs_dice          attention GFLOPs per image (log scale) against Dice, one point per mode and bucket.
