@@ -264,8 +264,8 @@ class Segmenter:
     """Images (paths or arrays) and one prompt or one per image -> float32 probability maps, each at its
     source image's [H, W] (bilinear on the logits, then the sigmoid). A NIfTI path gives its middle
     axial slice (use `predict_files` for whole volumes)."""
-    if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)
-                                                    and not (images.ndim == 3 and images.shape[-1] not in (1, 3, 4))):
+    single_array = isinstance(images, np.ndarray) and (images.ndim == 2 or (images.ndim == 3 and images.shape[-1] in (1, 3, 4)))
+    if isinstance(images, (str, os.PathLike)) or single_array:
       images = [images]
     sources = [self.load_image(x) if isinstance(x, (str, os.PathLike)) else self._check_array(x, i)
                for i, x in enumerate(images)]
@@ -405,7 +405,7 @@ def _predict_volume(seg: Segmenter, path: Path, prompt: str, slices: Sequence[in
   try:
     img = nib.load(path)
     shape = tuple(int(s) for s in img.shape)
-  except Exception as e:
+  except Exception as e:  # noqa: BLE001 - nibabel raises many types for a damaged file; one message for all
     raise ImageLoadError(path, f"unreadable NIfTI ({type(e).__name__})",
                          "the file is truncated or not NIfTI; export it again") from None
   if len(shape) < 3 or (len(shape) > 4 and any(s > 1 for s in shape[4:])):
@@ -426,7 +426,7 @@ def _predict_volume(seg: Segmenter, path: Path, prompt: str, slices: Sequence[in
                          f"pass slices between 0 and {depth - 1}")
   try:
     readable = _canonical_copy(img, tmpdir)
-  except Exception as e:
+  except Exception as e:  # noqa: BLE001 - as above: truncated data surfaces as zlib, EOF or value errors
     raise ImageLoadError(path, f"NIfTI voxel data cannot be read ({type(e).__name__})",
                          "the file is truncated or corrupt; export it again") from None
   sources = [seg.load_image(readable, slice_index=k) for k in chosen]
@@ -537,4 +537,4 @@ def predict_files(workdir: PathLike | Segmenter, paths: Sequence[PathLike], prom
   return PredictResult([Path(e["mask"]) for e in entries], manifest_path)
 
 
-__all__ = ["Segmenter", "SegmenterError", "PredictResult", "predict_files", "canonical_index", "view_to_canonical"]
+__all__ = ["PredictResult", "Segmenter", "SegmenterError", "canonical_index", "predict_files", "view_to_canonical"]

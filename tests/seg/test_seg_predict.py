@@ -12,16 +12,19 @@ give one-line errors naming the path.
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
 import json
+import struct
 from pathlib import Path
 
 import jax
 import nibabel as nib
 import numpy as np
 import pytest
+from imaging_files import write_dicom, write_nifti
 from PIL import Image
 
-from imaging_files import write_dicom, write_nifti
 from mlx_med.seg import predict as predict_lib
 from mlx_med.seg.predict import Segmenter, SegmenterError, predict_files
 
@@ -138,7 +141,7 @@ def test_load_reads_the_run_and_takes_the_ema(run_dir, seg_threshold):
   import orbax.checkpoint as ocp
   state = ckpt.manager.restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   ckpt.close()
-  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # noqa: E731
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
   assert same(seg_threshold.params, state["ema_params"]) and not same(seg_threshold.params, state["params"])
   raw = Segmenter.load(run_dir, attention="threshold", use_ema=False)
   assert same(raw.params, state["params"])
@@ -203,18 +206,39 @@ def test_dicom_in_png_out(tmp_path, seg_threshold):
   np.testing.assert_array_equal(mask == 255, prob >= 0.5)
 
 
-def _oblique_volume(path: Path, shape=(20, 24, 5)) -> Path:
-  """A NIfTI whose voxel axes are not RAS (x flipped, y and z swapped), with both transforms coded."""
+def _oblique_volume(path: Path, shape=(20, 24, 5), *, slope=0.5, inter=-100.0) -> Path:
+  """A .nii.gz whose voxel axes are not RAS (x flipped, y and z swapped), both transforms coded (qform 1,
+  sform 2), stored int16 with scl_slope/scl_inter and a cal_min/cal_max window (patched into the header
+  bytes, so the stored integers stay as written)."""
   rng = np.random.default_rng(0)
   raw = rng.integers(-200, 300, size=shape).astype(np.int16)
-  raw[5:12, 6:14, :] += 400
+  raw[5:12, 6:14, ...] += 400
   affine = np.array([[-0.8, 0, 0, 30.0], [0, 0, 2.5, -10.0], [0, 0.9, 0, 5.0], [0, 0, 0, 1]])
-  write_nifti(path, raw, affine, cal=(-200.0, 600.0))
-  img = nib.load(path)
-  img.header.set_qform(affine, code=1)
-  img.header.set_sform(affine, code=2)
-  nib.save(nib.Nifti1Image(np.asarray(img.dataobj).astype(np.int16), affine, header=img.header), path)
+  img = nib.Nifti1Image(raw, affine)
+  img.header.set_data_dtype(np.int16)
+  img.set_qform(affine, code=1)
+  img.set_sform(affine, code=2)
+  plain = path.with_name(path.name[:-3])
+  nib.save(img, plain)
+  blob = bytearray(plain.read_bytes())
+  blob[112:120] = struct.pack("<ff", slope, inter)  # scl_slope, scl_inter
+  blob[124:132] = struct.pack("<ff", 200.0, -150.0)  # cal_max, cal_min
+  plain.unlink()
+  path.write_bytes(gzip.compress(bytes(blob)))
   return path
+
+
+def test_the_canonical_copy_reads_like_the_original(tmp_path):
+  """Slices of the one-read canonical copy equal the reader's slices of the original, to the bit."""
+  from mlx_med.vision.io import load_image
+
+  src = _oblique_volume(tmp_path / "scaled.nii.gz")
+  copy = predict_lib._canonical_copy(nib.load(src), str(tmp_path))
+  assert np.allclose(nib.load(copy).affine, nib.as_closest_canonical(nib.load(src)).affine)
+  for window in ("header", "soft_tissue", "none"):
+    for k in range(nib.as_closest_canonical(nib.load(src)).shape[2]):
+      np.testing.assert_array_equal(load_image(copy, window=window, slice_index=k),
+                                    load_image(src, window=window, slice_index=k))
 
 
 def test_nifti_volume_in_nifti_labels_out_with_the_same_grid(tmp_path, seg_threshold):
@@ -234,7 +258,7 @@ def test_nifti_volume_in_nifti_labels_out_with_the_same_grid(tmp_path, seg_thres
   np.testing.assert_allclose(out.header.get_qform(), inp.header.get_qform(), atol=1e-5)
   np.testing.assert_array_equal(out.header.get_sform(), inp.header.get_sform())
   assert int(out.header["qform_code"]) == 1 and int(out.header["sform_code"]) == 2
-  assert out.get_data_dtype() == np.uint8
+  assert out.get_data_dtype() == np.uint8 and out.dataobj.slope == 1 and out.dataobj.inter == 0
   labels = np.asarray(out.dataobj)
   assert set(np.unique(labels)) == {0, 1}
   # Every slice read back through the same reader is the mask predicted from that slice's view.
@@ -273,6 +297,17 @@ def test_attention_override_keeps_the_parameters_and_changes_the_map(run_dir, se
   p_full = full.predict(image, PROMPTS[2])[0]
   p_thr = seg_threshold.predict(image, PROMPTS[2])[0]
   assert np.max(np.abs(p_full - p_thr)) > 1e-4
+
+
+def test_the_kernel_path_under_the_per_image_map_equals_xla(seg_boltzmann):
+  """Each image runs as its own batch of one under jax.vmap; the Pallas kernel (interpret mode on CPU)
+  must batch there and give the XLA path's maps on the same samples."""
+  images = [_ct_like(40, 56, i) for i in range(3)]
+  kernel = Segmenter(dataclasses.replace(seg_boltzmann.cfg, kernel_backend="pallas_interpret"), seg_boltzmann.params,
+                     seg_boltzmann.tokenizer, batch_size=4)
+  for a, b in zip(kernel.predict(images, PROMPTS[0], sample_seed=3), seg_boltzmann.predict(images, PROMPTS[0],
+                                                                                           sample_seed=3)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path, run_dir, seg_threshold):
