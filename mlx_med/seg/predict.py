@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 import time
@@ -41,6 +42,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -310,45 +313,38 @@ def _stem(path: Path) -> str:
   return path.name[:-len(suffix)] if suffix else path.stem
 
 
+def _temporary(target: Path, suffix: str = ".tmp") -> Path:
+  """A hidden name beside `target` (same file system, so the rename is atomic); created by the writer with
+  the process's usual permissions."""
+  return target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}{suffix}"
+
+
+def _atomic_write(target: Path, write, suffix: str = ".tmp") -> None:
+  tmp = _temporary(target, suffix)
+  try:
+    write(tmp)
+    os.replace(tmp, target)
+  except BaseException:
+    if tmp.exists():
+      tmp.unlink()
+    raise
+
+
 def _atomic_png(mask: np.ndarray, target: Path) -> None:
   from PIL import Image
 
-  fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-  os.close(fd)
-  try:
-    Image.fromarray(mask.astype(np.uint8), mode="L").save(tmp, format="PNG")
-    os.replace(tmp, target)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  _atomic_write(target, lambda tmp: Image.fromarray(mask.astype(np.uint8), mode="L").save(tmp, format="PNG"))
 
 
 def _atomic_nifti(img, target: Path) -> None:
   import nibabel as nib
 
-  suffix = _nifti_suffix(target) or ".nii.gz"
-  fd, tmp = tempfile.mkstemp(prefix=f".{_stem(target)}.", suffix=f".tmp{suffix}", dir=target.parent)
-  os.close(fd)
-  try:
-    nib.save(img, tmp)
-    os.replace(tmp, target)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  # nibabel picks the format (and gzip) from the name: the temporary name ends like the target.
+  _atomic_write(target, lambda tmp: nib.save(img, tmp), suffix=f".tmp{_nifti_suffix(target) or '.nii.gz'}")
 
 
 def _atomic_json(value: Any, target: Path) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(value, f, indent=2)
-    os.replace(tmp, target)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  _atomic_write(target, lambda tmp: tmp.write_text(json.dumps(value, indent=2)))
 
 
 def canonical_index(shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
@@ -508,22 +504,30 @@ def predict_files(workdir: PathLike | Segmenter, paths: Sequence[PathLike], prom
   entries: list[dict] = []
   started = time.time()
   images = [j for j in jobs if j.kind == "image"]
-  if images:
-    sources = [seg.load_image(j.path) for j in images]
-    ids = seg._encode([j.prompt for j in images], len(images))
-    logits = seg.logits([seg.prepare(x) for x in sources], ids, sample_seed=sample_seed)
-    for job, src, lg in zip(images, sources, logits):
+  group = 16 * seg.batch_size  # images held in memory at once
+  for lo in range(0, len(images), group):
+    part = images[lo:lo + group]
+    sources = [seg.load_image(j.path) for j in part]
+    ids = seg._encode([j.prompt for j in part], len(part))
+    logits = seg.logits([seg.prepare(x) for x in sources], ids, sample_seed=sample_seed, offset=lo)
+    done = lo + len(part)
+    if len(images) > group:
+      rate = done / max(time.time() - started, 1e-9)
+      log.info("predicted %d/%d images (%.1f/s, ETA %.0f s)", done, len(images), rate, (len(images) - done) / rate)
+    for job, src, lg in zip(part, sources, logits):
       prob = _sigmoid(_bilinear(lg[None], *src.shape[:2])[0])
       mask = np.where(prob >= threshold, 255, 0).astype(np.uint8)
       _atomic_png(mask, job.out)
       entries.append({"index": job.index, "input": str(job.path), "mask": str(job.out), "prompt": job.prompt,
                       "kind": "png", "shape": list(src.shape[:2]), "foreground_fraction": float((mask > 0).mean())})
-  with tempfile.TemporaryDirectory(prefix="seg-predict-") as tmpdir:
+  # The canonical copies of volumes go beside the outputs (a large volume may not fit a small /tmp).
+  with tempfile.TemporaryDirectory(prefix=".seg-predict-", dir=out_dir) as tmpdir:
     offset = len(images)
     for job in (j for j in jobs if j.kind == "volume"):
       vol, info = _predict_volume(seg, job.path, job.prompt, slices, threshold, sample_seed, offset, tmpdir)
       offset += len(info["slices"])
       _atomic_nifti(vol, job.out)
+      log.info("%s: %d slices -> %s (%.1f s so far)", job.path, len(info["slices"]), job.out, time.time() - started)
       entries.append({"index": job.index, "input": str(job.path), "mask": str(job.out), "prompt": job.prompt,
                       "kind": "nifti", **info})
   entries.sort(key=lambda e: e["index"])

@@ -193,6 +193,9 @@ def test_png_in_png_mask_out_of_the_same_size(tmp_path, seg_threshold):
   assert manifest["attention"] == "threshold" and manifest["step"] == 3
   assert [it["input"] for it in manifest["items"]] == [str(src / "slice_a.png"), str(src / "slice_b.png")]
   assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "slice_a.png", "slice_b.png"]
+  plain = tmp_path / "plain"
+  plain.write_text("x")  # outputs get the permissions any new file gets here (no private temp-file mode)
+  assert result.masks[0].stat().st_mode == plain.stat().st_mode == result.manifest.stat().st_mode
 
 
 def test_dicom_in_png_out(tmp_path, seg_threshold):
@@ -272,6 +275,30 @@ def test_nifti_volume_in_nifti_labels_out_with_the_same_grid(tmp_path, seg_thres
     np.testing.assert_array_equal(back > 0.5, (prob >= thr) if k in (1, 3) else np.zeros_like(prob, bool))
   item = json.loads(part.manifest.read_text())["items"][0]
   assert item["kind"] == "nifti" and item["slices"] == [1, 3] and item["shape"] == list(inp.shape)
+
+
+def test_a_multichannel_volume_uses_the_runs_channel(tmp_path, seg_threshold):
+  """A 4-D (multi-modality) NIfTI: the run's data.channel is read, one 3-D label volume comes out."""
+  import copy
+
+  from mlx_med.vision.io import load_image
+
+  src = _oblique_volume(tmp_path / "mm.nii.gz", shape=(20, 24, 4, 2))
+  seg = copy.copy(seg_threshold)  # the same compiled model, reading channel 1
+  seg.channel = 1
+  views = [load_image(src, window=seg.window, frame=1, slice_index=k) for k in range(4)]
+  assert not np.array_equal(views[0], load_image(src, window=seg.window, frame=0, slice_index=0))
+  probs = seg.predict(views, PROMPTS[0])
+  thr = float(np.median(np.concatenate([p.ravel() for p in probs])))
+  result = predict_files(seg, [src], PROMPTS[0], tmp_path / "out", threshold=thr)
+  out = nib.load(result.masks[0])
+  assert out.shape == (20, 24, 4)
+  np.testing.assert_array_equal(out.affine, nib.load(src).affine)
+  for k, prob in enumerate(probs):
+    np.testing.assert_array_equal(load_image(result.masks[0], window="none", slice_index=k) > 0.5, prob >= thr)
+  seg.channel = 2
+  with pytest.raises(SegmenterError, match=r"mm\.nii\.gz: channel 2 .* out of range for 2 channels"):
+    predict_files(seg, [src], PROMPTS[0], tmp_path / "out2")
 
 
 def test_the_inverse_of_the_readers_view_and_reorientation():
