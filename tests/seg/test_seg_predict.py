@@ -22,7 +22,7 @@ import jax
 import nibabel as nib
 import numpy as np
 import pytest
-from imaging_files import write_dicom, write_nifti
+from imaging_files import write_dicom
 from PIL import Image
 
 from mlx_med.seg import predict as predict_lib
