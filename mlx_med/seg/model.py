@@ -577,7 +577,9 @@ class BoltzFormer(nn.Module):
 
     # Image encoder -> four maps at 1/4 .. 1/32.
     enc_cfg = cfg.encoder_config()
-    vision = build_image_encoder(enc_cfg, self.rules)
+    # The towers are named "encoder" and "text_encoder" in the parameter tree (a run may load the image
+    # tower of an embedding run into params["encoder"]).
+    vision = build_image_encoder(enc_cfg, self.rules).clone(parent=self, name="encoder")
     feats = list(vision(images, train=train).feature_maps)
     if cfg.encoder["kind"] == "vit":
       if enc_cfg.patch_size not in _STRIDES:
@@ -592,7 +594,7 @@ class BoltzFormer(nn.Module):
 
     # Prompt tokens -> hidden_dim; the release's text positions are a detached copy of them.
     text_cfg = cfg.text_config()
-    text_out = build_text_encoder(text_cfg, self.rules)(text_ids, train=train)
+    text_out = build_text_encoder(text_cfg, self.rules).clone(parent=self, name="text_encoder")(text_ids, train=train)
     text = _dense(cfg.hidden_dim, ("mlp", "embed"), dtype, pdtype, "text_proj")(text_out.tokens)
     text_pos = jax.lax.stop_gradient(text)
     text_valid = text_key_mask(text_ids, text_cfg.pad_token_id, text_cfg.eos_token_id)
