@@ -113,7 +113,7 @@ class Segmenter:
     if int(batch_size) < 1:
       raise SegmenterError(f"batch_size={batch_size} must be at least 1")
     self.cfg = cfg
-    self.params = params
+    self.params = jax.device_put(params)  # on the device once, not with every batch
     self.tokenizer = tokenizer
     self.image_size = int(image_size or cfg.image_size)
     self.window = window
