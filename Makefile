@@ -17,7 +17,7 @@ TORCH_VERSION := $(shell sed -n 's/.*"torch==\([^"]*\)".*/\1/p' pyproject.toml)
 
 SERVE_STAMP := $(VENV)/.serve-stamp
 
-.PHONY: demo ehr-demo embed-demo rl-demo test bench clean-venv
+.PHONY: demo ehr-demo embed-demo rl-demo seg-demo test bench clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,12 @@ $(SERVE_STAMP): pyproject.toml $(CORE_STAMP)
 # training-dynamics plot in runs/rl_demo (CPU, about 10 minutes).
 rl-demo: $(SERVE_STAMP)
 	$(PY) -m mlx_med.rl.demo --workdir runs/rl_demo
+
+# BoltzFormer on synthetic CT slices: generate -> train the smoke model under boltzmann and threshold
+# attention at equal steps -> Dice by size bucket, attention FLOPs and wall time, kept-keys figures in
+# runs/seg_demo (CPU, under 20 minutes).
+seg-demo: $(CORE_STAMP)
+	$(PY) -m mlx_med.seg.demo --workdir runs/seg_demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=20 tests

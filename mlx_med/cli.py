@@ -24,11 +24,12 @@ TASKS = {
     "medimageinsight": "mlx_med.embed.train:run",
     "rl": "mlx_med.rl.learner:run",
     "rl_sft": "mlx_med.rl.sft:run_sft",
+    "boltzformer": "mlx_med.seg.train:run",
 }
 
 # Capability packages that add sub-commands through `register(subparsers)`.
 SUBCOMMAND_MODULES = ("mlx_med.ehr.cli", "mlx_med.llm.cli", "mlx_med.scaling.cli", "mlx_med.embed.cli",
-                      "mlx_med.rl.cli")
+                      "mlx_med.rl.cli", "mlx_med.seg.cli")
 
 
 def _train(args, overrides: list[str]) -> int:
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_backend_probe_logs()
   accepts_overrides = getattr(args, "accepts_overrides", False)
   if overrides and not accepts_overrides:
-    parser.error("--config.* overrides apply to `train`, `scaling run`, `embed train` and `rl train` only")
+    parser.error("--config.* overrides apply to `train`, `scaling run`, `embed train`, `rl train`, `seg train` and `seg compare` only")
   try:
     if accepts_overrides:
       return args.func(args, overrides)
