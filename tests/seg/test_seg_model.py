@@ -2,7 +2,7 @@
 release's dense masked computation on the same samples, kept-key accounting, the temperature
 schedule as the decoder asks for it, prompt padding, output fusion, the loss, gradients, bf16.
 
-Tiny configs (DaViT smoke encoder at 64 px, hidden 32, 8 queries, 2 heads, 9 decoder layers).
+Tiny configs (DaViT smoke-sized encoder at 64 px, hidden 32, 8 queries, 2 heads, 9 decoder layers).
 Parameters come from the init's shapes (`jax.eval_shape`) filled with scaled normals: compiling
 the random initialisers of every parameter costs more CPU time than the rest of this file, and the
 initial distribution is not what these tests check (that `init_params` builds the same tree is).
@@ -11,6 +11,8 @@ Compiled forwards are module-scoped fixtures shared by the tests.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import flax.linen as nn
@@ -31,7 +33,9 @@ MODES = ("boltzmann", "dense_sampled", "threshold", "full")
 def tiny_config(**overrides) -> BoltzFormerConfig:
   values = {
       "image_size": S,
-      "encoder": {"kind": "davit", "preset": "smoke"},
+      # DaViT's smoke tower with one block pair (stage 0): the four stage maps the pixel decoder reads,
+      # at a third of the compile time of one pair per stage (the encoder has its own tests)
+      "encoder": {"kind": "davit", "preset": "smoke", "depths": (1, 0, 0, 0)},
       "text": {"vocab_size": 64, "context_length": L, "width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64,
                "eos_token_id": EOS, "pad_token_id": PAD},
       "hidden_dim": 32, "num_queries": 8, "num_heads": 2, "dec_layers": 9, "dim_feedforward": 64, "mask_dim": 32,
@@ -114,7 +118,8 @@ def outputs(forwards, params, inputs):
 
 def test_config_round_trip_and_errors(cfg):
   d = cfg.to_dict()
-  assert d["encoder"] == {"kind": "davit", "preset": "smoke"} and d["text"]["width"] == 32
+  assert d["encoder"] == {"kind": "davit", "preset": "smoke", "depths": [1, 0, 0, 0]} and d["text"]["width"] == 32
+  assert json.loads(json.dumps(d)) == d
   back = BoltzFormerConfig.from_dict(d)
   assert back == cfg and hash(back) == hash(cfg)
   assert cfg.with_attention("threshold").attention == "threshold"
@@ -318,26 +323,6 @@ def test_seg_loss_large_logits_are_stable():
   assert np.all(np.isfinite(loss)) and float(parts["bce"][0]) < 1e-6
 
 
-def test_gradients_finite(cfg, params, inputs):
-  images, ids = inputs
-  masks = (jnp.arange(S)[None, :, None] < 8) & (jnp.arange(S)[None, None, :] < 8)
-  masks = jnp.broadcast_to(masks, (B, S, S)).astype(jnp.uint8)
-  model = BoltzFormer(cfg)
-
-  def loss_fn(p):
-    out = model.apply({"params": p}, images, ids, sample_rng=jax.random.key(3), train=True)
-    return jnp.mean(seg_loss(out.logits, masks)[0])
-
-  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
-  assert np.isfinite(float(loss))
-  flat = jax.tree.leaves(grads)
-  assert all(bool(jnp.all(jnp.isfinite(g))) for g in flat)
-  # gradients reach the encoder, the text tower, the decoder's last layer and the fusion
-  for name in ("encoder", "text_encoder", "decoder_8", "fusion", "query_feat"):
-    assert name in grads, (name, sorted(grads))
-    assert sum(float(jnp.sum(jnp.abs(g))) for g in jax.tree.leaves(grads[name])) > 0, name
-
-
 # ----------------------------------------------------------------------------
 # Variants (three decoder layers: one cycle over the levels)
 # ----------------------------------------------------------------------------
@@ -360,15 +345,32 @@ def test_vit_encoder_without_fusion(inputs):
   assert np.all(np.asarray(out.kept) < np.asarray([int(t) for t in out.total], np.float32))
 
 
-def test_bf16_activations_run(inputs):
+def test_bf16_forward_and_gradients(inputs):
+  """bf16 activations (float32 parameters) through the Boltzmann kernel's XLA path: finite float32
+  logits, finite gradients that reach every part; remat=True traces to the same gradient tree.
+  (One compile serves both checks: a float32 9-layer backward costs a minute of CPU compile.)"""
   c = tiny_config(dtype="bfloat16", dec_layers=3, attention="boltzmann")
   p = filled_params(c)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p))
   images, ids = inputs
-  out = jax.device_get(forward_fn(c)(p, images, ids, jax.random.key(0)))
-  assert out.logits.dtype == np.float32 and np.all(np.isfinite(out.logits))
+  masks = (jnp.arange(S)[None, :, None] < 8) & (jnp.arange(S)[None, None, :] < 8)
+  masks = jnp.broadcast_to(masks, (B, S, S)).astype(jnp.uint8)
+
+  def loss_fn(params, cfg=c):
+    out = BoltzFormer(cfg).apply({"params": params}, images, ids, sample_rng=jax.random.key(3), train=True)
+    return jnp.mean(seg_loss(out.logits, masks)[0]), out
+
+  (loss, out), grads = jax.device_get(jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(p))
+  assert out.logits.dtype == np.float32 and np.all(np.isfinite(out.logits)) and np.isfinite(loss)
   assert all(np.all(np.isfinite(lg)) for lg in out.layer_logits)
   assert np.all(out.kept > 0)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  for name in ("encoder", "text_encoder", "pixel_decoder", "decoder_0", "decoder_2", "fusion", "query_feat",
+               "query_embed"):
+    assert name in grads, (name, sorted(grads))
+    assert sum(float(np.sum(np.abs(g))) for g in jax.tree.leaves(grads[name])) > 0, name
+  shapes = jax.eval_shape(jax.grad(lambda q: loss_fn(q, dataclasses.replace(c, remat=True))[0]), p)
+  assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(lambda x: x.shape, grads)
 
 
 def test_bad_inputs(cfg, params):
@@ -379,3 +381,67 @@ def test_bad_inputs(cfg, params):
   with pytest.raises(ValueError, match="prompt ids"):
     jax.eval_shape(lambda p: model.apply({"params": p}, jnp.zeros((2, S, S, 3)), jnp.zeros((1, L), jnp.int32)),
                    params)
+
+
+# ----------------------------------------------------------------------------
+# Against torch: the release's output fusion, F.interpolate and the sine positions
+# ----------------------------------------------------------------------------
+
+
+def test_output_fusion_matches_the_release_computation():
+  """OutputFusion against the release's `convolution_procedure` written in torch (ConvTranspose2d
+  k=4 s=2 p=1, 1x1 conv, means, F.interpolate(bilinear, align_corners=False)) with the same
+  weights; float32, tolerance 1e-5."""
+  torch = pytest.importorskip("torch")
+  F = torch.nn.functional
+  q, h4, channels = 5, 8, 10
+  masks = jax.random.normal(jax.random.key(0), (B, q, h4, h4)) * 3
+  images = jax.random.normal(jax.random.key(1), (B, 4 * h4, 4 * h4, 3))
+  fusion = seg_model.OutputFusion(channels)
+  p = nn.meta.unbox(fusion.init(jax.random.key(2), masks, images))["params"]
+  p = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(3), x.shape), p)  # non-zero biases
+  got = np.asarray(fusion.apply({"params": p}, masks, images))
+
+  t = lambda x: torch.from_numpy(np.array(x, np.float32))
+  # flax's transposed conv runs the kernel unflipped over the dilated input; torch's is the
+  # adjoint of a convolution: the same map with the kernel flipped and stored [in, out, kh, kw].
+  deconv_w = t(np.asarray(p["deconv"]["kernel"])[::-1, ::-1].transpose(2, 3, 0, 1))
+  conv_w = t(np.asarray(p["conv"]["kernel"]).transpose(3, 2, 0, 1))
+  image = t(images).permute(0, 3, 1, 2)
+  pred = t(masks)
+  image_lo = F.interpolate(image, size=(h4, h4), mode="bilinear", align_corners=False)
+  image_hi = F.interpolate(image, size=(2 * h4, 2 * h4), mode="bilinear", align_corners=False)
+  mean_hi = F.interpolate(pred.mean(dim=1, keepdim=True), size=(2 * h4, 2 * h4), mode="bilinear",
+                          align_corners=False)
+  deconv = F.conv_transpose2d(torch.cat((image_lo, pred), dim=1), deconv_w, t(p["deconv"]["bias"]), stride=2,
+                              padding=1)
+  out = F.conv2d(torch.cat((image_hi, deconv), dim=1), conv_w, t(p["conv"]["bias"]))
+  want = torch.cat((out, mean_hi), dim=1).mean(dim=1).numpy()
+  assert got.shape == want.shape == (B, 2 * h4, 2 * h4)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_resize_and_positions_match_torch():
+  torch = pytest.importorskip("torch")
+  F = torch.nn.functional
+  x = np.array(jax.random.normal(jax.random.key(0), (2, 3, 16, 12)), np.float32)  # writable, for torch
+  for size in ((4, 3), (40, 30), (5, 7)):  # down, up, and ratios that are not integers
+    want = F.interpolate(torch.from_numpy(x), size=size, mode="bilinear", align_corners=False).numpy()
+    got = np.asarray(seg_model.resize_bilinear(jnp.asarray(x), size, channels_last=False))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=str(size))
+    want = F.interpolate(torch.from_numpy(x), size=size, mode="nearest").numpy()
+    got = np.asarray(seg_model.resize_nearest(jnp.asarray(x.transpose(0, 2, 3, 1)), size)).transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(got, want, err_msg=str(size))
+  # DETR's normalised sine embedding, written out in torch as the release computes it
+  h, w, dim = 3, 5, 16
+  half, eps, scale = dim // 2, 1e-6, 2 * math.pi
+  y = torch.arange(1, h + 1, dtype=torch.float32)[:, None].expand(h, w)
+  xx = torch.arange(1, w + 1, dtype=torch.float32)[None, :].expand(h, w)
+  y, xx = y / (y[-1:, :] + eps) * scale, xx / (xx[:, -1:] + eps) * scale
+  dim_t = torch.arange(half, dtype=torch.float32)
+  dim_t = 10000 ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / half)
+  px, py = xx[:, :, None] / dim_t, y[:, :, None] / dim_t
+  px = torch.stack((px[:, :, 0::2].sin(), px[:, :, 1::2].cos()), dim=3).flatten(2)
+  py = torch.stack((py[:, :, 0::2].sin(), py[:, :, 1::2].cos()), dim=3).flatten(2)
+  want = torch.cat((py, px), dim=2).numpy()
+  np.testing.assert_allclose(np.asarray(seg_model.sine_position_embedding(h, w, dim)), want, atol=1e-6)
