@@ -90,7 +90,7 @@ for name in ("ml_collections", "flax", "optax", "chex", "torch", "transformers",
              "mlx_med.core.attention", "mlx_med.core.sparse_attention", "mlx_med.core.train_step",
              "mlx_med.core.sampler", "mlx_med.llm.checkpoint", "pallas_kernels", "mlx_med.core.trainer",
              "mlx_med.embed.losses", "mlx_med.embed.model", "mlx_med.vision.davit", "mlx_med.vision.text",
-             "configs.embed.medimageinsight"):
+             "configs.embed.medimageinsight", "mlx_med.seg.sampling", "mlx_med.seg.model"):
   importlib.import_module(name)
 print("imports: ok")
 PYEOF
@@ -104,11 +104,12 @@ fi
 # 1. Correctness on the device: the Pallas kernels' real Triton lowering (each
 #    test asserts the lowered module holds a Triton kernel call, i.e. not
 #    interpret mode) and the decoder's cuDNN attention backend (asserts cuDNN
-#    fused attention), against fp32 references. 6 tests; none may skip.
-#    (H200, JAX 0.11.2: 66 s.)
+#    fused attention), against fp32 references; plus the BoltzFormer decoder's
+#    keep-mask attention (Triton kernel vs dense_sampled, fp32 and bf16, not yet
+#    run on a GPU). 8 tests; none may skip. (H200, JAX 0.11.2: 66 s for the 6.)
 step "correctness: Pallas Triton kernels + cuDNN attention (pytest -m gpu)" 85 \
-  "$PY" bench/pytest_strict.py --min-tests 6 -- -q -m gpu -p no:cacheprovider \
-  tests/pallas_kernels tests/core/test_attention_paths.py
+  "$PY" bench/pytest_strict.py --min-tests 8 -- -q -m gpu -p no:cacheprovider \
+  tests/pallas_kernels tests/core/test_attention_paths.py tests/seg/test_seg_sampling.py
 
 # 2. Pallas kernel timings vs dense masked XLA and cuDNN attention. The bench
 #    stops starting new cases after --budget-s, leaving room to print.
