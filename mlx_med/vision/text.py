@@ -308,6 +308,14 @@ def train_text_tokenizer(texts: Sequence[str], vocab_size: int, path: str | os.P
   for symbol in sorted(alphabet) + sorted(ch + "</w>" for ch in alphabet):
     if symbol not in vocab:
       vocab[symbol] = len(vocab)
+  # The trainer numbers tokens in an order that varies between runs (hash-map iteration breaks ties
+  # between equally frequent merges), so the same texts could give different ids. Renumber: the
+  # special tokens first, then every other token by (length, text), a function of the set only.
+  specials = [BOS_TOKEN, EOS_TOKEN]
+  rest = sorted((t for t in vocab if t not in specials), key=lambda t: (len(t), t))
+  vocab = {t: i for i, t in enumerate(specials + rest)}
+  # The merge list keeps the trainer's order: merges of equal frequency may swap places between runs,
+  # which changes an encoding only where two of them compete for the same symbols of one word.
   tok = pipeline(Tokenizer(BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token=EOS_TOKEN,
                                continuing_subword_prefix="", fuse_unk=False)))
   tok.add_special_tokens([BOS_TOKEN, EOS_TOKEN])
