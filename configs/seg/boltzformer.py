@@ -122,7 +122,7 @@ def get_config(arg=None):
 
   config.train = default_train_config()
   if smoke:
-    config.train.update({"steps": 600, "batch_size": 16, "lr": 1e-3, "warmup_steps": 50, "weight_decay": 0.05,
+    config.train.update({"steps": 400, "batch_size": 16, "lr": 1e-3, "warmup_steps": 50, "weight_decay": 0.05,
                          "log_every": 20, "eval_every": 200, "eval_batches": 4, "ckpt_every": 200})
   else:
     config.train.update({"steps": 50000, "batch_size": 16, "lr": 1e-4, "warmup_steps": 1000, "weight_decay": 0.05,

@@ -36,12 +36,16 @@ GOAL_DICE_POINTS = 3.0
 GOAL_FLOPS_RATIO = 8.0
 
 
-def _mode_config(config: ml_collections.ConfigDict, mode: str, shared_data: str) -> ml_collections.ConfigDict:
+def _mode_config(config: ml_collections.ConfigDict, mode: str, shared_data: str,
+                 tokenizer: str = "") -> ml_collections.ConfigDict:
+  """The comparison's config for one mode: same data (one synthetic folder) and the same tokenizer file."""
   c = copy.deepcopy(config)
   c.unlock()
   c.model.attention = mode
   if not c.data.root and not c.data.synthetic_dir:
     c.data.synthetic_dir = shared_data
+  if tokenizer and not c.data.tokenizer:
+    c.data.tokenizer = tokenizer
   c.lock()
   return c
 
@@ -134,13 +138,15 @@ def compare(config: ml_collections.ConfigDict, workdir: str | Path, modes: Seque
     plot_run = Path(checkpoint)
   else:
     shared = str(workdir / "synthetic")
-    for mode in modes:
+    for k, mode in enumerate(modes):
       run_dir = workdir / mode
+      # Every run after the first reads the first run's tokenizer: the same prompts, the same ids.
+      tokenizer = str(workdir / modes[0] / train_lib.TOKENIZER_FILE) if k else ""
       if _finished(run_dir, steps):
         log.info("%s: finished run found in %s (skipping training)", mode, run_dir)
       else:
         log.info("training %s for %d steps in %s", mode, steps, run_dir)
-        train_lib.run(_mode_config(config, mode, shared), str(run_dir), progress=progress, evaluate=False)
+        train_lib.run(_mode_config(config, mode, shared, tokenizer), str(run_dir), progress=progress, evaluate=False)
       res = eval_lib.evaluate_run(run_dir, out_dir=run_dir / f"eval_{mode}", max_images=max_images, n_boot=n_boot,
                                   progress=progress)
       results[mode] = res
