@@ -227,7 +227,7 @@ def encoder_params_from_embed_run(path: str, current: Any) -> Any:
   from mlx_med.embed.model import Embedder
 
   embedder = Embedder.load(path)
-  tower = embedder.params.get("image") if isinstance(embedder.params, dict) else None
+  tower = embedder.params.get("image_encoder") if isinstance(embedder.params, dict) else None
   if tower is None:
     raise ValueError(f"model.encoder_init_from={path}: the run has no image tower parameters")
   got = jax.tree.map(lambda x: tuple(np.shape(x)), tower)

@@ -122,3 +122,25 @@ def test_cli_bad_inputs(tmp_path, capsys):
   assert main(["seg", "train", "--config", CONFIG, "--workdir", str(tmp_path / "c"),
                "--config.model.attention=sparse"]) == 2
   assert "attention" in capsys.readouterr().err
+
+
+def test_encoder_from_an_embedding_run_is_shape_checked(runs, monkeypatch):
+  from flax import linen as nn
+
+  from mlx_med.embed import model as embed_model
+  from mlx_med.seg.predict import Segmenter
+
+  root, _, _, _ = runs
+  encoder = nn.unbox(Segmenter.load(root / "straight").params)["encoder"]
+  tower = jax.tree.map(lambda x: np.asarray(x) + 1.0, encoder)
+
+  class FakeEmbedder:
+    params = {"image_encoder": tower, "text_encoder": {}}
+
+  monkeypatch.setattr(embed_model.Embedder, "load", classmethod(lambda cls, path: FakeEmbedder))
+  got = train_lib.encoder_params_from_embed_run("runs/mii", encoder)
+  chex.assert_trees_all_equal(got, tower)
+  smaller = jax.tree.map(lambda x: x[..., :1] if np.ndim(x) else x, tower)
+  FakeEmbedder.params = {"image_encoder": smaller}
+  with pytest.raises(ValueError, match="does not match model.encoder"):
+    train_lib.encoder_params_from_embed_run("runs/mii", encoder)
