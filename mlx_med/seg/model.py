@@ -237,6 +237,10 @@ def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   h, w = x.shape[1], x.shape[2]
   if (h, w) == tuple(size):
     return x
+  if size[0] % h == 0 and size[1] % w == 0:  # whole factors (the FPN's 2x): a broadcast, no gather
+    fh, fw = size[0] // h, size[1] // w
+    y = jnp.broadcast_to(x[:, :, None, :, None, :], (x.shape[0], h, fh, w, fw, x.shape[-1]))
+    return y.reshape(x.shape[0], size[0], size[1], x.shape[-1])
   rows = (jnp.arange(size[0]) * h) // size[0]
   cols = (jnp.arange(size[1]) * w) // size[1]
   return x[:, rows][:, :, cols]
@@ -438,7 +442,12 @@ class PixelDecoder(nn.Module):
     dtype, pdtype = self.dtype, self.param_dtype
     top = maps[-1]
     b, h, w, _ = top.shape
-    x = _conv(self.dim, 1, dtype, pdtype, "input_proj")(top).reshape(b, h * w, self.dim)
+    x = _conv(self.dim, 1, dtype, pdtype, "input_proj")(top)
+    x = sharding_lib.constrain(self.rules, x, ("batch", None, None, "act_embed"))
+    # Constrained on both sides of the reshape: with the batch and the conv's channels both sharded,
+    # XLA's partitioner otherwise produced wrong values through the encoder layers (found with 8 fake
+    # devices, data x fsdp x tensor = 2 x 2 x 2).
+    x = sharding_lib.constrain(self.rules, x.reshape(b, h * w, self.dim), ("batch", "length", "act_embed"))
     pos = sine_position_embedding(h, w, self.dim).reshape(1, h * w, self.dim).astype(dtype)
     layer_cls = nn.remat(PixelEncoderLayer, prevent_cse=False) if self.remat else PixelEncoderLayer
     for i in range(self.num_layers):
@@ -446,14 +455,17 @@ class PixelDecoder(nn.Module):
     y = x.reshape(b, h, w, self.dim)
     y = nn.relu(_group_norm(self.dim, dtype, pdtype, "output_norm_3")(
         _conv(self.dim, 3, dtype, pdtype, "output_conv_3", use_bias=False)(y)))
+    y = sharding_lib.constrain(self.rules, y, ("batch", None, None, "act_embed"))
     levels = [y]
     for idx in (2, 1, 0):  # 1/16, 1/8, 1/4
       f = maps[idx]
       lateral = _group_norm(self.dim, dtype, pdtype, f"lateral_norm_{idx}")(
           _conv(self.dim, 1, dtype, pdtype, f"lateral_conv_{idx}", use_bias=False)(f))
+      lateral = sharding_lib.constrain(self.rules, lateral, ("batch", None, None, "act_embed"))
       y = lateral + resize_nearest(y, lateral.shape[1:3])
       y = nn.relu(_group_norm(self.dim, dtype, pdtype, f"output_norm_{idx}")(
           _conv(self.dim, 3, dtype, pdtype, f"output_conv_{idx}", use_bias=False)(y)))
+      y = sharding_lib.constrain(self.rules, y, ("batch", None, None, "act_embed"))
       levels.append(y)
     mask_features = _conv(self.mask_dim, 3, dtype, pdtype, "mask_features")(y)
     return mask_features, levels[:NUM_LEVELS]
@@ -607,7 +619,9 @@ class BoltzFormer(nn.Module):
       _, h, w, c = lv.shape
       if c != cfg.hidden_dim:
         lv = _conv(cfg.hidden_dim, 1, dtype, pdtype, f"input_proj_{i}")(lv)
-      memories.append((lv + level_embed[i].astype(dtype)).reshape(b, h * w, cfg.hidden_dim))
+      lv = sharding_lib.constrain(self.rules, lv + level_embed[i].astype(dtype), ("batch", None, None, "act_embed"))
+      memories.append(sharding_lib.constrain(self.rules, lv.reshape(b, h * w, cfg.hidden_dim),
+                                             ("batch", "length", "act_embed")))
       positions.append(sine_position_embedding(h, w, cfg.hidden_dim).reshape(1, h * w, cfg.hidden_dim).astype(dtype))
       sizes.append((h, w))
 
