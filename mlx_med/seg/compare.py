@@ -22,8 +22,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -79,9 +80,8 @@ def _row(mode: str, result: dict[str, Any], train_seconds: float | None, steps: 
 def _plot_kept_keys(run: Path, out_dir: Path, n_examples: int, seed: int) -> list[str]:
   """Kept-keys figures for the smallest targets of the eval split (from `run`, under its own mode)."""
   from mlx_med.seg import data as data_lib
-  from mlx_med.seg import plots
+  from mlx_med.seg import plots, sampling
   from mlx_med.seg import predict as predict_lib
-  from mlx_med.seg import sampling
   from mlx_med.seg import train as train_lib
   from mlx_med.seg.evaluate import load_run_config
 
@@ -116,8 +116,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str | Path, modes: Seque
   """Trains (or reuses) one run per mode, evaluates, writes the table and the figures; returns them."""
   from mlx_med.seg import evaluate as eval_lib
   from mlx_med.seg import metrics as metrics_lib
-  from mlx_med.seg import plots
-  from mlx_med.seg import sampling
+  from mlx_med.seg import plots, sampling
   from mlx_med.seg import train as train_lib
 
   bad = [m for m in (*modes, *eval_only_modes) if m not in sampling.ATTENTION_MODES]

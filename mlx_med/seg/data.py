@@ -63,7 +63,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mlx_med.seg.synth import SIZE_BUCKETS, size_bucket
+from mlx_med.seg.metrics import SIZE_BUCKETS, size_bucket
 
 log = logging.getLogger(__name__)
 

@@ -119,7 +119,7 @@ def evaluate_run(workdir: str | Path, *, attention: str | None = None, split: st
   spacing = [data_lib.model_spacing(ex, cfg.image_size) for ex in examples]
   result = metrics_lib.evaluate_masks(preds, gts, examples, spacing=spacing, n_boot=n_boot, seed=0)
   result["attention"] = mode
-  result["cost"] = {**cost, "predict_seconds": seconds, "images": int(len(examples))}
+  result["cost"] = {**cost, "predict_seconds": seconds, "images": len(examples)}
   out = Path(out_dir) if out_dir else workdir / f"eval_{mode}"
   out.mkdir(parents=True, exist_ok=True)
   paths = metrics_lib.write_report(result, out)

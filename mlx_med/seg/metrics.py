@@ -46,8 +46,7 @@ import numpy as np
 from scipy import ndimage
 
 # Size buckets of the target, as a fraction of the image area (lower bound inclusive, upper exclusive; the last
-# one closed). The data side (mlx_med/seg/synth.py, which labels the synthetic lesions) defines the same tuple;
-# the metrics keep their own copy so that scoring imports no data code, and a test holds the two equal.
+# one closed). The one definition: the synthetic generator and the data readers label targets with it.
 SIZE_BUCKETS = (("<0.1%", 0.0, 0.001), ("0.1-1%", 0.001, 0.01), (">1%", 0.01, 1.0))
 EMPTY_BUCKET = "empty"
 METRICS = ("dice", "iou", "hd95")

@@ -53,7 +53,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-SIZE_BUCKETS = (("<0.1%", 0.0, 0.001), ("0.1-1%", 0.001, 0.01), (">1%", 0.01, 1.0))
+from mlx_med.seg.metrics import size_bucket  # the one definition of the size buckets
+
 METADATA = "metadata.csv"
 COLUMNS = ("image", "mask", "prompt", "split", "label", "organ", "bucket", "area_fraction")
 PROMPT_TEMPLATE = "{label} in CT scan"
@@ -78,17 +79,6 @@ LESIONS: dict[str, dict[str, Any]] = {
 _DRAW_RANGES = ((0.0002, 0.0008), (0.0013, 0.008), (0.013, 0.045))
 _MAX_ORGAN_SHARE = 0.35
 _MIN_PIXELS = 2.5
-
-
-def size_bucket(area_fraction: float) -> str:
-  """The SIZE_BUCKETS name of a mask covering `area_fraction` of the image (0 < f <= 1)."""
-  f = float(area_fraction)
-  for name, lo, hi in SIZE_BUCKETS:
-    if lo <= f < hi:
-      return name
-  if f >= SIZE_BUCKETS[-1][2]:
-    return SIZE_BUCKETS[-1][0]
-  raise ValueError(f"area_fraction={area_fraction} is not in [0, 1]")
 
 
 def prompt_for(label: str) -> str:

@@ -57,7 +57,7 @@ def test_synthetic_is_deterministic_and_prefix_stable(tmp_path, synthetic):
 def test_synthetic_buckets_prompts_and_masks(synthetic):
   rows = _rows(synthetic)
   assert {r["split"] for r in rows} == {"train", "test"}
-  counts = {name: sum(r["bucket"] == name for r in rows) for name, _, _ in synth.SIZE_BUCKETS}
+  counts = {name: sum(r["bucket"] == name for r in rows) for name, _, _ in data.SIZE_BUCKETS}
   assert min(counts.values()) >= 0.2 * len(rows), counts  # all three buckets well populated
   assert len({r["label"] for r in rows}) == len(synth.LESIONS)
   per_image = {}

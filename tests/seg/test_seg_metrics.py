@@ -9,7 +9,6 @@ same sums of squares).
 import csv
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -341,7 +340,7 @@ def test_write_report_files(tmp_path):
   assert len(list((tmp_path / "eval").iterdir())) == 3
 
 
-def test_thousand_images_of_128_px_take_seconds():
+def test_thousand_images_aggregate_by_bucket():
   rng = np.random.default_rng(0)
   yy, xx = np.mgrid[:128, :128]
   preds, gts = [], []
@@ -350,27 +349,14 @@ def test_thousand_images_of_128_px_take_seconds():
     cy, cx = rng.uniform(r, 128 - r, 2)
     gts.append((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r)
     preds.append((yy - cy - rng.normal()) ** 2 + (xx - cx - rng.normal()) ** 2 <= (r * rng.uniform(0.7, 1.3)) ** 2)
-  start = time.perf_counter()
   res = M.evaluate_masks(preds, gts, n_boot=1000, seed=0)
-  elapsed = time.perf_counter() - start
   assert res["overall"]["n"] == 1000
-  assert elapsed < 15.0, f"evaluating 1000 images of 128 px took {elapsed:.1f} s"  # about 0.5 s measured
+  assert sum(group["n"] for group in res["buckets"].values()) == 1000
+  assert set(res["buckets"]) == {"<0.1%", "0.1-1%", ">1%"}
 
 
-def test_size_buckets_agree_with_the_data_modules():
-  import importlib
-  import importlib.util
+def test_size_buckets_have_one_definition():
+  from mlx_med.seg import data, synth
 
-  found = 0
-  for name in ("mlx_med.seg.data", "mlx_med.seg.synth"):
-    if importlib.util.find_spec(name) is None:
-      continue
-    module = importlib.import_module(name)
-    if not hasattr(module, "SIZE_BUCKETS"):
-      continue
-    found += 1
-    assert tuple(module.SIZE_BUCKETS) == M.SIZE_BUCKETS, name
-    for area in (0.0, 0.0005, 0.001, 0.005, 0.01, 0.3, 1.0):
-      assert module.size_bucket(area) == M.size_bucket(area), (name, area)
-  if not found:
-    pytest.skip("no data module defines SIZE_BUCKETS yet")
+  assert data.SIZE_BUCKETS is M.SIZE_BUCKETS
+  assert data.size_bucket is synth.size_bucket is M.size_bucket
