@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
   args, extra = p.parse_known_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
   logging.getLogger("absl").setLevel(logging.WARNING)
+  from mlx_med.cli import quiet_backend_probe_logs
+  quiet_backend_probe_logs()
 
   from mlx_med.core import config as config_lib
   from mlx_med.seg import compare as compare_lib
