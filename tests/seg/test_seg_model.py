@@ -328,21 +328,56 @@ def test_seg_loss_large_logits_are_stable():
 # ----------------------------------------------------------------------------
 
 
-def test_vit_encoder_without_fusion(inputs):
+VIT_ENCODER = {"kind": "vit", "patch_size": 16, "width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64,
+               "style": "siglip", "pool": "gap"}
+
+
+@pytest.fixture(scope="module")
+def vit_case(inputs):
+  """ViT encoder, fusion off, 3 decoder layers, batch 4 (so a 2 x 2 data x fsdp mesh shards it)."""
+  c = tiny_config(encoder=VIT_ENCODER, dec_layers=3, fusion=False, attention="dense_sampled")
+  p = filled_params(c, seed=1)
+  images, ids = inputs
+  images = jnp.concatenate([images, images[:, ::-1]])
+  ids = jnp.concatenate([ids, ids[::-1]])
+  out = jax.device_get(forward_fn(c)(p, images, ids, jax.random.key(0)))
+  return c, p, images, ids, out
+
+
+def test_vit_encoder_without_fusion(vit_case):
   """ViT encoder through its simple feature pyramid; fusion=False: the output is the bilinear
   upsampling of the mean over queries of the last prediction."""
-  c = tiny_config(encoder={"kind": "vit", "patch_size": 16, "width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64,
-                           "style": "siglip", "pool": "gap"},
-                  dec_layers=3, fusion=False, attention="dense_sampled")
-  p = filled_params(c, seed=1)
+  _, p, images, _, out = vit_case
   assert "fusion" not in p and "pyramid" in p
-  images, ids = inputs
-  out = jax.device_get(forward_fn(c)(p, images, ids, jax.random.key(0)))
-  assert out.logits.shape == (B, S, S) and len(out.layer_logits) == 4
+  b = images.shape[0]
+  assert out.logits.shape == (b, S, S) and len(out.layer_logits) == 4
   mean = jnp.mean(jnp.asarray(out.layer_logits[-1]), axis=1)
-  want = jax.image.resize(mean, (B, S, S), "bilinear", antialias=False)
+  want = jax.image.resize(mean, (b, S, S), "bilinear", antialias=False)
   np.testing.assert_allclose(out.logits, want, atol=1e-5, rtol=1e-5)
   assert np.all(np.asarray(out.kept) < np.asarray([int(t) for t in out.total], np.float32))
+
+
+def test_sharded_forward_matches_one_device(vit_case):
+  """data x fsdp x tensor = 2 x 2 x 2 fake devices, parameters placed by their logical axes and the
+  batch sharded: the same outputs as on one device (a partitioner problem once changed the pixel
+  decoder's values here; float32, tolerance 1e-4)."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (fake) devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  from mlx_med.core import sharding as sharding_lib
+
+  c, p, images, ids, want = vit_case
+  rules = sharding_lib.rules_from_config(sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), None)
+  placed = jax.device_put(p, sharding_lib.tree_shardings(rules, nn.get_partition_spec(param_shapes(c)), p))
+  images = jax.device_put(images, rules.named(("batch", None, None, None), images.shape))
+  ids = jax.device_put(ids, rules.named(("batch", None), ids.shape))
+  model = BoltzFormer(c, rules=rules)
+  fn = jax.jit(lambda q, x, t, r: model.apply({"params": q}, x, t, sample_rng=r, return_keep_masks=True))
+  got = jax.device_get(fn(placed, images, ids, jax.random.key(0)))
+  for a, b in zip(got.keep_masks, want.keep_masks):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(got.layer_logits, want.layer_logits):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(got.logits, want.logits, atol=1e-4, rtol=1e-4)
 
 
 def test_bf16_forward_and_gradients(inputs):
