@@ -177,7 +177,11 @@ def test_remat_same_outputs_and_grads(smoke_params, smoke_images):
   l0, g0 = _loss_and_grad(cfg, params, smoke_images)
   l1, g1 = _loss_and_grad(dataclasses.replace(cfg, remat=True), params, smoke_images)
   np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5), g1, g0)
+  # atol 2e-5: the recomputed forward is another compiled program, and the nine multiply-adds of the
+  # depthwise position convolutions round differently in it: up to 6e-6 absolute measured (loss 256),
+  # which is large relative only in leaves whose gradient nearly cancels (max 1e-4). A drop mask
+  # that is not replayed changes a branch's gradients by their full size.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-5), g1, g0)
 
 
 def test_drop_path_only_in_training_with_a_key(smoke_params, smoke_images):
@@ -226,6 +230,32 @@ def test_sharded_forward_matches_single_device(smoke_params, smoke_images):
   out = jax.jit(lambda p, x: DaViT(SMOKE, rules).apply({"params": p}, x))(sharded, x)
   ref = jax.jit(lambda p, x: DaViT(SMOKE).apply({"params": p}, x))(params, smoke_images)
   np.testing.assert_allclose(np.asarray(out.pooled[:2]), np.asarray(ref.pooled), atol=1e-4, rtol=1e-4)
+
+
+def test_sharded_gradients_match_single_device(smoke_params, smoke_images):
+  """Sharded training must see the one-device gradients. The depthwise position convolutions
+  (`cpe*.proj`) once ran as grouped `lax.conv`, whose kernel gradient XLA's SPMD partitioner got
+  wrong under a batch-sharded mesh (about 100% relative error); they are elementwise now."""
+  params = nn.meta.unbox(smoke_params)
+  mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  rules = sharding_lib.ShardingRules(mesh)
+  shardings = sharding_lib.tree_shardings(rules, nn.get_partition_spec(smoke_params), params)
+  images = jnp.concatenate([smoke_images, -smoke_images])
+  x = jax.device_put(images, rules.named(("batch", None, None, None)))
+
+  def loss(p, model, x):
+    return jnp.mean(model.apply({"params": p}, x).pooled ** 2)
+
+  got = jax.jit(jax.grad(lambda p, x: loss(p, DaViT(SMOKE, rules), x)))(jax.device_put(params, shardings), x)
+  want = jax.jit(jax.grad(lambda p, x: loss(p, DaViT(SMOKE), x)))(params, images)
+  got, want = jax.device_get(got), jax.device_get(want)
+  num = sum(float(np.sum((np.asarray(a) - np.asarray(b)) ** 2)) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+  den = sum(float(np.sum(np.asarray(b) ** 2)) for b in jax.tree.leaves(want))
+  assert (num / den) ** 0.5 < 1e-4  # fp32 summation order only (4e-6 measured)
+  for name in ("cpe1", "cpe2"):
+    a = np.asarray(got["stages_0_blocks_0_spatial"][name]["proj"]["kernel"])
+    b = np.asarray(want["stages_0_blocks_0_spatial"][name]["proj"]["kernel"])
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * np.abs(b).max())
 
 
 def test_presets_and_errors():
