@@ -45,6 +45,11 @@ MODE_COLOURS = {"boltzmann": "tab:red", "dense_sampled": "tab:orange", "threshol
                 "full": "tab:grey"}
 
 
+def _mode_colour(mode: str) -> str | None:
+  """A row's colour by its attention mode: "full (boltzmann checkpoint)" is drawn as `full`."""
+  return MODE_COLOURS.get(str(mode).split(" ", 1)[0])
+
+
 def _pyplot():
   import matplotlib
   matplotlib.use("Agg")
@@ -345,8 +350,8 @@ def plot_dice_by_bucket(table: Any, out_png: str | os.PathLike, *, title: str | 
       err[0].append(0.0 if lo is None or math.isnan(m) else 100 * max(m - lo, 0.0))
       err[1].append(0.0 if hi is None or math.isnan(m) else 100 * max(hi - m, 0.0))
     pos = x - 0.4 + width * (j + 0.5)
-    ax.bar(pos, means, width, yerr=np.array(err), capsize=3, label=mode,
-           color=MODE_COLOURS.get(mode), edgecolor="black", linewidth=0.4)
+    ax.bar(pos, means, width, yerr=np.array(err), capsize=3, label=mode, color=_mode_colour(mode),
+           hatch="//" if " " in str(mode) else None, edgecolor="black", linewidth=0.4)
   ax.set_xticks(x)
   ax.set_xticklabels([f"{b}\nof the image" if b != "all" else "all" for b in buckets])
   ax.set_ylabel("Dice (%)")
@@ -380,7 +385,7 @@ def plot_flops_vs_dice(rows: Sequence[Mapping], out_png: str | os.PathLike, *,
       m, lo, hi = data[mode][b]
       yerr = None if lo is None or hi is None else [[100 * max(m - lo, 0)], [100 * max(hi - m, 0)]]
       ax.errorbar([flops[mode]], [100 * m], yerr=yerr, fmt=markers[i % len(markers)], capsize=3,
-                  color=MODE_COLOURS.get(mode), label=f"{mode}, {b}")
+                  color=_mode_colour(mode), label=f"{mode}, {b}")
   ax.set_xscale("log")
   ax.set_xlabel("attention GFLOPs per image (counted from the kept keys)")
   ax.set_ylabel("Dice (%)")
