@@ -200,3 +200,11 @@ def test_object_query_picks_the_query_focusing_on_the_object(tmp_path):
   with pytest.raises(ValueError, match="non-empty gt_mask"):
     plots.plot_kept_keys(np.zeros((64, 64), np.uint8), None, masks, [1.0, 0.5, 0.33], tmp_path / "x.png",
                          query="object")
+
+
+def test_eval_only_rows_take_their_modes_colour():
+  from mlx_med.seg import plots
+
+  assert plots._mode_colour("full (boltzmann checkpoint)") == plots.MODE_COLOURS["full"]
+  assert plots._mode_colour("threshold") == plots.MODE_COLOURS["threshold"]
+  assert plots._mode_colour("full (boltzmann checkpoint)") != plots._mode_colour("threshold")
