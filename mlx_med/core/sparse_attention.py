@@ -28,15 +28,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from mlx_med.core.attention import BackendRegistry
 from pallas_kernels import boltzmann_attention as _boltz
-from pallas_kernels import common as _common
 from pallas_kernels import boltzmann_sampling as _sampling
+from pallas_kernels import common as _common
 from pallas_kernels import token_selection as _tokens
 from pallas_kernels.common import BlockSizes
 
@@ -88,7 +89,7 @@ class SparseAttentionConfig:
       raise ValueError(f"layout={self.layout!r}; choose one of {LAYOUTS}.")
 
   @classmethod
-  def from_config(cls, config: Mapping[str, Any] | Any) -> "SparseAttentionConfig":
+  def from_config(cls, config: Mapping[str, Any] | Any) -> SparseAttentionConfig:
     """From an ml_collections.ConfigDict (or dict); an unknown key is an error."""
     items = dict(config.items()) if hasattr(config, "items") else dict(config)
     known = {f.name for f in dataclasses.fields(cls)}

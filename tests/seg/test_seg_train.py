@@ -2,6 +2,7 @@
 every attention mode, the comparison report, and the command line's bad-input behaviour."""
 
 import json
+import types
 
 import chex
 import jax
@@ -134,13 +135,11 @@ def test_encoder_from_an_embedding_run_is_shape_checked(runs, monkeypatch):
   encoder = nn.unbox(Segmenter.load(root / "straight").params)["encoder"]
   tower = jax.tree.map(lambda x: np.asarray(x) + 1.0, encoder)
 
-  class FakeEmbedder:
-    params = {"image_encoder": tower, "text_encoder": {}}
-
-  monkeypatch.setattr(embed_model.Embedder, "load", classmethod(lambda cls, path: FakeEmbedder))
+  fake = types.SimpleNamespace(params={"image_encoder": tower, "text_encoder": {}})
+  monkeypatch.setattr(embed_model.Embedder, "load", classmethod(lambda cls, path: fake))
   got = train_lib.encoder_params_from_embed_run("runs/mii", encoder)
   chex.assert_trees_all_equal(got, tower)
   smaller = jax.tree.map(lambda x: x[..., :1] if np.ndim(x) else x, tower)
-  FakeEmbedder.params = {"image_encoder": smaller}
+  fake.params = {"image_encoder": smaller}
   with pytest.raises(ValueError, match="does not match model.encoder"):
     train_lib.encoder_params_from_embed_run("runs/mii", encoder)
