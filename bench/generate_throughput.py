@@ -167,7 +167,7 @@ def run_per_step(batch: int, reps: int = 12, steps: int = 10, threads: int | Non
 
   def ours(cfg, params) -> float:
     sampler = sampler_lib.Sampler(cfg, pad_id=0)
-    tokens, rows, max_new, num_top, mode, _ = sampler._prepare(prompts, [greedy] * batch)
+    tokens, rows, max_new, num_top, mode, *_ = sampler._prepare(prompts, [greedy] * batch)
     state = sampler_lib._prefill(params, tokens, rows, cfg=cfg, rules=None, max_new=max_new, num_top=num_top,
                                  mode=mode)
     state = sampler_lib._decode(params, state, rows, jnp.int32(2), cfg=cfg, rules=None, num_top=num_top, mode=mode)

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mlx_med.core import sharding as sharding_lib
 
@@ -150,9 +151,27 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None =
   raise ValueError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-  """Rotates [batch, length, heads, head_dim] by positions [batch, length] (half-split layout)."""
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+               sections: Sequence[int] | None = None) -> jax.Array:
+  """Rotates [batch, length, heads, head_dim] by positions [batch, length] (half-split layout).
+
+  Multimodal rotary (Qwen2-VL's M-RoPE): with `sections` = (s_t, s_h, s_w), summing to
+  head_dim / 2, positions are [batch, length, 3] (temporal, height, width) and the first
+  s_t frequencies rotate by the temporal position, the next s_h by the height position,
+  the last s_w by the width position. Text tokens carry three equal positions, which
+  reduces to ordinary rotary.
+  """
+  if sections is None:
+    if positions.ndim != 2:
+      raise ValueError(f"rotary positions must be [batch, length], got shape {positions.shape}")
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  else:
+    if positions.ndim != 3 or positions.shape[-1] != len(sections):
+      raise ValueError(f"multimodal rotary positions must be [batch, length, {len(sections)}], got {positions.shape}")
+    if sum(sections) != inv_freq.shape[0]:
+      raise ValueError(f"rotary sections {tuple(sections)} sum to {sum(sections)}, not head_dim/2 = {inv_freq.shape[0]}")
+    component = np.repeat(np.arange(len(sections)), sections)  # which position each frequency reads
+    angles = positions.astype(jnp.float32)[..., component] * inv_freq  # [B, T, D/2]
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
   x32 = x.astype(jnp.float32)

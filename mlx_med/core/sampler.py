@@ -186,6 +186,7 @@ class RowParams(NamedTuple):
   presence: jax.Array  # [B] f32
   frequency: jax.Array  # [B] f32
   repetition: jax.Array  # [B] f32
+  next_position: jax.Array  # [B] int32 rotary position of the first generated token (default: prompt_lens)
 
 
 class DecodeState(NamedTuple):
@@ -376,8 +377,8 @@ def _constrain_state(state: DecodeState, rules) -> DecodeState:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "rules", "max_new", "num_top", "mode", "penalties",
                                              "cache_dtype"))
-def _prefill(params, prompt, rows: RowParams, *, cfg: DecoderConfig, rules, max_new: int, num_top: int,
-             mode: str = "sorted", penalties: bool = False, cache_dtype=None) -> DecodeState:
+def _prefill(params, prompt, rows: RowParams, embeds=None, positions=None, *, cfg: DecoderConfig, rules, max_new: int,
+             num_top: int, mode: str = "sorted", penalties: bool = False, cache_dtype=None) -> DecodeState:
   # Trace-time checks: a per-row knob of the wrong length would otherwise broadcast silently.
   chex.assert_rank(prompt, 2)
   batch, plen = prompt.shape
@@ -386,14 +387,15 @@ def _prefill(params, prompt, rows: RowParams, *, cfg: DecoderConfig, rules, max_
   pad = plen - rows.prompt_lens  # left padding per row
   slots = jnp.arange(plen, dtype=jnp.int32)[None, :]
   segment_ids = (slots >= pad[:, None]).astype(jnp.int32)
-  positions = jnp.maximum(slots - pad[:, None], 0)
+  if positions is None:
+    positions = jnp.maximum(slots - pad[:, None], 0)
   cache = init_cache(cfg, batch, plen + max_new, cache_dtype)
   if rules is not None:
     cache = _constrain_cache(cache, rules)
   # Only the last position's logits are needed: ask for hidden states and project
   # one row per sequence (the full [B, P, V] logits are dead code and removed by XLA).
   (_, cache), hidden = model.apply({"params": params}, prompt, positions=positions, segment_ids=segment_ids,
-                                   cache=cache, cache_index=0, return_hidden=True)
+                                   cache=cache, cache_index=0, return_hidden=True, embeddings=embeds)
   logits = model.apply({"params": params}, hidden[:, -1, :], method=project_to_vocab)
   state = DecodeState(
       cache=cache,
@@ -433,8 +435,9 @@ def _decode(params, state: DecodeState, rows: RowParams, stop_at, *, cfg: Decode
 
   def body(s: DecodeState):
     # Feed the token generated at index step-1; it occupies cache slot plen+step-1
-    # and rotary position prompt_len+step-1.
-    positions = (rows.prompt_lens + s.step - 1)[:, None]
+    # and rotary position next_position+step-1 (next_position = prompt_len unless a
+    # multimodal prompt's positions say otherwise).
+    positions = (rows.next_position + s.step - 1)[:, None]
     segment_ids = jnp.ones_like(positions)
     logits, cache = model.apply({"params": params}, s.last[:, None], positions=positions, segment_ids=segment_ids,
                                 cache=s.cache, cache_index=plen + s.step - 1)
@@ -549,7 +552,8 @@ class Sampler:
     mesh = self.rules.mesh.shape
     return int(mesh.get("data", 1) * mesh.get("fsdp", 1))
 
-  def _prepare(self, prompts: Sequence[Sequence[int]], sampling: Sequence[SamplingParams]):
+  def _prepare(self, prompts: Sequence[Sequence[int]], sampling: Sequence[SamplingParams],
+               prompt_embeds: Optional[Sequence[Any]] = None, prompt_positions: Optional[Sequence[Any]] = None):
     if not prompts:
       raise ValueError("no prompts given")
     if len(sampling) != len(prompts):
@@ -582,10 +586,11 @@ class Sampler:
         stop_ids=np.full((batch, n_stop), -1, np.int32), think_budget=np.full(batch, -1, np.int32),
         think_close=np.full((batch, n_close), -1, np.int32), think_close_len=np.zeros(batch, np.int32),
         presence=np.zeros(batch, np.float32), frequency=np.zeros(batch, np.float32),
-        repetition=np.ones(batch, np.float32))
+        repetition=np.ones(batch, np.float32), next_position=np.ones(batch, np.int32))
     for i, (p, sp) in enumerate(zip(prompts, sampling)):
       tokens[i, plen - len(p):] = np.asarray(p, np.int32)
       rows["prompt_lens"][i] = len(p)
+      rows["next_position"][i] = len(p)
       rows["temperature"][i] = sp.temperature
       rows["top_k"][i] = min(sp.top_k, self.cfg.vocab_size)
       rows["top_p"][i] = sp.top_p
@@ -603,12 +608,46 @@ class Sampler:
         rows["think_close_len"][i] = len(sp.think_close_ids)
     if max(int(t) for t in tokens.max(axis=1)) >= self.cfg.vocab_size or tokens.min() < 0:
       raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
+    embeds_dev, positions_dev = self._multimodal_inputs(prompts, batch, plen, prompt_embeds, prompt_positions, rows)
     tokens_dev = self._put_batch(tokens)
     rows_dev = RowParams(**{k: self._put_batch(v) for k, v in rows.items()})
     mode = sampling_mode(sampling)
     penalties = any(sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1 for sp in sampling)
-    self.compiled_shapes.add((batch, plen, max_new, num_top, mode, penalties))
-    return tokens_dev, rows_dev, max_new, num_top, mode, penalties
+    self.compiled_shapes.add((batch, plen, max_new, num_top, mode, penalties, embeds_dev is not None,
+                              positions_dev is not None))
+    return tokens_dev, rows_dev, max_new, num_top, mode, penalties, embeds_dev, positions_dev
+
+  def _multimodal_inputs(self, prompts, batch: int, plen: int, prompt_embeds, prompt_positions, rows: dict):
+    """Left-pads per-prompt input embeddings [len, E] and rotary positions ([len] or, with
+    M-RoPE, [len, 3]) into the batch block; sets each row's first decode position to its
+    largest prompt position + 1 (Qwen2-VL's rule; = prompt length for ordinary positions)."""
+    embeds_dev = positions_dev = None
+    if prompt_embeds is not None:
+      if len(prompt_embeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(prompt_embeds)} prompt embeddings")
+      width = self.cfg.d_model
+      block = np.zeros((batch, plen, width), np.float32)
+      for i, (p, e) in enumerate(zip(prompts, prompt_embeds)):
+        e = np.asarray(e, np.float32)
+        if e.shape != (len(p), width):
+          raise ValueError(f"prompt {i}: embeddings have shape {e.shape}, expected ({len(p)}, {width})")
+        block[i, plen - len(p):] = e
+      embeds_dev = self._put_batch(block)
+    if prompt_positions is not None:
+      if len(prompt_positions) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(prompt_positions)} position arrays")
+      comps = len(self.cfg.mrope_section) if self.cfg.mrope_section else 0
+      shape = (batch, plen, comps) if comps else (batch, plen)
+      block = np.zeros(shape, np.int32)
+      for i, (p, pos) in enumerate(zip(prompts, prompt_positions)):
+        pos = np.asarray(pos, np.int32)
+        want = (len(p), comps) if comps else (len(p),)
+        if pos.shape != want:
+          raise ValueError(f"prompt {i}: positions have shape {pos.shape}, expected {want}")
+        block[i, plen - len(p):] = pos
+        rows["next_position"][i] = int(pos.max()) + 1
+      positions_dev = self._put_batch(block)
+    return embeds_dev, positions_dev
 
   def _put_batch(self, x: np.ndarray) -> jax.Array:
     if self.rules is None:
@@ -619,21 +658,28 @@ class Sampler:
 
   def stream(self, params, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams],
              *, detokenize: Optional[Callable[[list[int]], str]] = None,
-             chunk_size: Optional[int] = 16) -> Iterator[list[StreamUpdate]]:
+             chunk_size: Optional[int] = 16, prompt_embeds: Optional[Sequence[Any]] = None,
+             prompt_positions: Optional[Sequence[Any]] = None) -> Iterator[list[StreamUpdate]]:
     """Yields, after every chunk of `chunk_size` decode steps, the updates of rows that changed.
 
     `chunk_size=None` decodes to the end in one device call (fastest; updates only at
     the end). Stop strings are checked between chunks, so a row may compute up to a
     chunk of tokens past a stop string; they are discarded.
+
+    Multimodal prompts: `prompt_embeds` gives every prompt's input embeddings [len, E]
+    (text embeddings with image features spliced in), used by the prefill instead of
+    the token lookup; `prompt_positions` its rotary positions ([len], or [len, 3] for
+    M-RoPE). Generated tokens continue from the largest prompt position + 1.
     """
     if isinstance(sampling, SamplingParams):
       sampling = [sampling] * len(prompts)
     sampling = list(sampling)
     if any(sp.stop_strings for sp in sampling) and detokenize is None:
       raise ValueError("stop strings need a detokenize function")
-    tokens, rows_dev, max_new, num_top, mode, penalties = self._prepare(prompts, sampling)
-    state = _prefill(params, tokens, rows_dev, cfg=self.cfg, rules=self.rules, max_new=max_new, num_top=num_top,
-                     mode=mode, penalties=penalties, cache_dtype=self.cache_dtype)
+    tokens, rows_dev, max_new, num_top, mode, penalties, embeds, positions = self._prepare(
+        prompts, sampling, prompt_embeds, prompt_positions)
+    state = _prefill(params, tokens, rows_dev, embeds, positions, cfg=self.cfg, rules=self.rules, max_new=max_new,
+                     num_top=num_top, mode=mode, penalties=penalties, cache_dtype=self.cache_dtype)
     chunk = max_new if chunk_size is None else max(1, int(chunk_size))
     width = min(chunk, max_new)
     rows = [_Row(sp, text=IncrementalText(detokenize) if detokenize else None) for sp in sampling]
@@ -732,7 +778,9 @@ class Sampler:
         top_logprobs=row.top[:n] if sp.num_top_logprobs else None, forced=row.forced[:n], text=text)
 
   def generate_arrays(self, params, prompts: Sequence[Sequence[int]],
-                      sampling: SamplingParams | Sequence[SamplingParams]) -> "RolloutArrays":
+                      sampling: SamplingParams | Sequence[SamplingParams], *,
+                      prompt_embeds: Optional[Sequence[Any]] = None,
+                      prompt_positions: Optional[Sequence[Any]] = None) -> "RolloutArrays":
     """Runs every prompt to completion in one device call and returns the raw arrays.
 
     For RL rollouts: no host work per token or per row (no text, no stop strings; stop
@@ -744,9 +792,10 @@ class Sampler:
     sampling = list(sampling)
     if any(sp.stop_strings for sp in sampling):
       raise ValueError("generate_arrays does not check stop strings (they need text); use stop_token_ids")
-    tokens, rows_dev, max_new, num_top, mode, penalties = self._prepare(prompts, sampling)
-    state = _prefill(params, tokens, rows_dev, cfg=self.cfg, rules=self.rules, max_new=max_new, num_top=num_top,
-                     mode=mode, penalties=penalties, cache_dtype=self.cache_dtype)
+    tokens, rows_dev, max_new, num_top, mode, penalties, embeds, positions = self._prepare(
+        prompts, sampling, prompt_embeds, prompt_positions)
+    state = _prefill(params, tokens, rows_dev, embeds, positions, cfg=self.cfg, rules=self.rules, max_new=max_new,
+                     num_top=num_top, mode=mode, penalties=penalties, cache_dtype=self.cache_dtype)
     state = _decode(params, state, rows_dev, jnp.asarray(max_new, jnp.int32), cfg=self.cfg, rules=self.rules,
                     num_top=num_top, mode=mode)
     n = len(prompts)
@@ -755,14 +804,18 @@ class Sampler:
                          stopped=state.stopped[:n])
 
   def generate(self, params, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams],
-               *, detokenize: Optional[Callable[[list[int]], str]] = None) -> list[SampleOutput]:
-    """Runs every prompt to completion; returns one `SampleOutput` per prompt, in order."""
+               *, detokenize: Optional[Callable[[list[int]], str]] = None,
+               prompt_embeds: Optional[Sequence[Any]] = None,
+               prompt_positions: Optional[Sequence[Any]] = None) -> list[SampleOutput]:
+    """Runs every prompt to completion; returns one `SampleOutput` per prompt, in order
+    (multimodal prompts: see `stream`)."""
     if isinstance(sampling, SamplingParams):
       sampling = [sampling] * len(prompts)
     has_stop_strings = any(sp.stop_strings for sp in sampling)
     outputs: list[Optional[SampleOutput]] = [None] * len(prompts)
     for updates in self.stream(params, prompts, sampling, detokenize=detokenize,
-                               chunk_size=32 if has_stop_strings else None):
+                               chunk_size=32 if has_stop_strings else None, prompt_embeds=prompt_embeds,
+                               prompt_positions=prompt_positions):
       for u in updates:
         if u.finished:
           outputs[u.index] = u.output

@@ -64,6 +64,10 @@ class DecoderConfig:
   # and cache out of the stacked arrays, and XLA copies those slices (measured on
   # CPU: ~40% of a batch-8 decode step). Convert with `unstack_layers`/`stack_layers`.
   scan_layers: bool = True
+  # Multimodal rotary (Qwen2-VL / Qwen2.5-VL "mrope_section"): frequencies split into
+  # (temporal, height, width) sections summing to head_dim/2; positions are then
+  # [B, T, 3]. None: ordinary rotary over positions [B, T].
+  mrope_section: Optional[tuple[int, ...]] = None
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -74,6 +78,11 @@ class DecoderConfig:
     as_dtype(self.param_dtype)
     if self.head_dim is None and self.d_model % self.num_heads:
       raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; set head_dim")
+    if self.mrope_section is not None:
+      if not isinstance(self.mrope_section, tuple):
+        object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
+      if sum(self.mrope_section) * 2 != self.resolved_head_dim:
+        raise ValueError(f"mrope_section={self.mrope_section} must sum to head_dim/2 = {self.resolved_head_dim // 2}")
 
   @property
   def resolved_head_dim(self) -> int:
@@ -93,6 +102,8 @@ class DecoderConfig:
       raise ValueError(f"model config has unknown keys {unknown}; known: {sorted(known)}")
     if values.get("rope_scaling") is not None and not isinstance(values["rope_scaling"], tuple):
       values["rope_scaling"] = tuple(sorted(dict(values["rope_scaling"]).items()))
+    if values.get("mrope_section") is not None:
+      values["mrope_section"] = tuple(int(v) for v in values["mrope_section"])
     return cls(**values)
 
   def num_params(self, include_embeddings: bool = True) -> int:
@@ -190,8 +201,8 @@ class Attention(nn.Module):
       q = RMSNorm(cfg.norm_eps, dtype, pdtype, name="q_norm")(q)
       k = RMSNorm(cfg.norm_eps, dtype, pdtype, name="k_norm")(k)
     inv_freq = rope_inverse_frequencies(hd, cfg.rope_theta, cfg.rope_scaling_dict)
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
+    q = apply_rope(q, positions, inv_freq, cfg.mrope_section)
+    k = apply_rope(k, positions, inv_freq, cfg.mrope_section)
     q = sharding_lib.constrain(self.rules, q, ("batch", "length", "act_heads", None))
     k = sharding_lib.constrain(self.rules, k, ("batch", "length", "act_kv_heads", None))
     v = sharding_lib.constrain(self.rules, v, ("batch", "length", "act_kv_heads", None))
@@ -272,6 +283,10 @@ class Decoder(nn.Module):
     segment, which is how packed sequences never cross patients/requests.
   cache / cache_index: a KV cache from `init_cache`; this call's tokens occupy slots
     cache_index .. cache_index+T-1 and attend to every filled slot of the same segment.
+  embeddings: [B, T, E] input embeddings used instead of looking up `tokens` (which may
+    then be None): how a vision-language model feeds text embeddings with its image
+    features spliced in (see `embed_tokens`). With `cfg.mrope_section`, positions may be
+    [B, T, 3]; [B, T] positions are repeated over the three components.
   """
 
   cfg: DecoderConfig
@@ -303,9 +318,26 @@ class Decoder(nn.Module):
           kernel_init=logical_init(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
           dot_general=cpu_dense_dot_general, name="lm_head")
 
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    """Token ids [B, T] -> input embeddings [B, T, E] in the compute dtype (what `__call__`
+    feeds the first layer). A multimodal model calls this, overwrites the image-token
+    positions with its visual features, and passes the result as `embeddings`."""
+    if self.rules is None:
+      return self.embed(tokens)
+    # The lookup on a vocab-sharded table: gather the table's embed dim (fsdp)
+    # first, so each tensor shard looks up the ids in its vocab range and XLA
+    # combines them with one all-reduce. Left to itself, the SPMD partitioner
+    # cannot reconcile an embed-sharded table with batch-sharded ids and
+    # replicates the whole gather ("involuntary full rematerialization").
+    table = sharding_lib.constrain(self.rules, self.embed.embedding, ("vocab", None))
+    return jnp.take(table, tokens, axis=0).astype(as_dtype(self.cfg.dtype))
+
   def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-               cache_index=None, return_hidden: bool = False):
-    b, t = tokens.shape
+               cache_index=None, return_hidden: bool = False, embeddings=None):
+    if embeddings is not None:
+      b, t = embeddings.shape[:2]
+    else:
+      b, t = tokens.shape
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
     if cache is None:
@@ -324,17 +356,14 @@ class Decoder(nn.Module):
       layer_caches = {"k": cache["k"], "v": cache["v"]}
     if positions is None:
       positions = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32) + jnp.arange(t, dtype=jnp.int32), (b, t))
+    if self.cfg.mrope_section is not None and positions.ndim == 2:
+      # Text-only input: the three M-RoPE components are equal.
+      positions = jnp.broadcast_to(positions[..., None], positions.shape + (len(self.cfg.mrope_section),))
 
-    if self.rules is None:
-      x = self.embed(tokens)
+    if embeddings is not None:
+      x = embeddings.astype(as_dtype(self.cfg.dtype))
     else:
-      # The lookup on a vocab-sharded table: gather the table's embed dim (fsdp)
-      # first, so each tensor shard looks up the ids in its vocab range and XLA
-      # combines them with one all-reduce. Left to itself, the SPMD partitioner
-      # cannot reconcile an embed-sharded table with batch-sharded ids and
-      # replicates the whole gather ("involuntary full rematerialization").
-      table = sharding_lib.constrain(self.rules, self.embed.embedding, ("vocab", None))
-      x = jnp.take(table, tokens, axis=0).astype(as_dtype(self.cfg.dtype))
+      x = self.embed_tokens(tokens)
     x = sharding_lib.constrain(self.rules, x, ("batch", "length", "act_embed"))
     if self.cfg.scan_layers:
       layer_ids = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)

@@ -88,7 +88,8 @@ def _rows(n, **values):
               max_new=np.ones(n, np.int32), stop_ids=np.full((n, 1), -1, np.int32),
               think_budget=np.full(n, -1, np.int32), think_close=np.full((n, 1), -1, np.int32),
               think_close_len=np.zeros(n, np.int32), presence=np.zeros(n, np.float32),
-              frequency=np.zeros(n, np.float32), repetition=np.ones(n, np.float32))
+              frequency=np.zeros(n, np.float32), repetition=np.ones(n, np.float32),
+              next_position=np.ones(n, np.int32))
   for k, v in values.items():
     base[k] = np.broadcast_to(np.asarray(v, base[k].dtype), base[k].shape).copy()
   return RowParams(**{k: jnp.asarray(v) for k, v in base.items()})
@@ -268,7 +269,7 @@ def test_bad_requests_are_clear_errors(params, sampler):
   with pytest.raises(ValueError, match="detokenize"):
     sampler.generate(params, [[1]], SamplingParams(stop_strings=("x",)))
   # Per-row knobs for fewer rows than the prompt batch fail at trace time, not by broadcasting.
-  tokens, rows, max_new, num_top, mode, _ = sampler._prepare(PROMPTS, [SamplingParams(temperature=0.0)] * 3)
+  tokens, rows, max_new, num_top, mode, *_ = sampler._prepare(PROMPTS, [SamplingParams(temperature=0.0)] * 3)
   with pytest.raises(AssertionError, match="shape prefix"):
     sampler_lib._prefill(params, tokens, jax.tree.map(lambda x: x[:1], rows), cfg=CFG, rules=None,
                          max_new=max_new, num_top=num_top, mode=mode)
@@ -288,7 +289,7 @@ def test_sharded_sampling_equals_unsharded(params, sampler):
     assert a.tokens == b.tokens
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
   # The KV cache really is split: batch over data*fsdp, kv heads over tensor.
-  tokens, rows, max_new, num_top, mode, _ = sharded._prepare(PROMPTS, sampling)
+  tokens, rows, max_new, num_top, mode, *_ = sharded._prepare(PROMPTS, sampling)
   state = sampler_lib._prefill(sharded_params, tokens, rows, cfg=CFG, rules=rules, max_new=max_new, num_top=num_top,
                                mode=mode)
   layers, batch, length, kv_heads, head_dim = state.cache["k"].shape  # stacked layout: [L, B, S, K, D]
