@@ -1,0 +1,228 @@
+"""`LocalVLM` on a tiny random Hugging Face LLaVA: chat with images through the chat template,
+the fallback for templates without image parts, mixed image/text batches, and greedy
+generation equal to transformers' `LlavaForConditionalGeneration.generate`.
+
+Nothing is downloaded: the model, its tokenizer (byte-level BPE plus an `<image>` token) and
+its image processor config are written here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from hf_tiny import CHAT_TEMPLATE, write_tokenizer
+
+IMAGE_TOKEN = "<image>"
+# A LLaVA-style ChatML template: image parts render as "<image>\n", before or between the text.
+VLM_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<image>\n{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+IMAGE_SIZE = 28  # 2 x 2 patches of 14 px: 4 visual tokens per image
+
+
+def write_vlm_tokenizer(directory: str, template: str = VLM_TEMPLATE) -> tuple[int, int]:
+  """hf_tiny's tokenizer plus an `<image>` special token and `template`; (vocab size, image token id)."""
+  from tokenizers import AddedToken, Tokenizer
+
+  write_tokenizer(directory)
+  path = os.path.join(directory, "tokenizer.json")
+  tok = Tokenizer.from_file(path)
+  tok.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
+  tok.save(path)
+  config_path = os.path.join(directory, "tokenizer_config.json")
+  with open(config_path) as f:
+    config = json.load(f)
+  config["chat_template"] = template
+  with open(config_path, "w") as f:
+    json.dump(config, f)
+  return tok.get_vocab_size(), tok.token_to_id(IMAGE_TOKEN)
+
+
+def write_clip_processor(directory: str, size: int = IMAGE_SIZE) -> None:
+  with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
+    json.dump({"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+               "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
+               "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+               "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+               "do_convert_rgb": True}, f)
+
+
+def make_llava_dir(directory: str, template: str = VLM_TEMPLATE, seed: int = 0):
+  """A tiny random HF LLaVA directory (CLIP tower, 2-layer Llama) with tokenizer, template and
+  processor config; returns the transformers model (eval mode) for references."""
+  import torch
+  from torch_peers import import_torchvision
+
+  import_torchvision()
+  import transformers
+
+  os.makedirs(directory, exist_ok=True)
+  vocab, image_id = write_vlm_tokenizer(directory, template)
+  write_clip_processor(directory)
+  vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=14)
+  text = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                  rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=None, eos_token_id=2,
+                                  pad_token_id=0)
+  cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
+                                 vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                 image_seq_length=(IMAGE_SIZE // 14) ** 2)
+  torch.manual_seed(seed)
+  model = transformers.LlavaForConditionalGeneration(cfg).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight") or "layer_norm" in name and name.endswith("weight"):
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+      else:
+        p.copy_(0.1 * torch.randn_like(p))
+  model.save_pretrained(directory)
+  return model
+
+
+def test_image(seed: int, size=(40, 48)) -> np.ndarray:
+  """A random RGB uint8 image (not square: the processor resizes and crops)."""
+  return np.random.default_rng(seed).integers(0, 256, size=(*size, 3), dtype=np.uint8)
+
+
+test_image.__test__ = False  # a helper, not a test
+
+
+def image_message(image: np.ndarray, text: str) -> list[dict]:
+  from mlx_med.vlm.messages import image_part
+
+  return [{"role": "user", "content": [image_part(image), {"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("tiny_llava"))
+  model = make_llava_dir(d)
+  return d, model
+
+
+@pytest.fixture(scope="module")
+def vlm(llava):
+  from mlx_med.vlm.local import LocalVLM
+
+  return LocalVLM.from_pretrained(llava[0], min_prompt_bucket=32)
+
+
+def test_from_pretrained_dispatches_and_exposes_the_lm_surface(vlm, llava):
+  from mlx_med.vlm import llava as llava_lib
+  from mlx_med.vlm.local import is_vlm_dir
+
+  assert is_vlm_dir(llava[0]) and vlm.is_multimodal
+  assert vlm.family is llava_lib and isinstance(vlm.model_cfg, llava_lib.LlavaConfig)
+  assert vlm.cfg is vlm.model_cfg.decoder and vlm.name == os.path.basename(llava[0])
+  sp = vlm.sampling_params(max_tokens=5, temperature=0.0)
+  assert sp.max_new_tokens == 5 and sp.temperature == 0.0 and 2 in sp.stop_token_ids
+  assert vlm.template_takes_image_parts()
+
+
+def test_chat_prompt_expands_one_placeholder_per_image(vlm):
+  ids, images = vlm.prepare_chat(image_message(test_image(0), "What is shown?"))
+  n_tokens = vlm.model_cfg.num_image_tokens
+  assert n_tokens == 4 and len(images) == 1 and images[0].shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+  assert ids.count(vlm.image_token_id) == n_tokens
+  start = ids.index(vlm.image_token_id)
+  assert ids[start:start + n_tokens] == [vlm.image_token_id] * n_tokens  # one contiguous run
+  text_only = vlm.encode_chat([{"role": "user", "content": "What is shown?"}])
+  assert vlm.image_token_id not in text_only
+  with pytest.raises(ValueError, match="prepare_chat"):
+    vlm.encode_chat(image_message(test_image(0), "x"))
+  with pytest.raises(ValueError, match="image placeholder"):  # "<image>" typed by hand is not an image
+    vlm.prepare_chat([{"role": "user", "content": "look: <image>"}])
+
+
+def test_template_without_image_parts_falls_back_to_placeholders_first(vlm, llava, tmp_path):
+  """A plain ChatML template (string contents only) gets `<image>\\n` + text per message:
+  the same prompt the image-aware template renders for an image followed by text."""
+  from mlx_med.llm.tokenizer import ChatTokenizer
+  from mlx_med.vlm.local import LocalVLM
+  from mlx_med.vlm.messages import image_part
+
+  tokenizer = ChatTokenizer.from_dir(llava[0])
+  tokenizer.hf.chat_template = CHAT_TEMPLATE
+  plain = LocalVLM(vlm.family, vlm.model_cfg, vlm.params, tokenizer, vlm.processor)
+  assert not plain.template_takes_image_parts()
+  messages = [{"role": "user", "content": [image_part(test_image(1)), image_part(test_image(2)),
+                                           {"type": "text", "text": "Compare."}]}]
+  ids, images = plain.prepare_chat(messages)
+  assert len(images) == 2
+  assert plain.render_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]) == (
+      "<|im_start|>user\n<image>\nx<|im_end|>\n<|im_start|>assistant\n")
+  assert ids == vlm.prepare_chat(messages)[0]
+
+
+def test_greedy_chat_matches_transformers_generate(vlm, llava):
+  """Image + text prompt -> 8 greedy tokens equal transformers' generate on the same
+  token ids and pixel values (prefill from image embeddings, decode with the KV cache)."""
+  import torch
+
+  model = llava[1]
+  messages = image_message(test_image(3), "The patient has a fever and a dry cough.")
+  ids, images = vlm.prepare_chat(messages)
+  gen = vlm.chat([messages], max_tokens=8, temperature=0.0, ignore_eos=True)[0]
+  assert gen.prompt_token_ids == ids and len(gen.token_ids) == 8
+  pixels = torch.tensor(np.stack(images)).permute(0, 3, 1, 2)
+  with torch.no_grad():
+    ref = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         pixel_values=pixels, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)
+  assert gen.token_ids == ref[0, len(ids):].tolist()
+
+
+def test_mixed_batch_equals_rows_alone(vlm):
+  """A batch of [image row, text row, two-image row] gives each row what it gets alone; the
+  text row also equals the language model's plain token path."""
+  from mlx_med.vlm.messages import image_part
+
+  convs = [image_message(test_image(4), "Diagnosis?"),
+           [{"role": "user", "content": "hello world, how are you today?"}],
+           [{"role": "user", "content": [image_part(test_image(5)), {"type": "text", "text": "and"},
+                                         image_part(test_image(6)), {"type": "text", "text": "differ?"}]}]]
+  knobs = dict(max_tokens=6, temperature=0.0, ignore_eos=True)
+  batch = vlm.chat(convs, **knobs)
+  alone = [vlm.chat([c], **knobs)[0] for c in convs]
+  assert [g.token_ids for g in batch] == [g.token_ids for g in alone]
+  text_ids = vlm.encode_chat(convs[1])
+  assert batch[1].token_ids == vlm.text.generate_tokens([text_ids], vlm.sampling_params(**knobs))[0].token_ids
+  assert len({tuple(g.token_ids) for g in batch}) == 3
+
+
+def test_generate_with_raw_prompt_and_images(vlm):
+  """Completion-style prompts hold the placeholder text themselves (`image_prompt_text`)."""
+  image = test_image(7)
+  prompt = vlm.image_prompt_text() + "Findings:"
+  assert prompt.startswith(IMAGE_TOKEN)
+  out = vlm.generate([prompt], images=[[image]], max_tokens=4, temperature=0.0, ignore_eos=True)[0]
+  assert out.prompt_token_ids.count(vlm.image_token_id) == vlm.model_cfg.num_image_tokens
+  with pytest.raises(ValueError, match="1 image placeholder"):
+    vlm.generate([prompt], images=[[image, image]], max_tokens=2)
+
+
+def test_local_paths_follow_the_allowed_directory(vlm, tmp_path):
+  from PIL import Image
+
+  from mlx_med.vlm.messages import ImageRefused
+
+  inside = tmp_path / "media"
+  inside.mkdir()
+  path = inside / "scan.png"
+  Image.fromarray(test_image(8)).save(path)
+  messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(path)}},
+                                           {"type": "text", "text": "Findings?"}]}]
+  with pytest.raises(ImageRefused):
+    vlm.prepare_chat(messages)  # the model allows no local directory by default
+  ids, images = vlm.prepare_chat(messages, allowed_local_dir=str(inside))
+  ids_data, images_data = vlm.prepare_chat(image_message(test_image(8), "Findings?"))
+  assert ids == ids_data
+  np.testing.assert_array_equal(images[0], images_data[0])
