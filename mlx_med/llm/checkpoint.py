@@ -199,6 +199,34 @@ class HFWeights:
     return f"{name!r} (in {self.weight_map.get(name, '?')})"
 
 
+class RenamedHFWeights:
+  """The decoder's tensors inside a larger directory under other names (a vision-language
+  model's language model: `model.language_model.layers.0...` or `language_model.model.layers.0...`).
+
+  `names` maps the decoder's own HF names (`model.layers.0...`, `lm_head.weight`) to the
+  names in `weights`; only those tensors are visible, so `load_hf_params(...,
+  weights=RenamedHFWeights(...))` checks and loads the language model alone.
+  """
+
+  def __init__(self, weights: HFWeights, names: dict[str, str]):
+    self.base = weights
+    self.model_dir = weights.model_dir
+    self.mapping = dict(names)
+    self.reads = weights.reads
+
+  def names(self) -> list[str]:
+    return list(self.mapping)
+
+  def tensor(self, name: str) -> np.ndarray:
+    return self.base.tensor(self.mapping[name])
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self.base.shape(self.mapping[name])
+
+  def describe(self, name: str) -> str:
+    return self.base.describe(self.mapping.get(name, name))
+
+
 def _check_tensors(weights: HFWeights, cfg: DecoderConfig, plan: list[_Entry], abstract: Any) -> None:
   """Fails before loading anything if a tensor is missing, extra or of the wrong shape."""
   expected: dict[str, tuple[int, ...]] = {}
@@ -341,6 +369,13 @@ def _hf_tensor_stream(params: Any, cfg: DecoderConfig, dtype: np.dtype):
     items.append((entry.hf_name, _hf_shape(entry.kind, tuple(leaf.shape)),
                   lambda leaf=leaf, kind=entry.kind: _to_hf_layout(kind, _to_host(leaf))))
   return [(name, shape, dtype, producer) for name, shape, producer in items]
+
+
+def hf_tensor_stream(params: Any, cfg: DecoderConfig, dtype: Any) -> list:
+  """(HF name, shape, dtype, producer) for every decoder tensor, in checkpoint order: what
+  `save_hf_checkpoint` writes, for a caller that writes the decoder inside a larger
+  directory (renaming the tensors and adding its own). `producer()` returns the host array."""
+  return _hf_tensor_stream(params, cfg, np.dtype(as_dtype(dtype) if isinstance(dtype, str) else dtype))
 
 
 _TORCH_DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16",
