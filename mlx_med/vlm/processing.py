@@ -3,7 +3,9 @@
 A VLM only answers as well as the pixels it is fed look like the ones it was trained on, so each
 processor here reproduces its transformers counterpart step for step (no torch involved):
 
-  * `ClipImageProcessor` (LLaVA-1.5's `CLIPImageProcessor`): convert to RGB, resize the shortest edge
+  * `ClipImageProcessor` (LLaVA-1.5's `CLIPImageProcessor`; with `do_pad`, transformers'
+    `LlavaImageProcessor`, which first pads to a square of colour int(255 * image_mean), centred, as the
+    original LLaVA-1.5 did): convert to RGB, resize the shortest edge
     to `size` (PIL bicubic; the long edge int(size * long / short)) or to height x width, centre crop
     (top = (H - h) // 2, zero padding when smaller), rescale by 1/255 (float64, then float32),
     normalise (x - mean) / std in float32. Output: float32 [h, w, 3] (NHWC per image).
@@ -178,6 +180,7 @@ class ClipImageProcessor:
   image_mean: tuple[float, float, float] = vio.OPENAI_CLIP_MEAN
   image_std: tuple[float, float, float] = vio.OPENAI_CLIP_STD
   do_convert_rgb: bool = True
+  do_pad: bool = False  # LlavaImageProcessor: pad to a square first
   extra: tuple[tuple[str, Any], ...] = ()  # other keys of the config file, written back by to_dict
 
   def __post_init__(self):
@@ -214,6 +217,8 @@ class ClipImageProcessor:
   def __call__(self, image: Any) -> np.ndarray:
     """One image (uint8 / [0, 1] float array, or PIL) -> float32 [h, w, 3] pixel values."""
     a = to_rgb_uint8(image, do_convert_rgb=self.do_convert_rgb)
+    if self.do_pad:
+      a = self.pad_to_square(a)
     if self.do_resize:
       a = _pil_resize(a, *self.resized_size(*a.shape[:2]), self.resample)
     if self.do_center_crop:
@@ -221,9 +226,25 @@ class ClipImageProcessor:
     return _rescale_normalize(a, self.do_rescale, self.rescale_factor, self.do_normalize, self.image_mean,
                               self.image_std)
 
+  def pad_to_square(self, a: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] -> [S, S, 3], S = max(H, W): the image centred (offset (S - side) // 2) on the
+    colour int(255 * image_mean) (LlavaImageProcessor's background)."""
+    h, w = a.shape[:2]
+    if h == w:
+      return a
+    side = max(h, w)
+    out = np.empty((side, side, 3), np.uint8)
+    out[...] = np.asarray([int(m * 255) for m in self.image_mean], np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    out[top:top + h, left:left + w] = a
+    return out
+
   @classmethod
   def from_dict(cls, d: dict, *, source: str = "image processor config") -> ClipImageProcessor:
-    """From a transformers preprocessor_config.json dict (CLIPImageProcessor / CLIPFeatureExtractor)."""
+    """From a transformers preprocessor_config.json dict (CLIPImageProcessor / CLIPFeatureExtractor, and
+    LlavaImageProcessor, whose `do_pad` only that type honours)."""
+    kind = str(d.get("image_processor_type") or "")
+    llava = kind.startswith("LlavaImageProcessor")
     size = d.get("size", 224)
     if isinstance(size, (int, float)):  # CLIP's default_to_square=False: an int is the shortest edge
       size_t = (("shortest_edge", int(size)),)
@@ -248,7 +269,7 @@ class ClipImageProcessor:
       crop_t = (int(crop[0]), int(crop[1]))
     else:
       crop_t = (int(crop), int(crop))
-    known = set(_COMMON_KEYS) | {"do_center_crop", "crop_size"}
+    known = set(_COMMON_KEYS) | {"do_center_crop", "crop_size"} | ({"do_pad"} if llava else set())
     extra = tuple(sorted((k, _freeze(v)) for k, v in d.items() if k not in known))
     try:
       return cls(do_resize=bool(d.get("do_resize", True)), size=size_t,
@@ -258,15 +279,18 @@ class ClipImageProcessor:
                  do_normalize=bool(d.get("do_normalize", True)),
                  image_mean=_triple(d.get("image_mean", vio.OPENAI_CLIP_MEAN), "image_mean", source),
                  image_std=_triple(d.get("image_std", vio.OPENAI_CLIP_STD), "image_std", source),
-                 do_convert_rgb=bool(d.get("do_convert_rgb", True)), extra=extra)
+                 do_convert_rgb=bool(d.get("do_convert_rgb", True)), do_pad=llava and bool(d.get("do_pad", False)),
+                 extra=extra)
     except ValueError as e:
       raise ValueError(f"{source}: {e}") from None
 
   def to_dict(self) -> dict:
-    """A preprocessor_config.json dict transformers' CLIPImageProcessor loads."""
+    """A preprocessor_config.json dict transformers' CLIPImageProcessor (LlavaImageProcessor with do_pad) loads."""
     d = {k: _thaw(v) for k, v in self.extra}
+    if self.do_pad:
+      d["do_pad"] = True
     d.update({
-      "image_processor_type": "CLIPImageProcessor", "do_resize": self.do_resize,
+      "image_processor_type": "LlavaImageProcessor" if self.do_pad else "CLIPImageProcessor", "do_resize": self.do_resize,
       "size": {k: int(v) for k, v in self.size}, "resample": _RESAMPLE[self.resample],
       "do_center_crop": self.do_center_crop, "crop_size": {"height": self.crop_size[0], "width": self.crop_size[1]},
       "do_rescale": self.do_rescale, "rescale_factor": self.rescale_factor, "do_normalize": self.do_normalize,
@@ -487,6 +511,7 @@ def read_processor_config(model_dir: str | os.PathLike) -> tuple[dict, str]:
 _CLASSES = {
   "CLIPImageProcessor": ClipImageProcessor,
   "CLIPFeatureExtractor": ClipImageProcessor,
+  "LlavaImageProcessor": ClipImageProcessor,
   "Qwen2VLImageProcessor": Qwen2VLImageProcessor,
 }
 
@@ -501,7 +526,7 @@ def image_processor_from_dict(d: dict, *, source: str = "image processor config"
   if base not in _CLASSES:
     shown = repr(kind) if kind else "missing"
     raise ValueError(f"{source}: image_processor_type {shown} is not supported; supported: "
-                     f"{', '.join(sorted(_CLASSES))} (LLaVA-1.5 uses CLIPImageProcessor, Qwen2/2.5-VL "
+                     f"{', '.join(sorted(_CLASSES))} (LLaVA-1.5 uses CLIPImageProcessor or LlavaImageProcessor, Qwen2/2.5-VL "
                      "Qwen2VLImageProcessor)")
   return _CLASSES[base].from_dict(d, source=source)
 

@@ -98,6 +98,21 @@ def test_clip_float_input_and_llava_config():
   assert dict(old.size) == {"shortest_edge": 40} and old.crop_size == (32, 32)
 
 
+def test_llava_pad_to_square_equals_hf_pil_processor(tmp_path):
+  hf = T.LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
+  d = hf.to_dict()
+  d["image_processor_type"] = "LlavaImageProcessor"
+  ours = P.image_processor_from_dict(d)
+  assert isinstance(ours, P.ClipImageProcessor) and ours.do_pad
+  for a in IMAGES:
+    np.testing.assert_array_equal(ours(_pil(a)), _hf_clip(hf, _pil(a)))
+  ours.save(tmp_path)
+  assert json.loads((tmp_path / "preprocessor_config.json").read_text())["image_processor_type"] == "LlavaImageProcessor"
+  assert P.load_image_processor(tmp_path) == ours
+  # do_pad belongs to LlavaImageProcessor only: transformers' CLIPImageProcessor ignores it, so do we
+  assert not P.image_processor_from_dict({**d, "image_processor_type": "CLIPImageProcessor"}).do_pad
+
+
 @pytest.mark.parametrize("kwargs", [CLIP_CONFIGS[0], CLIP_CONFIGS[1], CLIP_CONFIGS[3]])
 def test_clip_within_one_level_of_hf_torchvision_default(kwargs):
   """Crops that fit the image only: when the crop is larger, transformers' torchvision backend pads
