@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from imaging_files import write_dicom
+from imaging_files import write_dicom, write_nifti
 from PIL import Image
 
 from mlx_med.vlm import messages as M
@@ -94,6 +94,17 @@ def test_dicom_path_and_data_url(tmp_path):
   url = "data:application/dicom;base64," + base64.b64encode(path.read_bytes()).decode()
   np.testing.assert_array_equal(M.load_image_url(url), out)
   np.testing.assert_array_equal(M.load_image_url(M.image_part(path)["image_url"]["url"]), out)
+
+
+def test_nifti_path_gives_the_middle_slice(tmp_path):
+  from mlx_med.vision.io import load_image
+
+  vol = np.random.default_rng(9).integers(-500, 500, (6, 7, 5)).astype(np.int16)
+  path = write_nifti(tmp_path / "vol.nii.gz", vol, np.eye(4))
+  out = M.load_image_url(path.as_uri(), allowed_local_dir=tmp_path)
+  want = np.round(np.clip(load_image(path), 0, 1) * 255).astype(np.uint8)
+  assert out.shape == want.shape + (3,)
+  np.testing.assert_array_equal(out[..., 1], want)
 
 
 def test_remote_urls_refused():
