@@ -25,9 +25,10 @@ What lmms-eval and VLMEvalKit users expect from a local harness, on files alread
   (unreferenced images first). Scoring, accuracy per subject with 95% Wilson intervals and the
   format-failure rate come from `mlx_med.rl.evaluate.evaluate` and `mlx_med.rl.functions`, so
   "correct" means what the RL rewards mean by it.
-* Forced exit (X-Reasoner's think budget N). When the client's `chat` takes a `think_budget`
-  argument (the in-process LocalClient path: the sampler forces "</think>" after N generated
-  tokens and the model continues to its answer in one pass) that is used. Otherwise (remote
+* Forced exit (X-Reasoner's think budget N). In process (a `LocalClient`: its model's sampler
+  takes the budget) the sampler forces "</think>" after N generated tokens and the model goes
+  on to its answer in one pass, as `mlx_med.rl.evaluate.local_generator` does; a client whose
+  `chat` takes a `think_budget` argument is given it. Otherwise (remote
   endpoints, which cannot portably continue a cut assistant message) a two-pass forced exit:
   pass 1 generates at most N tokens; a completion cut by that limit gets "</think>" appended
   (when its thought is still open) and goes back as the assistant's turn, followed by a user
@@ -376,11 +377,46 @@ def _answer_block(text: str) -> str:
   return text[close + len("</think>"):].strip() if close >= 0 else text.strip()
 
 
+def _in_process(client: Any) -> bool:
+  """A LocalClient (or alike) whose model's sampler takes a think budget."""
+  lm = getattr(client, "lm", None)
+  return lm is not None and hasattr(lm, "sampling_params") and hasattr(lm, "generate_tokens")
+
+
 def _takes_think_budget(client: Any) -> bool:
+  if _in_process(client):
+    return True
   try:
     return "think_budget" in inspect.signature(client.chat).parameters
   except (TypeError, ValueError):
     return False
+
+
+def _text_only(messages: list[dict]) -> list[dict]:
+  """Content-part lists without images -> plain strings (what text-only chat templates expect)."""
+  out = []
+  for m in messages:
+    content = m.get("content")
+    if isinstance(content, list):
+      if any(p.get("type") != "text" for p in content):
+        raise ValueError("this model is text-only and the question has images; load a vision-language model")
+      content = "".join(p["text"] for p in content)
+    out.append({**m, "content": content})
+  return out
+
+
+def _local_forced(client: Any, messages: list[dict], think_budget: int, max_tokens: int, temperature: float,
+                  seed: int | None):
+  """The sampler's own forced exit: "</think>" is emitted after think_budget tokens, then generation goes on."""
+  from mlx_med.rl.evaluate import Response
+  lm = client.lm
+  sp = lm.sampling_params(max_tokens=max_tokens, temperature=temperature, seed=seed, think_budget=think_budget)
+  if getattr(lm, "is_multimodal", False):
+    ids, images = lm.prepare_chat(messages)
+    (g,) = lm.generate_tokens([ids], [sp], [images])
+  else:
+    (g,) = lm.generate_tokens([lm.encode_chat(_text_only(messages))], [sp])
+  return Response(g.text, len(g.token_ids), bool(any(g.forced)), g.finish_reason)
 
 
 def forced_exit_chat(client: Any, messages: list[dict], *, think_budget: int | None, max_tokens: int,
@@ -398,6 +434,8 @@ def forced_exit_chat(client: Any, messages: list[dict], *, think_budget: int | N
   if max_tokens <= think_budget:
     raise ValueError(f"max_tokens={max_tokens} leaves no room for the answer after the think budget "
                      f"{think_budget}; use at least {think_budget + 32}")
+  if _in_process(client):
+    return _local_forced(client, messages, think_budget, max_tokens, temperature, seed)
   if _takes_think_budget(client):
     c = client.chat(messages, max_tokens=max_tokens, temperature=temperature, n=1, seed=seed,
                     think_budget=think_budget)[0]

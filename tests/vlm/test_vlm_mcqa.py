@@ -325,3 +325,35 @@ def test_eval_command_writes_report(tmp_path, capsys):
   assert "| Chest | 2 | 1.000 |" in printed and "think budget 8 (two-pass)" in printed
   with pytest.raises(FileNotFoundError, match="neither a directory nor an http"):
     mcqa.make_client(str(tmp_path / "no-such-model"))
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+  from hf_tiny import make_hf_model, save_model_dir, write_tokenizer
+  from torch_peers import import_torchvision
+
+  from mlx_med.llm.model import LocalLM
+
+  import_torchvision()
+  root = tmp_path_factory.mktemp("tiny_vlm_mcqa")
+  vocab = write_tokenizer(str(root / "tok"), model_max_length=1024)
+  model = make_hf_model("qwen2", vocab_size=vocab, seed=3, max_position_embeddings=1024)
+  return LocalLM.from_pretrained(save_model_dir(model, str(root / "model"), tokenizer_dir=str(root / "tok")))
+
+
+def test_forced_exit_in_process_matches_the_rl_generator(tiny_lm):
+  """A LocalClient takes the sampler's own forced exit: the same completions as mlx_med.rl's local generator."""
+  from mlx_med.llm.client import LocalClient
+  from mlx_med.rl import evaluate as ev
+
+  items = [mcqa.MCQAItem(f"t{i}", [], f"Question {i}: which one?", ["alpha", "beta", "gamma"], "ABC"[i % 3], "s")
+           for i in range(4)]
+  budget, max_new = 3, 10
+  ours = mcqa.evaluate_mcqa(LocalClient(tiny_lm), items, think_budget=budget, max_tokens=max_new)
+  ref = ev.evaluate(ev.local_generator(tiny_lm, max_new_tokens=max_new, think_budget=budget),
+                    [it.to_example() for it in items], template="xreasoner", batch_size=4)
+  assert ours.meta["forced_exit_mode"] == "native"
+  assert [r["completion"] for r in ours.rows] == [r["completion"] for r in ref.rows]
+  assert [r["forced"] for r in ours.rows] == [r["forced"] for r in ref.rows]
+  assert [r["choice"] for r in ours.rows] == [r["choice"] for r in ref.rows]
+  assert all(r["tokens"] <= max_new for r in ours.rows) and ours.forced_exit == ref.forced_exit > 0
