@@ -3,6 +3,8 @@
   mlx-med train --config configs/ehr/pretrain.py:smoke --workdir runs/smoke [--config.a.b=v ...]
   mlx-med ehr synth|tokenize|validate ...
   mlx-med serve --model HF_DIR
+  mlx-med seg train|predict|evaluate|compare ...
+  mlx-med vlm semclip|train|train-psi|eval|icl ...
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ TASKS = {
 
 # Capability packages that add sub-commands through `register(subparsers)`.
 SUBCOMMAND_MODULES = ("mlx_med.ehr.cli", "mlx_med.llm.cli", "mlx_med.scaling.cli", "mlx_med.embed.cli",
-                      "mlx_med.rl.cli", "mlx_med.seg.cli")
+                      "mlx_med.rl.cli", "mlx_med.seg.cli", "mlx_med.vlm.cli")
 
 
 def _train(args, overrides: list[str]) -> int:
@@ -169,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_backend_probe_logs()
   accepts_overrides = getattr(args, "accepts_overrides", False)
   if overrides and not accepts_overrides:
-    parser.error("--config.* overrides apply to `train`, `scaling run`, `embed train`, `rl train`, `seg train` and `seg compare` only")
+    parser.error("--config.* overrides apply to `train`, `scaling run`, `embed train`, `rl train`, `seg train`, `seg compare` "
+                 "and `vlm semclip|train|train-psi` only")
   try:
     if accepts_overrides:
       return args.func(args, overrides)
