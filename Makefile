@@ -17,7 +17,7 @@ TORCH_VERSION := $(shell sed -n 's/.*"torch==\([^"]*\)".*/\1/p' pyproject.toml)
 
 SERVE_STAMP := $(VENV)/.serve-stamp
 
-.PHONY: demo ehr-demo embed-demo rl-demo seg-demo test bench clean-venv
+.PHONY: demo ehr-demo embed-demo rl-demo seg-demo vlm-demo test bench clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,12 @@ rl-demo: $(SERVE_STAMP)
 # runs/seg_demo (CPU, under 20 minutes).
 seg-demo: $(CORE_STAMP)
 	$(PY) -m mlx_med.seg.demo --workdir runs/seg_demo
+
+# SemCLIP on synthetic V*-style scenes: train psi and a small LLaVA-style VLM at 64 px, then accuracy at
+# an equal visual-token budget (full image, random crop, SemCLIP crop, SemCLIP tokens, oracle crop),
+# and a small multimodal ICL run against that VLM, in runs/vlm_demo (CPU, under 20 minutes).
+vlm-demo: $(SERVE_STAMP)
+	$(PY) -m mlx_med.vlm.demo --workdir runs/vlm_demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=20 tests
