@@ -14,6 +14,17 @@ Patient data rules, enforced here rather than left to callers:
   and debug records from the HTTP stack that could carry bodies are dropped.
 Timeouts and a bounded number of retries (with backoff, for connection errors, 408,
 409, 429 and 5xx) come from the official `openai` client.
+
+Images go in OpenAI's content parts, for both backends (a `LocalClient` over a
+vision-language model, or any OpenAI-compatible multimodal endpoint such as
+`mlx-med serve` with a VLM)::
+
+  from mlx_med.vlm.messages import image_part
+  client.chat([{"role": "user", "content": [image_part("xray.png"),
+                                            {"type": "text", "text": "Any fracture? Answer yes or no."}]}],
+              max_tokens=8, temperature=0.0)
+
+`image_part` embeds the image as a data: URL, the form every backend accepts.
 """
 
 from __future__ import annotations
@@ -79,16 +90,33 @@ def _log_call(backend: str, kind: str, n: int, started: float, outs: list[Comple
   logger.info("%s %s: n=%d, %d completion tokens, %.2fs", backend, kind, n, tokens, time.monotonic() - started)
 
 
+def _has_images(messages: Messages) -> bool:
+  return any(isinstance(m, Mapping) and isinstance(m.get("content"), list)
+             and any(isinstance(p, Mapping) and p.get("type") in ("image_url", "image") for p in m["content"])
+             for m in messages)
+
+
 class LocalClient(LLMClient):
-  """Runs a `LocalLM` in this process (the data never leaves it)."""
+  """Runs a `LocalLM` or a `LocalVLM` (mlx_med.vlm.local) in this process (the data never leaves it).
+
+  A model directory is loaded as a VLM when its config.json describes one. Chat
+  messages for a VLM may hold `image_url` parts (data: URLs; local paths only under the
+  model's `allowed_local_media_path`).
+  """
 
   def __init__(self, model: Any, **load_kwargs):
     if isinstance(model, str):
-      from mlx_med.llm.model import LocalLM
-      model = LocalLM.from_pretrained(model, **load_kwargs)
+      from mlx_med.vlm.local import LocalVLM, is_vlm_dir
+
+      if is_vlm_dir(model):
+        model = LocalVLM.from_pretrained(model, **load_kwargs)
+      else:
+        from mlx_med.llm.model import LocalLM
+        model = LocalLM.from_pretrained(model, **load_kwargs)
     self.lm = model
 
-  def _run(self, prompts: list[list[int]], n: int, kind: str, **knobs) -> list[Completion]:
+  def _run(self, prompts: list[list[int]], n: int, kind: str, images: Optional[list] = None,
+           **knobs) -> list[Completion]:
     started = time.monotonic()
     top = knobs.pop("logprobs")
     rows, sampling = [], []
@@ -98,7 +126,10 @@ class LocalClient(LLMClient):
                                    logprobs=top or 0)
       rows.append(prompts[0])
       sampling.append(sp)
-    gens = self.lm.generate_tokens(rows, sampling)
+    if images:
+      gens = self.lm.generate_tokens(rows, sampling, images=[images] * n)
+    else:
+      gens = self.lm.generate_tokens(rows, sampling)
     tok = self.lm.tokenizer
     outs = []
     for g in gens:
@@ -120,7 +151,15 @@ class LocalClient(LLMClient):
 
   def chat(self, messages, *, max_tokens=256, temperature=None, top_p=None, n=1, stop=None, seed=None,
            logprobs=None):
-    return self._run([self.lm.encode_chat(messages)], n, "chat", max_tokens=max_tokens, temperature=temperature,
+    images = None
+    if getattr(self.lm, "is_multimodal", False):
+      ids, images = self.lm.prepare_chat(messages)
+    elif _has_images(messages):
+      raise ValueError(f"model {getattr(self.lm, 'name', '')!r} is a text-only model and cannot take images; "
+                       "load a vision-language model directory (LLaVA, Qwen2.5-VL) or send text only")
+    else:
+      ids = self.lm.encode_chat(messages)
+    return self._run([ids], n, "chat", images=images, max_tokens=max_tokens, temperature=temperature,
                      top_p=top_p, stop=stop, seed=seed, logprobs=logprobs)
 
 
@@ -153,7 +192,10 @@ def _check_endpoint(base_url: str, allow_insecure_http: bool) -> None:
 
 
 class OpenAIClient(LLMClient):
-  """Any OpenAI-compatible endpoint: vLLM, `mlx-med serve`, Azure OpenAI (`azure_api_version`)."""
+  """Any OpenAI-compatible endpoint: vLLM, `mlx-med serve`, Azure OpenAI (`azure_api_version`).
+
+  Chat messages are sent as given, image_url content parts included (OpenAI's format).
+  """
 
   def __init__(self, model: Optional[str] = None, *, base_url: Optional[str] = None, api_key: Optional[str] = None,
                timeout: float = 60.0, max_retries: int = 2, azure_api_version: Optional[str] = None,

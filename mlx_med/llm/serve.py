@@ -17,6 +17,15 @@ Errors follow OpenAI's shape `{"error": {"message", "type", "param", "code"}}` w
 4xx status for bad requests (5xx only for our own failures), and never stop the
 server. The default bind address is loopback: patient data stays on this machine
 unless the operator deliberately exposes it (then set --api-key).
+
+Vision-language models (a directory whose config.json is a LLaVA or Qwen2.5-VL, see
+`mlx_med.vlm.local`) are served the same way; their chat messages may hold OpenAI
+`image_url` content parts. Images come only from `data:` URLs, or from local files under
+`--allowed-local-media-path DIR` (vLLM's flag); remote URLs are refused with a 400 and
+nothing is ever fetched from the network. At most `--limit-mm-per-prompt` images per
+request; a text-only model answers image parts with a 400. The batching loop carries
+each row's images: the rows of a batch with images prefill from input embeddings (text
+rows from their plain token embeddings).
 """
 
 import argparse
@@ -39,6 +48,7 @@ logger = logging.getLogger("mlx_med.llm.serve")
 MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_STOP = 16
+DEFAULT_IMAGE_LIMIT = 4  # images per prompt (--limit-mm-per-prompt)
 
 
 class APIError(Exception):
@@ -61,6 +71,7 @@ class _Job:
   prompts: list[list[int]]  # one per row
   sampling: list[SamplingParams]
   emit: Callable[[Any], None]  # called from the engine thread with ("update", StreamUpdate) / ("error", exc) / ("end",)
+  images: Optional[list] = None  # per row: that row's processed images (a multimodal model), or None
 
 
 class BatchingEngine:
@@ -156,19 +167,22 @@ class BatchingEngine:
       jobs = self._take_batch()
       if not jobs:
         continue
-      prompts, sampling, owner = [], [], []
+      prompts, sampling, owner, images = [], [], [], []
       for j, job in enumerate(jobs):
         for k, (p, sp) in enumerate(zip(job.prompts, job.sampling)):
           prompts.append(p)
           sampling.append(sp)
           owner.append((j, k))
+          images.append(job.images[k] if job.images is not None else None)
+      # Only a batch with images passes them (a text model's stream_tokens takes none).
+      extra = {"images": images} if any(images) else {}
       self.stats["batches"] += 1
       self.stats["requests"] += len(jobs)
       self.stats["rows"] += len(prompts)
       self.stats["max_batch_rows_seen"] = max(self.stats["max_batch_rows_seen"], len(prompts))
       started = time.monotonic()
       try:
-        for updates in self.lm.stream_tokens(prompts, sampling, chunk_size=self.chunk_size):
+        for updates in self.lm.stream_tokens(prompts, sampling, chunk_size=self.chunk_size, **extra):
           for u in updates:
             j, k = owner[u.index]
             jobs[j].emit(("update", k, u))
@@ -246,16 +260,21 @@ class _Parsed:
   stream: bool
   include_usage: bool
   logprobs: Optional[int]
+  images: Optional[list] = None  # per prompt: its processed images (multimodal chat), or None
 
 
 class OpenAIServer:
   """Request validation and response shaping around a `BatchingEngine`."""
 
-  def __init__(self, lm, engine: BatchingEngine, *, model_name: str, api_key: Optional[str] = None):
+  def __init__(self, lm, engine: BatchingEngine, *, model_name: str, api_key: Optional[str] = None,
+               allowed_local_media_path: Optional[str] = None, limit_mm_per_prompt: int = DEFAULT_IMAGE_LIMIT):
     self.lm = lm
     self.engine = engine
     self.model_name = model_name
     self.api_key = api_key
+    self.multimodal = bool(getattr(lm, "is_multimodal", False))
+    self.allowed_local_media_path = allowed_local_media_path
+    self.limit_mm_per_prompt = int(limit_mm_per_prompt)
     self.created = int(time.time())
     self.max_model_len = lm.cfg.max_seq_len
 
@@ -384,29 +403,57 @@ class OpenAIServer:
     return _Parsed(prompts, knobs, n, stream, self._stream_options(body, stream), logprobs)
 
   def _chat_prompt(self, body: dict) -> list[int]:
+    return self._chat_inputs(body)[0]
+
+  def _content_parts(self, content: list, i: int) -> tuple[list[dict], int]:
+    """Validates a list content: text parts, and image_url parts for a multimodal model."""
+    where = f"messages[{i}].content"
+    parts, images = [], 0
+    for j, part in enumerate(content):
+      kind = part.get("type") if isinstance(part, dict) else None
+      if kind == "text" and isinstance(part.get("text"), str):
+        parts.append({"type": "text", "text": part["text"]})
+      elif kind in ("image_url", "image") and not self.multimodal:
+        raise APIError(f"{where}[{j}]: model `{self.model_name}` is a text-only model and does not accept images; "
+                       "send text parts only, or serve a vision-language model", param=where,
+                       code="invalid_value")
+      elif kind == "image_url":
+        images += 1
+        parts.append(part)  # the URL is checked and decoded by mlx_med.vlm.messages
+      elif self.multimodal:
+        raise APIError(f"{where}[{j}]: content parts must be {{'type': 'text', 'text': ...}} or "
+                       "{'type': 'image_url', 'image_url': {'url': ...}}", param=where, code="invalid_value")
+      else:
+        raise APIError(f"{where}: only text parts are supported by this text model", param=where,
+                       code="invalid_value")
+    return parts, images
+
+  def _chat_inputs(self, body: dict) -> tuple[list[int], Optional[list]]:
+    """The chat request's prompt token ids (image placeholders expanded) and processed images
+    (None for a text model)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
       raise APIError("messages must be a non-empty list", param="messages", code="invalid_value")
-    clean = []
+    clean, images = [], 0
     for i, m in enumerate(messages):
       if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
         raise APIError(f"messages[{i}] must be an object with a role of system, developer, user, assistant or tool",
                        param=f"messages[{i}]", code="invalid_value")
       content = m.get("content")
       if isinstance(content, list):
-        parts = []
-        for part in content:
-          if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise APIError(f"messages[{i}].content: only text parts are supported by this text model",
-                           param=f"messages[{i}].content", code="invalid_value")
-          parts.append(part["text"])
-        content = "".join(parts)
+        parts, count = self._content_parts(content, i)
+        images += count
+        # A multimodal model's template takes the parts; a text model's gets the joined text.
+        content = parts if self.multimodal else "".join(p["text"] for p in parts)
       if content is None:
         content = ""
-      if not isinstance(content, str):
-        raise APIError(f"messages[{i}].content must be a string or a list of text parts",
+      if not isinstance(content, (str, list)):
+        raise APIError(f"messages[{i}].content must be a string or a list of content parts",
                        param=f"messages[{i}].content", code="invalid_type")
       clean.append({**{k: v for k, v in m.items() if k in ("role", "name")}, "content": content})
+    if images > self.limit_mm_per_prompt:
+      raise APIError(f"this request holds {images} images; at most {self.limit_mm_per_prompt} per prompt are "
+                     "accepted (the server's --limit-mm-per-prompt)", param="messages", code="invalid_value")
     if self.lm.tokenizer is None or not self.lm.tokenizer.has_chat_template:
       raise APIError("this model has no chat template; use /v1/completions", param="messages",
                      code="no_chat_template")
@@ -414,14 +461,31 @@ class OpenAIServer:
     if not isinstance(extra, dict):
       raise APIError("chat_template_kwargs must be an object", param="chat_template_kwargs", code="invalid_type")
     add_generation_prompt = _opt_bool(body, "add_generation_prompt", True)
-    try:
-      ids = self.lm.tokenizer.encode_chat(clean, add_generation_prompt=add_generation_prompt, **extra)
-    except Exception as e:  # template errors (e.g. role order a template rejects) are the caller's to fix
-      raise APIError(f"the chat template rejected these messages: {e}", param="messages",
-                     code="invalid_value") from None
+    image_inputs = None
+    if self.multimodal:
+      from mlx_med.vlm.messages import ImageInputError, ImageRefused
+
+      try:
+        ids, image_inputs = self.lm.prepare_chat(clean, allowed_local_dir=self.allowed_local_media_path,
+                                                 add_generation_prompt=add_generation_prompt, **extra)
+      except ImageRefused as e:
+        raise APIError(str(e), param="messages", code="image_url_refused") from None
+      except ImageInputError as e:
+        raise APIError(str(e), param="messages", code="invalid_image") from None
+      except ValueError as e:  # e.g. image placeholders written into the text by hand
+        raise APIError(str(e), param="messages", code="invalid_value") from None
+      except Exception as e:  # template errors (e.g. role order a template rejects) are the caller's to fix
+        raise APIError(f"the chat template rejected these messages: {e}", param="messages",
+                       code="invalid_value") from None
+    else:
+      try:
+        ids = self.lm.tokenizer.encode_chat(clean, add_generation_prompt=add_generation_prompt, **extra)
+      except Exception as e:  # template errors (e.g. role order a template rejects) are the caller's to fix
+        raise APIError(f"the chat template rejected these messages: {e}", param="messages",
+                       code="invalid_value") from None
     if not ids:
       raise APIError("messages encode to no tokens", param="messages", code="invalid_value")
-    return ids
+    return ids, image_inputs
 
   def parse_chat(self, body: dict) -> _Parsed:
     self._check_common(body, _CHAT_FIELDS)
@@ -443,13 +507,14 @@ class OpenAIServer:
     max_tokens = _opt_int(body, "max_completion_tokens", 1)
     if max_tokens is None:
       max_tokens = _opt_int(body, "max_tokens", 1)
-    prompt = self._chat_prompt(body)
+    prompt, images = self._chat_inputs(body)
     if n > self.engine.max_batch_rows:
       raise APIError(f"n must be at most {self.engine.max_batch_rows}", param="n", code="invalid_value")
     stream = _opt_bool(body, "stream")
     logprobs = (top or 0) if logprobs_flag else None
     knobs = self._knobs(body, max_tokens, len(prompt), logprobs or 0)
-    return _Parsed([prompt], knobs, n, stream, self._stream_options(body, stream), logprobs)
+    return _Parsed([prompt], knobs, n, stream, self._stream_options(body, stream), logprobs,
+                   images=None if images is None else [images])
 
   # ---- running
 
@@ -470,8 +535,12 @@ class OpenAIServer:
 
   def submit(self, parsed: _Parsed, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
     prompts, sampling = self._sampling_rows(parsed)
+    images = None
+    if parsed.images is not None:  # rows are prompt-major, n per prompt (as _sampling_rows)
+      images = [row for row in parsed.images for _ in range(parsed.n)]
     events: asyncio.Queue = asyncio.Queue()
-    self.engine.submit(_Job(prompts, sampling, lambda item: loop.call_soon_threadsafe(events.put_nowait, item)))
+    self.engine.submit(_Job(prompts, sampling, lambda item: loop.call_soon_threadsafe(events.put_nowait, item),
+                            images=images))
     return events
 
   # ---- response pieces
@@ -732,9 +801,36 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
   parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                       help="compile the common request shapes (each batch-size bucket, short prompts and "
                            "completions) before accepting requests (default: on)")
+  parser.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                      help="vision-language models: image_url parts may name local files inside DIR (default: "
+                           "none; data: URLs always work, remote URLs never)")
+  parser.add_argument("--limit-mm-per-prompt", type=_image_limit, default=DEFAULT_IMAGE_LIMIT,
+                      help=f"most images per request (default {DEFAULT_IMAGE_LIMIT}); N, image=N or "
+                           "vLLM's JSON '{\"image\": N}'")
   parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also MLX_MED_API_KEY)")
   parser.add_argument("--log-level", default="info")
   return parser
+
+
+def _image_limit(text: str) -> int:
+  """--limit-mm-per-prompt: `4`, `image=4` or vLLM's JSON `{"image": 4}`."""
+  value: Any = text.strip()
+  if value.startswith("{"):
+    try:
+      value = json.loads(value).get("image")
+    except (json.JSONDecodeError, AttributeError):
+      value = None
+  elif "=" in value:
+    key, _, value = value.partition("=")
+    value = value if key.strip() == "image" else None
+  try:
+    limit = int(value)
+  except (TypeError, ValueError):
+    limit = -1
+  if limit < 0:
+    raise argparse.ArgumentTypeError(f"expected a count of images such as 4, image=4 or '{{\"image\": 4}}', "
+                                     f"got {text!r}")
+  return limit
 
 
 def _parse_mesh(text: Optional[str]) -> Optional[dict]:
@@ -753,13 +849,23 @@ def build_server(args: argparse.Namespace) -> tuple[OpenAIServer, Any]:
   import os
 
   from mlx_med.llm.model import LocalLM
+  from mlx_med.vlm.local import LocalVLM, is_vlm_dir
 
-  lm = LocalLM.from_pretrained(args.model, dtype=args.dtype, max_seq_len=args.max_model_len,
-                               mesh_shape=_parse_mesh(args.mesh), name=args.served_model_name,
-                               min_batch_bucket=args.min_batch_bucket, min_prompt_bucket=args.min_prompt_bucket)
+  media_dir = getattr(args, "allowed_local_media_path", None)
+  if media_dir is not None and not os.path.isdir(media_dir):
+    raise SystemExit(f"--allowed-local-media-path {media_dir!r} is not a directory")
+  load = {"dtype": args.dtype, "max_seq_len": args.max_model_len, "mesh_shape": _parse_mesh(args.mesh),
+          "name": args.served_model_name, "min_batch_bucket": args.min_batch_bucket,
+          "min_prompt_bucket": args.min_prompt_bucket}
+  if is_vlm_dir(args.model):
+    lm = LocalVLM.from_pretrained(args.model, allowed_local_media_path=media_dir, **load)
+  else:
+    lm = LocalLM.from_pretrained(args.model, **load)
   engine = BatchingEngine(lm, max_batch_rows=args.max_batch_rows, batch_wait_s=args.batch_wait_ms / 1000.0,
                           chunk_size=args.chunk_size)
-  server = OpenAIServer(lm, engine, model_name=lm.name, api_key=args.api_key or os.environ.get("MLX_MED_API_KEY"))
+  server = OpenAIServer(lm, engine, model_name=lm.name, api_key=args.api_key or os.environ.get("MLX_MED_API_KEY"),
+                        allowed_local_media_path=media_dir,
+                        limit_mm_per_prompt=getattr(args, "limit_mm_per_prompt", DEFAULT_IMAGE_LIMIT))
   return server, create_app(server)
 
 

@@ -33,7 +33,8 @@ import dataclasses
 import importlib
 import json
 import os
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -51,7 +52,7 @@ ImageInputs = list  # one prompt's processed images (the family's `image_inputs`
 MODEL_SETTING: Any = object()  # `allowed_local_dir` default: the model's `allowed_local_media_path`
 
 
-def read_config(model_dir: str) -> Optional[dict]:
+def read_config(model_dir: str) -> dict | None:
   """config.json of a model directory as a dict (None when absent or unreadable)."""
   path = os.path.join(model_dir, "config.json")
   if not os.path.isfile(path):
@@ -120,9 +121,9 @@ class LocalVLM:
 
   is_multimodal = True
 
-  def __init__(self, family: Any, cfg: Any, params: Any, tokenizer: Optional[ChatTokenizer], processor: Any, *,
-               name: str = "local", hf_config: Optional[dict] = None, cache_dtype: Optional[str] = None,
-               allowed_local_media_path: Optional[str] = None, **bucket_options):
+  def __init__(self, family: Any, cfg: Any, params: Any, tokenizer: ChatTokenizer | None, processor: Any, *,
+               name: str = "local", hf_config: dict | None = None, cache_dtype: str | None = None,
+               allowed_local_media_path: str | None = None, **bucket_options):
     if isinstance(family, str):
       family = family_module(family)
     if "language_model" not in params:
@@ -138,7 +139,7 @@ class LocalVLM:
     self.hf_config = hf_config or {}
     self.allowed_local_media_path = allowed_local_media_path
     self._embed = jax.jit(lambda p, t: Decoder(cfg.decoder).apply({"params": p}, t, method=Decoder.embed_tokens))
-    self._takes_image_parts: Optional[bool] = None
+    self._takes_image_parts: bool | None = None
 
   # ---- the LocalLM surface
 
@@ -147,7 +148,7 @@ class LocalVLM:
     return self.text.cfg
 
   @property
-  def tokenizer(self) -> Optional[ChatTokenizer]:
+  def tokenizer(self) -> ChatTokenizer | None:
     return self.text.tokenizer
 
   @property
@@ -174,18 +175,18 @@ class LocalVLM:
     """OpenAI-style knobs -> `SamplingParams` (`LocalLM.sampling_params`, same defaults)."""
     return self.text.sampling_params(**knobs)
 
-  def encode_prompt(self, prompt: Union[str, Sequence[int]]) -> list[int]:
+  def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
     return self.text.encode_prompt(prompt)
 
   def detokenize(self, ids: list[int]) -> str:
     return self.text.detokenize(ids)
 
   @classmethod
-  def from_pretrained(cls, model_dir: str, *, dtype: str = "float32", param_dtype: Optional[str] = None,
-                      max_seq_len: Optional[int] = None, name: Optional[str] = None,
-                      cache_dtype: Optional[str] = None, scan_layers: bool = False,
-                      mesh_shape: Optional[Mapping[str, int]] = None,
-                      allowed_local_media_path: Optional[str] = None, **bucket_options) -> "LocalVLM":
+  def from_pretrained(cls, model_dir: str, *, dtype: str = "float32", param_dtype: str | None = None,
+                      max_seq_len: int | None = None, name: str | None = None,
+                      cache_dtype: str | None = None, scan_layers: bool = False,
+                      mesh_shape: Mapping[str, int] | None = None,
+                      allowed_local_media_path: str | None = None, **bucket_options) -> LocalVLM:
     """Loads a local Hugging Face VLM directory: config.json (`model_type` picks the family),
     safetensors, tokenizer + chat template, preprocessor_config.json.
 
@@ -267,7 +268,7 @@ class LocalVLM:
       messages = self._flatten(messages)
     return tok.render_chat(list(messages), add_generation_prompt=add_generation_prompt, **template_kwargs)
 
-  def prepare_chat(self, messages: Messages, *, allowed_local_dir: Optional[str] = MODEL_SETTING,
+  def prepare_chat(self, messages: Messages, *, allowed_local_dir: str | None = MODEL_SETTING,
                    add_generation_prompt: bool = True, **template_kwargs) -> tuple[list[int], ImageInputs]:
     """Chat messages (OpenAI format, `image_url` parts allowed) -> (token ids with every image
     placeholder expanded to its visual tokens, the processed images in prompt order).
@@ -327,7 +328,7 @@ class LocalVLM:
     return np.asarray(e)[:n], np.asarray(pos)[:n]
 
   def multimodal_inputs(self, prompts: Sequence[Sequence[int]],
-                        images: Optional[Sequence[Optional[ImageInputs]]]) -> dict:
+                        images: Sequence[ImageInputs | None] | None) -> dict:
     """The sampler's `prompt_embeds` / `prompt_positions` for a batch (empty when no row has
     images): image rows through the family's `prompt_inputs`, text rows as plain token
     embeddings with ordinary positions."""
@@ -350,23 +351,23 @@ class LocalVLM:
     return {"prompt_embeds": embeds, "prompt_positions": positions}
 
   def generate_tokens(self, prompts: Sequence[Sequence[int]],
-                      sampling: Union[SamplingParams, Sequence[SamplingParams]],
-                      images: Optional[Sequence[Optional[ImageInputs]]] = None) -> list[Generation]:
+                      sampling: SamplingParams | Sequence[SamplingParams],
+                      images: Sequence[ImageInputs | None] | None = None) -> list[Generation]:
     """Token prompts (image placeholders already expanded) with each row's processed images."""
     detok = self.detokenize if self.tokenizer is not None else None
     outs = self.sampler.generate(self.text.params, prompts, sampling, detokenize=detok,
                                  **self.multimodal_inputs(prompts, images))
     return [Generation.from_sample(o) for o in outs]
 
-  def stream_tokens(self, prompts: Sequence[Sequence[int]], sampling: Union[SamplingParams, Sequence[SamplingParams]],
+  def stream_tokens(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams],
                     chunk_size: int = 16,
-                    images: Optional[Sequence[Optional[ImageInputs]]] = None) -> Iterator[list[StreamUpdate]]:
+                    images: Sequence[ImageInputs | None] | None = None) -> Iterator[list[StreamUpdate]]:
     detok = self.detokenize if self.tokenizer is not None else None
     return self.sampler.stream(self.text.params, prompts, sampling, detokenize=detok, chunk_size=chunk_size,
                                **self.multimodal_inputs(prompts, images))
 
-  def generate(self, prompts: Sequence[Union[str, Sequence[int]]], sampling: Optional[SamplingParams] = None, *,
-               images: Optional[Sequence[Sequence[Any]]] = None, **knobs) -> list[Generation]:
+  def generate(self, prompts: Sequence[str | Sequence[int]], sampling: SamplingParams | None = None, *,
+               images: Sequence[Sequence[Any]] | None = None, **knobs) -> list[Generation]:
     """Completes raw prompts (no chat template). With `images` (per prompt: a list of images
     as uint8 [H, W, 3] arrays or PIL images), each prompt's text holds one image
     placeholder per image (see `image_prompt_text`)."""
@@ -379,8 +380,8 @@ class LocalVLM:
     inputs = [[self.processor(im) for im in row] for row in images]
     return self.generate_tokens([self.expand(p, row) for p, row in zip(ids, inputs)], sampling, inputs)
 
-  def chat(self, conversations: Sequence[Messages], sampling: Optional[SamplingParams] = None, *,
-           allowed_local_dir: Optional[str] = MODEL_SETTING, **knobs) -> list[Generation]:
+  def chat(self, conversations: Sequence[Messages], sampling: SamplingParams | None = None, *,
+           allowed_local_dir: str | None = MODEL_SETTING, **knobs) -> list[Generation]:
     """Answers chat conversations whose messages may hold `image_url` parts (see
     `mlx_med.vlm.messages.image_part`) through the model's chat template."""
     sampling = sampling or self.sampling_params(**knobs)

@@ -13,7 +13,6 @@ import os
 
 import numpy as np
 import pytest
-
 from hf_tiny import CHAT_TEMPLATE, write_tokenizer
 
 IMAGE_TOKEN = "<image>"
@@ -189,7 +188,7 @@ def test_mixed_batch_equals_rows_alone(vlm):
            [{"role": "user", "content": "hello world, how are you today?"}],
            [{"role": "user", "content": [image_part(test_image(5)), {"type": "text", "text": "and"},
                                          image_part(test_image(6)), {"type": "text", "text": "differ?"}]}]]
-  knobs = dict(max_tokens=6, temperature=0.0, ignore_eos=True)
+  knobs = {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True}
   batch = vlm.chat(convs, **knobs)
   alone = [vlm.chat([c], **knobs)[0] for c in convs]
   assert [g.token_ids for g in batch] == [g.token_ids for g in alone]
