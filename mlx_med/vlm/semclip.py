@@ -516,7 +516,12 @@ def load_psi(workdir: str | os.PathLike) -> Psi:
     step = manager.latest_step()
   if step is None:
     raise ValueError(f"{ckpt_dir}: no checkpoint; train psi first (train_psi(config, {str(path)!r}))")
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  # Restore onto this process's first device whatever mesh the run was trained on.
+  meta = manager.item_metadata(step)["state"]
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), meta,
+                        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
   manager.close()
   params = state.get("ema_params", state["params"])
   expected = jax.eval_shape(lambda: nn.unbox(psi_init(cfg, jax.random.key(0))))

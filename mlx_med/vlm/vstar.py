@@ -16,7 +16,8 @@ meant to recover. `synth_vstar` makes such a set on the fly, deterministically p
     position  "Is the red circle on the left, on the right, above or below the blue square?"
               (A and B unique by colour+shape; their offset is dominant along one axis)
   with 4 options. Answers are balanced: the correct value cycles over the vocabulary and the
-  correct letter over A-D, both by example index, so a constant guess scores 25%.
+  correct letter over A-D (each exactly equally often in every 12 examples), so a constant guess
+  scores 25%.
 * `boxes`: the pixel boxes (x0, y0, x1, y1), x1/y1 exclusive, of the objects the question is
   about (target first).
 
@@ -268,7 +269,9 @@ def _synth_one(seed: int, i: int, image_size: int, target_size: tuple[int, int],
 
   others = [v for v in vocab if v != answer]
   distractors = [others[k] for k in rng.permutation(len(others))[:3]]
-  slot = (j // len(vocab) + j) % 4  # balanced letters, not locked to the answer value
+  # balanced letters: each block of 12 examples holds every letter 3 times (every kind's 4 in a row
+  # cover A-D), shifted by one per block so a letter is not locked to an answer value
+  slot = (i + i // 12) % 4
   options = distractors[:slot] + [answer] + distractors[slot:]
   return VStarExample(image=np.asarray(pil, np.uint8), question=question, options=options, answer=LETTERS[slot],
                       boxes=[tuple(int(v) for v in b) for b in boxes], category=CATEGORY[kind],
