@@ -265,7 +265,7 @@ def clip_resize(image: np.ndarray, size: int) -> np.ndarray:
 
 def crop_view(image: np.ndarray, box: Sequence[float], size: int) -> np.ndarray:
   """The region `box` = (x0, y0, x1, y1) pixels of `image`, resized to the ViT input."""
-  x0, y0, x1, y1 = (int(round(float(v))) for v in box[:4])
+  x0, y0, x1, y1 = (round(float(v)) for v in box[:4])
   h, w = image.shape[:2]
   x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
   if x1 <= x0 or y1 <= y0:
@@ -335,6 +335,13 @@ def _views(example: Any, config: ml_collections.ConfigDict, rng: np.random.Gener
   image = np.asarray(example.image)
   grid = example_grid(example, config)
   labels = positive_crops(example, grid, config)
+  from mlx_med.vlm import semclip
+
+  every = np.ones(len(grid), bool)  # crops holding every box (a two-object question needs both)
+  for b in example_boxes(example):
+    every &= np.asarray(semclip.crop_labels([tuple(g) for g in grid], [b], cover=float(config.crops.cover)), bool)
+  if every.any():
+    labels = every
   h, w = image.shape[:2]
   c = config.crops
   views = [clip_resize(image, size)]
@@ -667,12 +674,12 @@ class TrainedVLM:
     return tokens_per_image(self.cfg)
 
   @classmethod
-  def load(cls, path: str) -> "TrainedVLM":
+  def load(cls, path: str) -> TrainedVLM:
     """From an exported HF directory, or a training workdir (its hf/ subdirectory)."""
     from mlx_med.vlm import llava
 
     p = Path(path)
-    if not (p / "config.json").is_file() and (p / HF_DIR / "config.json").is_file():
+    if (p / HF_DIR / "config.json").is_file():  # a training workdir (its own config.json is the run's)
       p = p / HF_DIR
     if not (p / "config.json").is_file():
       raise FileNotFoundError(f"{path}: no config.json (expected an exported VLM directory or a VLM workdir "
