@@ -159,8 +159,13 @@ class BatchingEngine:
     for rows in sizes:
       for _ in self.lm.stream_tokens([[sampler.pad_id] * plen] * rows, sampling, chunk_size=self.chunk_size):
         pass
+    compiled = len(sizes)
+    # A vision-language model also compiles one single-image chat (vision tower, prefill from
+    # embeddings at an image prompt's length), the shape of a lone image request.
+    if getattr(self.lm, "is_multimodal", False) and self.lm.warm_up_image(sampling, chunk_size=self.chunk_size):
+      compiled += 1
     logger.info("warm-up done in %.1fs", time.monotonic() - started)
-    return len(sizes)
+    return compiled
 
   def _loop(self) -> None:
     while not self._stop.is_set():

@@ -366,6 +366,21 @@ class LocalVLM:
     return self.sampler.stream(self.text.params, prompts, sampling, detokenize=detok, chunk_size=chunk_size,
                                **self.multimodal_inputs(prompts, images))
 
+  def warm_up_image(self, sampling: SamplingParams, *, chunk_size: int = 16, size: int = 448) -> bool:
+    """Compiles the programs of a one-row chat with one grey `size` x `size` image (the
+    vision tower at that resolution, prefill from embeddings, decode); False when such a
+    prompt does not fit the context."""
+    from mlx_med.vlm.messages import image_part
+
+    grey = np.full((size, size, 3), 128, np.uint8)
+    ids, image_inputs = self.prepare_chat([{"role": "user", "content": [image_part(grey),
+                                                                        {"type": "text", "text": "Describe it."}]}])
+    if len(ids) + sampling.max_new_tokens > self.cfg.max_seq_len:
+      return False
+    for _ in self.stream_tokens([ids], sampling, chunk_size=chunk_size, images=[image_inputs]):
+      pass
+    return True
+
   def generate(self, prompts: Sequence[str | Sequence[int]], sampling: SamplingParams | None = None, *,
                images: Sequence[Sequence[Any]] | None = None, **knobs) -> list[Generation]:
     """Completes raw prompts (no chat template). With `images` (per prompt: a list of images

@@ -26,14 +26,15 @@ VLM_TEMPLATE = (
 IMAGE_SIZE = 28  # 2 x 2 patches of 14 px: 4 visual tokens per image
 
 
-def write_vlm_tokenizer(directory: str, template: str = VLM_TEMPLATE) -> tuple[int, int]:
-  """hf_tiny's tokenizer plus an `<image>` special token and `template`; (vocab size, image token id)."""
+def write_vlm_tokenizer(directory: str, template: str = VLM_TEMPLATE,
+                        specials: tuple[str, ...] = (IMAGE_TOKEN,)) -> tuple[int, dict[str, int]]:
+  """hf_tiny's tokenizer plus the image special tokens and `template`; (vocab size, {token: id})."""
   from tokenizers import AddedToken, Tokenizer
 
   write_tokenizer(directory)
   path = os.path.join(directory, "tokenizer.json")
   tok = Tokenizer.from_file(path)
-  tok.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
+  tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
   tok.save(path)
   config_path = os.path.join(directory, "tokenizer_config.json")
   with open(config_path) as f:
@@ -41,7 +42,7 @@ def write_vlm_tokenizer(directory: str, template: str = VLM_TEMPLATE) -> tuple[i
   config["chat_template"] = template
   with open(config_path, "w") as f:
     json.dump(config, f)
-  return tok.get_vocab_size(), tok.token_to_id(IMAGE_TOKEN)
+  return tok.get_vocab_size(), {t: tok.token_to_id(t) for t in specials}
 
 
 def write_clip_processor(directory: str, size: int = IMAGE_SIZE) -> None:
@@ -63,7 +64,7 @@ def make_llava_dir(directory: str, template: str = VLM_TEMPLATE, seed: int = 0):
   import transformers
 
   os.makedirs(directory, exist_ok=True)
-  vocab, image_id = write_vlm_tokenizer(directory, template)
+  vocab, ids = write_vlm_tokenizer(directory, template)
   write_clip_processor(directory)
   vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=14)
@@ -71,7 +72,7 @@ def make_llava_dir(directory: str, template: str = VLM_TEMPLATE, seed: int = 0):
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                   rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=None, eos_token_id=2,
                                   pad_token_id=0)
-  cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
+  cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=ids[IMAGE_TOKEN],
                                  vision_feature_layer=-2, vision_feature_select_strategy="default",
                                  image_seq_length=(IMAGE_SIZE // 14) ** 2)
   torch.manual_seed(seed)
@@ -208,6 +209,17 @@ def test_generate_with_raw_prompt_and_images(vlm):
     vlm.generate([prompt], images=[[image, image]], max_tokens=2)
 
 
+def test_serving_warm_up_compiles_an_image_chat(vlm):
+  """The server's warm-up also compiles a lone image request's prefill from embeddings."""
+  from mlx_med.llm import serve
+  from mlx_med.vlm.local import LocalVLM
+
+  fresh = LocalVLM(vlm.family, vlm.model_cfg, vlm.params, vlm.tokenizer, vlm.processor, min_prompt_bucket=32)
+  assert serve.BatchingEngine(fresh, max_batch_rows=1).warm_up() == 2  # one text shape, one image chat
+  # (batch, prompt, new, top, mode, penalties, embeddings, positions): the token path and the image path.
+  assert sorted(s[-2:] for s in fresh.sampler.compiled_shapes) == [(False, False), (True, True)]
+
+
 def test_local_paths_follow_the_allowed_directory(vlm, tmp_path):
   from PIL import Image
 
@@ -225,3 +237,85 @@ def test_local_paths_follow_the_allowed_directory(vlm, tmp_path):
   ids_data, images_data = vlm.prepare_chat(image_message(test_image(8), "Findings?"))
   assert ids == ids_data
   np.testing.assert_array_equal(images[0], images_data[0])
+
+
+# ---------------------------------------------------------------------------- Qwen2.5-VL
+
+QWEN_SPECIALS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+  """A tiny random HF Qwen2.5-VL directory (patch 4 px, merge 2, windows of 16 px) with a
+  Qwen-style template and a Qwen2-VL image processor config; (LocalVLM, transformers model)."""
+  import torch
+  from torch_peers import import_torchvision
+
+  import_torchvision()
+  import transformers
+
+  from mlx_med.vlm.local import LocalVLM
+  from mlx_med.vlm.processing import Qwen2VLImageProcessor
+
+  directory = str(tmp_path_factory.mktemp("tiny_qwen25vl"))
+  vocab, ids = write_vlm_tokenizer(directory, QWEN_TEMPLATE, QWEN_SPECIALS)
+  Qwen2VLImageProcessor(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=4, merge_size=2).save(directory)
+  cfg = transformers.Qwen2_5_VLConfig(
+      text_config={"vocab_size": vocab, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+                   "rms_norm_eps": 1e-6, "eos_token_id": 2, "bos_token_id": None, "pad_token_id": 0,
+                   "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}},
+      vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2, "patch_size": 4,
+                     "temporal_patch_size": 2, "spatial_merge_size": 2, "window_size": 16, "out_hidden_size": 64,
+                     "fullatt_block_indexes": [1], "tokens_per_second": 2},
+      image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+      vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+  torch.manual_seed(1)
+  model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")):
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+      else:
+        p.copy_(0.1 * torch.randn_like(p))
+  model.save_pretrained(directory)
+  return LocalVLM.from_pretrained(directory, min_prompt_bucket=32), model
+
+
+def test_qwen_chat_matches_transformers_generate_and_mixes_with_text(qwen):
+  """Qwen2.5-VL through LocalVLM: the template's vision markers, the processor's patches, M-RoPE
+  positions and decoding from max position + 1 give transformers' greedy tokens; in a batch
+  with a text-only row (ordinary positions on all three M-RoPE components) each row still
+  gets what it gets alone."""
+  import torch
+
+  from mlx_med.vlm import qwen2_5_vl
+
+  vlm, model = qwen
+  assert vlm.family is qwen2_5_vl and vlm.cfg.mrope_section == (2, 3, 3)
+  assert vlm.template_takes_image_parts()
+  assert vlm.image_prompt_text() == "<|vision_start|><|image_pad|><|vision_end|>"
+  messages = image_message(test_image(30, size=(36, 52)), "The patient has a fever.")
+  ids, images = vlm.prepare_chat(messages)
+  (patches, grid), = images
+  assert grid == (1, 8, 12) and ids.count(vlm.image_token_id) == 8 * 12 // 4
+  knobs = {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+  got = vlm.chat([messages], **knobs)[0]
+  input_ids = torch.tensor([ids])
+  with torch.no_grad():
+    ref = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                         pixel_values=torch.tensor(patches), image_grid_thw=torch.tensor([grid]),
+                         mm_token_type_ids=(input_ids == vlm.image_token_id).to(torch.int32),
+                         max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+  assert got.token_ids == ref[0, len(ids):].tolist()
+  text = [{"role": "user", "content": "hello world, how are you today?"}]
+  batch = vlm.chat([text, messages], **knobs)
+  assert batch[1].token_ids == got.token_ids
+  assert batch[0].token_ids == vlm.chat([text], **knobs)[0].token_ids
