@@ -400,6 +400,9 @@ class OpenAIServer:
     logprobs = _opt_int(body, "logprobs", 0, MAX_LOGPROBS)
     max_tokens = _opt_int(body, "max_tokens", 1)
     prompts = self._encode_prompts(body["prompt"])
+    if self.multimodal and any(self.lm.image_token_id in p for p in prompts):
+      raise APIError("the prompt holds the model's image placeholder token but completions take no images; send "
+                     "images as image_url parts to /v1/chat/completions", param="prompt", code="invalid_value")
     if len(prompts) * n > self.engine.max_batch_rows:
       raise APIError(f"len(prompt) * n must be at most {self.engine.max_batch_rows}", param="n", code="invalid_value")
     stream = _opt_bool(body, "stream")

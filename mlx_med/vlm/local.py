@@ -37,6 +37,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mlx_med.core.sampler import SamplingParams, StreamUpdate, bucket
@@ -140,6 +141,8 @@ class LocalVLM:
     self.allowed_local_media_path = allowed_local_media_path
     self._embed = jax.jit(lambda p, t: Decoder(cfg.decoder).apply({"params": p}, t, method=Decoder.embed_tokens))
     self._takes_image_parts: bool | None = None
+    self._forward_embeds = jax.jit(lambda p, e, pos: Decoder(cfg.decoder).apply({"params": p}, None, positions=pos,
+                                                                                 embeddings=e))
 
   # ---- the LocalLM surface
 
@@ -365,6 +368,21 @@ class LocalVLM:
     detok = self.detokenize if self.tokenizer is not None else None
     return self.sampler.stream(self.text.params, prompts, sampling, detokenize=detok, chunk_size=chunk_size,
                                **self.multimodal_inputs(prompts, images))
+
+  def logits(self, prompts: Sequence[Sequence[int]],
+             images: Sequence[ImageInputs | None] | None = None) -> list[np.ndarray]:
+    """fp32 next-token logits [len, V] of each token prompt (placeholders expanded) given its
+    processed images, e.g. to score answer options. Rows with images run one at a time."""
+    if images is None or not any(images):
+      return self.text.logits(prompts)
+    if len(images) != len(prompts):
+      raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+    inputs = self.multimodal_inputs(prompts, images)
+    out = []
+    for e, pos in zip(inputs["prompt_embeds"], inputs["prompt_positions"]):
+      logits = self._forward_embeds(self.text.params, jnp.asarray(e)[None], jnp.asarray(pos)[None])
+      out.append(np.asarray(logits[0], np.float32))
+    return out
 
   def warm_up_image(self, sampling: SamplingParams, *, chunk_size: int = 16, size: int = 448) -> bool:
     """Compiles the programs of a one-row chat with one grey `size` x `size` image (the

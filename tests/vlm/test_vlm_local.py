@@ -180,6 +180,21 @@ def test_greedy_chat_matches_transformers_generate(vlm, llava):
   assert gen.token_ids == ref[0, len(ids):].tolist()
 
 
+def test_logits_match_transformers(vlm, llava):
+  """Prompt logits with an image equal LlavaForConditionalGeneration's (fp32 both sides)."""
+  import torch
+
+  ids, images = vlm.prepare_chat(image_message(test_image(9), "Diagnosis: community acquired pneumonia."))
+  text_ids = vlm.encode_chat([{"role": "user", "content": "hello"}])
+  got, text_logits = vlm.logits([ids, text_ids], [images, None])
+  with torch.no_grad():
+    ref = llava[1](input_ids=torch.tensor([ids]), pixel_values=torch.tensor(np.stack(images)).permute(0, 3, 1, 2)
+                   ).logits[0].numpy()
+  assert got.shape == ref.shape == (len(ids), vlm.cfg.vocab_size)
+  np.testing.assert_allclose(got, ref, atol=2e-5, rtol=0)  # fp32 (measured 2e-6): summation order only
+  np.testing.assert_allclose(text_logits, vlm.text.logits([text_ids])[0], atol=1e-5, rtol=0)
+
+
 def test_mixed_batch_equals_rows_alone(vlm):
   """A batch of [image row, text row, two-image row] gives each row what it gets alone; the
   text row also equals the language model's plain token path."""

@@ -201,6 +201,15 @@ def test_bad_images_and_too_many_images_are_400(client, served):
   with pytest.raises(openai.BadRequestError) as info:
     client.chat.completions.create(model=served.model, messages=odd, **KNOBS)
   assert info.value.body["param"] == "messages[0].content"
+  placeholder = [{"role": "user", "content": "<image>\nWhat is this?"}]  # typed by hand, no image given
+  with pytest.raises(openai.BadRequestError) as info:
+    client.chat.completions.create(model=served.model, messages=placeholder, **KNOBS)
+  assert "image placeholder" in info.value.body["message"]
+  with pytest.raises(openai.BadRequestError) as info:
+    client.completions.create(model=served.model, prompt="<image>\nFindings:", **KNOBS)
+  assert "image placeholder" in info.value.body["message"] and info.value.body["param"] == "prompt"
+  text = client.completions.create(model=served.model, prompt="Findings:", **KNOBS)
+  assert text.usage.completion_tokens >= 1
   # The server is still up.
   assert client.chat.completions.create(model=served.model, messages=image_message(test_image(1), "ok?"), **KNOBS)
 
