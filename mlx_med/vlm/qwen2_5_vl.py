@@ -39,7 +39,8 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -50,7 +51,13 @@ from mlx_med.core import attention as attention_lib
 from mlx_med.core import sharding as sharding_lib
 from mlx_med.core.fileio import replace_dir
 from mlx_med.core.layers import RMSNorm, apply_rope, cpu_dense_dot_general, logical_init
-from mlx_med.core.transformer import Decoder, DecoderConfig, as_dtype, stack_layers, unstack_layers
+from mlx_med.core.transformer import (
+  Decoder,
+  DecoderConfig,
+  as_dtype,
+  stack_layers,
+  unstack_layers,
+)
 from mlx_med.llm import hf_config as hf_config_lib
 from mlx_med.llm.checkpoint import HFWeights
 from mlx_med.llm.safetensors_io import CheckpointError, write_safetensors
@@ -132,9 +139,9 @@ class Qwen25VLConfig:
       raise ValueError(f"vision out_hidden_size={self.vision.out_hidden_size} != decoder d_model={self.decoder.d_model}")
 
   @classmethod
-  def from_hf(cls, hf: dict, *, dtype: str = "float32", param_dtype: Optional[str] = None,
-              max_seq_len: Optional[int] = None, attention_backend: str = "xla", remat: str = "none",
-              scan_layers: bool = True) -> "Qwen25VLConfig":
+  def from_hf(cls, hf: dict, *, dtype: str = "float32", param_dtype: str | None = None,
+              max_seq_len: int | None = None, attention_backend: str = "xla", remat: str = "none",
+              scan_layers: bool = True) -> Qwen25VLConfig:
     """From a `config.json` dict: transformers 5.x (nested `text_config`, `rope_parameters`) or 4.x
     (text fields at the top level, `rope_scaling` with type "mrope")."""
     if hf.get("model_type") not in (MODEL_TYPE, None):
@@ -193,7 +200,7 @@ class Qwen25VLConfig:
                                    "vision_end_token_id") if hf.get(k) is not None}
     return cls(decoder=decoder, vision=vision, **ids)
 
-  def to_hf(self, base: Optional[dict] = None) -> dict:
+  def to_hf(self, base: dict | None = None) -> dict:
     """A transformers 5.x `config.json` dict (nested text_config / vision_config)."""
     d, v = self.decoder, self.vision
     text = hf_config_lib.hf_config_from_decoder(dataclasses.replace(d, mrope_section=None), model_type="qwen2")
@@ -288,7 +295,7 @@ def num_image_tokens(grid: Grid, cfg: Qwen25VLConfig) -> int:
 
 
 def get_rope_index(token_ids: Sequence[int], image_grids: Sequence[Grid], cfg: Qwen25VLConfig, *,
-                   video_grids: Sequence[Grid] = (), second_per_grid_ts: Optional[Sequence[float]] = None
+                   video_grids: Sequence[Grid] = (), second_per_grid_ts: Sequence[float] | None = None
                    ) -> np.ndarray:
   """M-RoPE positions np.int32 [T, 3] (temporal, height, width) of one expanded token sequence.
 
@@ -670,8 +677,8 @@ def _set(tree, path, value):
   tree[path[-1]] = value
 
 
-def load_hf(model_dir: str, *, dtype: str = "float32", param_dtype: Optional[str] = None,
-            max_seq_len: Optional[int] = None, attention_backend: str = "xla",
+def load_hf(model_dir: str, *, dtype: str = "float32", param_dtype: str | None = None,
+            max_seq_len: int | None = None, attention_backend: str = "xla",
             scan_layers: bool = True) -> tuple[Qwen25VLConfig, Any]:
   """(config, parameters) from a local Hugging Face Qwen2.5-VL directory (config.json + safetensors,
   one file or a sharded index; transformers 4.x or 5.x tensor names). Host numpy, then device arrays."""
@@ -719,8 +726,8 @@ def load_hf(model_dir: str, *, dtype: str = "float32", param_dtype: Optional[str
   return cfg, params
 
 
-def save_hf(out_dir: str, cfg: Qwen25VLConfig, params: Any, hf_config: Optional[dict] = None, *,
-            dtype: Optional[str] = None, copy_files_from: Optional[str] = None) -> str:
+def save_hf(out_dir: str, cfg: Qwen25VLConfig, params: Any, hf_config: dict | None = None, *,
+            dtype: str | None = None, copy_files_from: str | None = None) -> str:
   """Writes a directory transformers' `Qwen2_5_VLForConditionalGeneration.from_pretrained` loads
   (config.json in the 5.x layout + one model.safetensors with 5.x tensor names). Written to a
   temporary directory next to `out_dir`, then renamed into place."""

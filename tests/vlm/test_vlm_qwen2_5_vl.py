@@ -19,7 +19,11 @@ import numpy as np
 import pytest
 
 from mlx_med.core.sampler import Sampler, SamplingParams
-from mlx_med.llm.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+from mlx_med.llm.safetensors_io import (
+  CheckpointError,
+  SafetensorsFile,
+  write_safetensors,
+)
 from mlx_med.vlm import qwen2_5_vl as qv
 
 IMAGE, VIDEO, VSTART, VEND = 100, 101, 98, 99
@@ -35,13 +39,13 @@ def _hf_config():
   import transformers
 
   return transformers.Qwen2_5_VLConfig(
-      text_config=dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
-                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                       eos_token_id=None, bos_token_id=None, pad_token_id=0),
-      vision_config=dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4,
-                         temporal_patch_size=2, spatial_merge_size=2, window_size=16, out_hidden_size=64,
-                         fullatt_block_indexes=[1], tokens_per_second=2),
+      text_config={"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+                   "rms_norm_eps": 1e-6, "eos_token_id": None, "bos_token_id": None, "pad_token_id": 0,
+                   "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}},
+      vision_config={"depth": 3, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2, "patch_size": 4,
+                     "temporal_patch_size": 2, "spatial_merge_size": 2, "window_size": 16, "out_hidden_size": 64,
+                     "fullatt_block_indexes": [1], "tokens_per_second": 2},
       image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND)
 
 
@@ -81,14 +85,26 @@ def _prompt(cfg):
   return qv.expand_image_tokens(ids, _images(), cfg)
 
 
+def _forward(cfg, params, rows, patches, grids):
+  """Qwen25VL logits under jit (grids static), positions from get_rope_index per row."""
+  grids = tuple(grids)
+  k, positions = 0, []
+  for row in rows:
+    n = len(qv._runs(np.asarray(row), IMAGE))
+    positions.append(qv.get_rope_index(row, grids[k:k + n], cfg))
+    k += n
+  fn = jax.jit(lambda p, t, x, pos: qv.Qwen25VL(cfg).apply({"params": p}, t, (x, grids), positions=pos))
+  return np.asarray(fn(params, jnp.asarray(rows), jnp.asarray(patches), jnp.asarray(np.stack(positions))))
+
+
 def _hf_inputs(ids):
   import torch
 
   images = _images()
   input_ids = torch.tensor([ids])
-  return dict(input_ids=input_ids, pixel_values=torch.tensor(np.concatenate([p for p, _ in images])),
-              image_grid_thw=torch.tensor([g for _, g in images]),
-              mm_token_type_ids=(input_ids == IMAGE).to(torch.int32), attention_mask=torch.ones_like(input_ids))
+  return {"input_ids": input_ids, "pixel_values": torch.tensor(np.concatenate([p for p, _ in images])),
+          "image_grid_thw": torch.tensor([g for _, g in images]),
+          "mm_token_type_ids": (input_ids == IMAGE).to(torch.int32), "attention_mask": torch.ones_like(input_ids)}
 
 
 def test_config_from_hf_5x_and_4x_layouts(hf):
@@ -161,7 +177,7 @@ def test_rope_index_equals_transformers(hf, loaded):
 
 def test_video_rope_positions_scale_time():
   cfg = qv.Qwen25VLConfig.from_hf(_hf_config().to_dict())
-  ids = [1, VIDEO * 0 + VIDEO] * 0 + [1] + [VIDEO] * (2 * 2 * 2) + [3]
+  ids = [1] + [VIDEO] * (2 * 2 * 2) + [3]
   pos = qv.get_rope_index(ids, (), cfg, video_grids=((2, 4, 4),), second_per_grid_ts=(1.5,))
   # tokens_per_second 2 x 1.5 s per grid -> frame 1 at t offset 3.
   np.testing.assert_array_equal(pos[1:5, 0], [1, 1, 1, 1])
@@ -180,7 +196,7 @@ def test_logits_equal_transformers(hf, loaded):
     ref = model(**_hf_inputs(ids)).logits.numpy()
   images = _images()
   patches = jnp.asarray(np.concatenate([p for p, _ in images]))
-  ours = qv.Qwen25VL(cfg).apply({"params": params}, jnp.asarray([ids]), (patches, GRIDS))
+  ours = qv.Qwen25VL(cfg).apply({"params": params}, jnp.asarray([ids]), (patches, GRIDS))  # positions computed
   assert ours.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(ours), ref, atol=ATOL, rtol=0)
   # prompt_inputs (the sampler's inputs) give the same logits through the decoder alone.
@@ -193,11 +209,10 @@ def test_logits_equal_transformers(hf, loaded):
   first, second = ids[:ids.index(VEND) + 1], ids[ids.index(VEND) + 1:]
   second = [5] * (len(first) - len(second)) + second if len(second) < len(first) else second
   first = first + [5] * (len(second) - len(first))
-  rows = jnp.asarray([first, second])
-  batch = qv.Qwen25VL(cfg).apply({"params": params}, rows, (patches, GRIDS))
+  batch = _forward(cfg, params, [first, second], patches, GRIDS)
   for r, (row, image) in enumerate(zip([first, second], images)):
-    alone = qv.Qwen25VL(cfg).apply({"params": params}, jnp.asarray([row]), (jnp.asarray(image[0]), (image[1],)))
-    np.testing.assert_allclose(np.asarray(batch[r]), np.asarray(alone[0]), atol=1e-5)
+    alone = _forward(cfg, params, [row], image[0], (image[1],))
+    np.testing.assert_allclose(batch[r], alone[0], atol=1e-5)
   with pytest.raises(ValueError, match="image tokens"):
     qv.Qwen25VL(cfg).apply({"params": params}, jnp.asarray([ids[:-40]]), (patches, GRIDS), positions=jnp.zeros(
         (1, len(ids) - 40, 3), jnp.int32))
@@ -239,7 +254,7 @@ def test_load_4x_names_and_save_round_trip_through_transformers(hf, loaded, tmp_
   old = tmp_path / "old"
   old.mkdir()
   renamed = {}
-  for name in src.keys():
+  for name in src.keys():  # noqa: SIM118 (a SafetensorsFile is not iterable)
     new = name.replace("model.visual.", "visual.").replace("model.language_model.", "model.")
     renamed[new] = np.asarray(src.tensor(name))
   write_safetensors(str(old / "model.safetensors"), [(k, v.shape, v.dtype) for k, v in renamed.items()],
@@ -274,3 +289,43 @@ def test_init_params_match_the_checkpoint_tree(loaded):
   fresh = qv.init_params(cfg, jax.random.PRNGKey(0))
   assert jax.tree.structure(fresh) == jax.tree.structure(params)
   jax.tree.map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), fresh, params)
+
+
+def _bench_module():
+  import importlib.util
+
+  path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "qwen2_5_vl_step.py")
+  spec = importlib.util.spec_from_file_location("qwen2_5_vl_step", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _bf16_against_fp32(size: str, image_px: int) -> float:
+  """Largest |logit difference| of a bf16-compute forward against fp32 (same fp32 parameters),
+  relative to the largest |fp32 logit|, on one image + text prompt of the bench's model."""
+  bench = _bench_module()
+  cfg32 = bench.make_config(size, "float32")
+  cfg16 = dataclasses.replace(cfg32, decoder=dataclasses.replace(cfg32.decoder, dtype="bfloat16"))
+  params = qv.init_params(cfg32, jax.random.PRNGKey(0))
+  ids, (patches, grid) = bench.make_inputs(cfg32, image_px, 16)
+  pos = jnp.asarray(qv.get_rope_index(ids, (grid,), cfg32)[None])
+  args = (jnp.asarray([ids]), (jnp.asarray(patches), (grid,)))
+  ref = np.asarray(qv.Qwen25VL(cfg32).apply({"params": params}, *args, positions=pos))
+  low = np.asarray(qv.Qwen25VL(cfg16).apply({"params": params}, *args, positions=pos))
+  assert low.dtype == np.float32 and np.isfinite(low).all()
+  return float(np.abs(low - ref).max() / np.abs(ref).max())
+
+
+def test_bf16_compute_tracks_fp32_tiny():
+  # bf16 keeps 8 mantissa bits (relative step 2^-8 = 0.4%); a few percent of the largest logit
+  # after 4 vision blocks + 2 layers is the expected rounding, an error would be O(1).
+  assert _bf16_against_fp32("tiny", 112) < 5e-2
+
+
+@pytest.mark.gpu
+def test_mid_size_step_on_gpu():
+  """The bench's mid-size model on a GPU: bf16 tracks fp32, and the timed step runs end to end."""
+  assert _bf16_against_fp32("mid", 448) < 5e-2
+  r = _bench_module().bench_step("mid", dtype="bfloat16", image_px=448, new_tokens=16, reps=2)
+  assert r["backend"] == "gpu" and r["image_tokens"] == 256 and r["generate_tokens_per_s"] > 0
