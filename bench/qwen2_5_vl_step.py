@@ -14,7 +14,7 @@ Qwen2_5_VLForConditionalGeneration, eager fp32 on CPU) on the same inputs, and p
 ratios (< 1 = we are faster). It also checks that both pick the same greedy tokens.
 
 Sizes: `tiny` (seconds on a CPU; the test config's scale), `mid` (a scaled-down Qwen2.5-VL: vision
-8 blocks x 640 wide with 2 full-attention blocks, decoder 8 layers x 1024, ~0.3 B parameters; meant
+8 blocks x 640 wide with 2 full-attention blocks, decoder 8 layers x 1024, ~0.2 B parameters; meant
 for a GPU), `3b` (Qwen2.5-VL-3B's shapes, 32 vision blocks x 1280 and 36 decoder layers x 2048; bf16
 on a GPU).
 
