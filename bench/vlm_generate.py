@@ -43,11 +43,11 @@ def random_llava_checkpoint(directory: str, seed: int = 0) -> str:
   import_torchvision()
   import transformers
 
-  vision = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, image_size=224,
-                patch_size=14, hidden_act="quick_gelu")
-  text = dict(model_type="llama", vocab_size=VOCAB, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
-              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1,
-              eos_token_id=None, pad_token_id=0, tie_word_embeddings=False)
+  vision = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4, "image_size": 224,
+                "patch_size": 14, "hidden_act": "quick_gelu"}
+  text = {"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4,
+              "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 1024, "bos_token_id": 1,
+              "eos_token_id": None, "pad_token_id": 0, "tie_word_embeddings": False}
   cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
                                  vision_feature_layer=-2, vision_feature_select_strategy="default")
   torch.manual_seed(seed)
@@ -123,7 +123,7 @@ def run(batches: list[int], new_tokens: int, repeats: int, compile_torch: bool) 
   for batch in batches:
     prompts, images = _prompts(batch, seed=batch, image_tokens=cfg.num_image_tokens)
 
-    def ours():
+    def ours(prompts=prompts, images=images):
       embeds, positions = zip(*[llava.prompt_inputs(cfg, params, p, [images[i]]) for i, p in enumerate(prompts)])
       return sampler.generate(params["language_model"], prompts, greedy, prompt_embeds=list(embeds),
                               prompt_positions=list(positions))
@@ -136,7 +136,7 @@ def run(batches: list[int], new_tokens: int, repeats: int, compile_torch: bool) 
       mask[i, length - len(p):] = 1
     pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
 
-    def theirs():
+    def theirs(ids=ids, mask=mask, pixels=pixels):
       with torch.no_grad():
         return hf_model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)

@@ -37,7 +37,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -123,7 +123,7 @@ class LlavaConfig:
     if self.projector_hidden_act not in _PROJECTOR_ACTS:
       raise ValueError(f"projector_hidden_act {self.projector_hidden_act!r} is not supported "
                        f"(supported: {sorted(_PROJECTOR_ACTS)})")
-    self.feature_layers  # validates the indices
+    _ = self.feature_layers  # validates the indices
     if not self.image_seq_length:
       object.__setattr__(self, "image_seq_length", self.num_image_tokens)
     elif self.image_seq_length != self.num_image_tokens:
@@ -158,9 +158,9 @@ class LlavaConfig:
     return self.vision.grid ** 2 + (1 if self.vision_feature_select_strategy == "full" else 0)
 
   @classmethod
-  def from_hf(cls, hf: Mapping[str, Any], *, dtype: str = "float32", param_dtype: Optional[str] = None,
-              max_seq_len: Optional[int] = None, scan_layers: bool = True, attention_backend: str = "xla",
-              remat: str = "none") -> "LlavaConfig":
+  def from_hf(cls, hf: Mapping[str, Any], *, dtype: str = "float32", param_dtype: str | None = None,
+              max_seq_len: int | None = None, scan_layers: bool = True, attention_backend: str = "xla",
+              remat: str = "none") -> LlavaConfig:
     """From a LLaVA `config.json` dict (transformers 4.x or 5.x)."""
     if hf.get("model_type", "llava") != "llava":
       raise ValueError(f"config.json has model_type {hf.get('model_type')!r}; expected 'llava'")
@@ -187,7 +187,7 @@ class LlavaConfig:
                projector_hidden_act=hf.get("projector_hidden_act", "gelu"),
                multimodal_projector_bias=bool(hf.get("multimodal_projector_bias", True)))
 
-  def to_hf(self, base: Optional[Mapping[str, Any]] = None, *, torch_dtype: str = "float32") -> dict:
+  def to_hf(self, base: Mapping[str, Any] | None = None, *, torch_dtype: str = "float32") -> dict:
     """A LLaVA `config.json` dict for the model as stored (the tower's used blocks only),
     keeping unrelated fields of `base` (token ids, ...)."""
     base = dict(base or {})
@@ -351,7 +351,7 @@ class Llava(nn.Module):
     x = self.projector(self.vision_tower(images))
     return x.reshape(-1, x.shape[-1])
 
-  def embed(self, tokens: jax.Array, images: Optional[jax.Array]) -> jax.Array:
+  def embed(self, tokens: jax.Array, images: jax.Array | None) -> jax.Array:
     """`embed_tokens(tokens)` with the image features in the image-token positions."""
     x = self.language_model.embed_tokens(tokens)
     n = 0 if images is None else images.shape[0]
@@ -361,8 +361,8 @@ class Llava(nn.Module):
       return x
     return scatter_image_features(x, tokens, self.image_features(images), self.cfg.image_token_id)
 
-  def __call__(self, tokens: jax.Array, images: Optional[jax.Array] = None, positions: Optional[jax.Array] = None,
-               segment_ids: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(self, tokens: jax.Array, images: jax.Array | None = None, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
     x = self.embed(tokens, images)
     return self.language_model(None, positions=positions, segment_ids=segment_ids, embeddings=x)
 
@@ -443,8 +443,8 @@ def _naming(names: set[str], source: str) -> tuple[str, str, str, str]:
   return vision[0], projector, lm, head
 
 
-def load_hf(model_dir: str, *, dtype: str = "float32", param_dtype: Optional[str] = None,
-            max_seq_len: Optional[int] = None, scan_layers: bool = True,
+def load_hf(model_dir: str, *, dtype: str = "float32", param_dtype: str | None = None,
+            max_seq_len: int | None = None, scan_layers: bool = True,
             attention_backend: str = "xla") -> tuple[LlavaConfig, Any]:
   """(cfg, params) from a local HF LLaVA directory (config.json + safetensors, sharded OK)."""
   model_dir = os.fspath(model_dir)
@@ -494,7 +494,7 @@ def load_hf(model_dir: str, *, dtype: str = "float32", param_dtype: Optional[str
     elif bias in names:
       raise CheckpointError(f"{source}: tensor {bias!r} is present but config.json has multimodal_projector_bias=false")
 
-  known = set(lm_names.values()) | {n for n in names if n.startswith(vision_prefix) or n.startswith(projector_prefix)}
+  known = set(lm_names.values()) | {n for n in names if n.startswith((vision_prefix, projector_prefix))}
   unexpected = sorted(names - known)
   if unexpected:
     raise CheckpointError(f"{source}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}: "
@@ -560,8 +560,8 @@ def _vision_tensors(tower: Any, cfg: ViTConfig, prefix: str) -> list[tuple[str, 
 _TORCH_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
-def save_hf(out_dir: str, cfg: LlavaConfig, params: Any, hf_config: Optional[Mapping[str, Any]] = None, *,
-            dtype: Optional[str] = None, copy_files_from: Optional[str] = None, overwrite: bool = False) -> str:
+def save_hf(out_dir: str, cfg: LlavaConfig, params: Any, hf_config: Mapping[str, Any] | None = None, *,
+            dtype: str | None = None, copy_files_from: str | None = None, overwrite: bool = False) -> str:
   """Writes a LLaVA directory (config.json + model.safetensors, transformers 4.x tensor names)
   that `LlavaForConditionalGeneration.from_pretrained` and `load_hf` read.
 

@@ -22,17 +22,21 @@ import numpy as np
 import pytest
 
 from mlx_med.core.sampler import Sampler, SamplingParams
-from mlx_med.llm.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+from mlx_med.llm.safetensors_io import (
+  CheckpointError,
+  SafetensorsFile,
+  write_safetensors,
+)
 from mlx_med.vlm import llava
 
 IMAGE_TOKEN = 120
 VOCAB = 128
 EOS = 2
-VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=32,
-              patch_size=8, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-TEXT = dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
-            bos_token_id=1, eos_token_id=EOS, pad_token_id=0, tie_word_embeddings=False)
+VISION = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3, "num_attention_heads": 4, "image_size": 32,
+              "patch_size": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+TEXT = {"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 112, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-6,
+            "bos_token_id": 1, "eos_token_id": EOS, "pad_token_id": 0, "tie_word_embeddings": False}
 ATOL = 1e-4
 
 
@@ -50,7 +54,7 @@ def _hf_llava(seed: int = 0, **overrides):
   import torch
 
   transformers = _transformers()
-  values = dict(vision_config=VISION, text_config=TEXT, image_token_index=IMAGE_TOKEN, projector_hidden_act="gelu")
+  values = {"vision_config": VISION, "text_config": TEXT, "image_token_index": IMAGE_TOKEN, "projector_hidden_act": "gelu"}
   values.update(overrides)
   cfg = transformers.LlavaConfig(**values)
   torch.manual_seed(seed)
@@ -119,6 +123,13 @@ def test_config_from_hf(reference):
   assert cfg.image_token_id == IMAGE_TOKEN and cfg.decoder.d_model == 64 and not cfg.decoder.tie_embeddings
   # The tower stores only the blocks the features read.
   assert sorted(params["vision_tower"]["encoder"]) == ["layers_0", "layers_1"]
+  # to_hf describes the stored tower (2 blocks, the last state) and keeps unrelated fields.
+  with open(os.path.join(directory, "config.json")) as fh:
+    hf = json.load(fh)
+  back = llava.LlavaConfig.from_hf(cfg.to_hf(hf))
+  assert back.vision_tower_config == cfg.vision_tower_config and back.feature_layers == (2,)
+  assert back.decoder == cfg.decoder and back.image_token_id == IMAGE_TOKEN
+  assert cfg.to_hf(hf)["text_config"]["eos_token_id"] == EOS
 
 
 def test_logits_equal_transformers_for_a_batch_with_two_images(reference):
@@ -170,7 +181,8 @@ def test_save_hf_is_read_by_transformers_and_load_hf(reference, tmp_path):
   model, _, cfg, params = reference
   transformers = _transformers()
   out = llava.save_hf(str(tmp_path / "ours"), cfg, params)
-  config = json.load(open(os.path.join(out, "config.json")))
+  with open(os.path.join(out, "config.json")) as fh:
+    config = json.load(fh)
   assert config["vision_config"]["num_hidden_layers"] == 2 and config["vision_feature_layer"] == -1
   back = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
   prompts, pixels = _prompts(cfg.num_image_tokens), _pixels(1)
@@ -247,7 +259,8 @@ def test_bad_inputs(reference, tmp_path):
     llava.prompt_inputs(cfg, params, [1, IMAGE_TOKEN, IMAGE_TOKEN, IMAGE_TOKEN], [pixels[0]])
   with pytest.raises(ValueError, match="hold 16 image tokens"):
     llava.Llava(cfg).apply({"params": params}, jnp.asarray([[1] + [IMAGE_TOKEN] * 16]), jnp.asarray(pixels))
-  hf = json.load(open(os.path.join(directory, "config.json")))
+  with open(os.path.join(directory, "config.json")) as fh:
+    hf = json.load(fh)
   with pytest.raises(ValueError, match="out of range"):
     llava.LlavaConfig.from_hf({**hf, "vision_feature_layer": -5})
   with pytest.raises(ValueError, match="only CLIP vision towers"):
@@ -259,13 +272,42 @@ def test_bad_inputs(reference, tmp_path):
   broken.mkdir()
   shutil.copy(os.path.join(directory, "config.json"), broken / "config.json")
   f = SafetensorsFile(os.path.join(directory, "model.safetensors"))
-  names = [n for n in f.keys() if n != "multi_modal_projector.linear_2.weight"]
+  all_names = list(f.keys())
+  names = [n for n in all_names if n != "multi_modal_projector.linear_2.weight"]
   write_safetensors(str(broken / "model.safetensors"), [(n, f.shape(n), f.tensor(n).dtype) for n in names],
                     (f.tensor(n) for n in names))
   with pytest.raises(CheckpointError, match="multi_modal_projector.linear_2.weight"):
     llava.load_hf(str(broken))
-  names = [n for n in f.keys() if "layers.1.mlp.up_proj" not in n]
+  names = [n for n in all_names if "layers.1.mlp.up_proj" not in n]
   write_safetensors(str(broken / "model.safetensors"), [(n, f.shape(n), f.tensor(n).dtype) for n in names],
                     (f.tensor(n) for n in names))
   with pytest.raises(CheckpointError, match="missing tensor 'language_model.model.layers.1.mlp.up_proj.weight'"):
     llava.load_hf(str(broken))
+
+
+def test_bf16_compute_and_remat_gradients(reference):
+  """bf16 activations stay close to fp32 (relative L2 error of the logits < 2e-2, bf16's
+  8-bit mantissa over a few layers); rematerialised towers give the same gradients."""
+  import dataclasses
+
+  _, _, cfg, params = reference
+  prompts, pixels = _prompts(cfg.num_image_tokens), _pixels(5)
+  tokens = jnp.asarray([prompts[0][:len(prompts[1])], prompts[1]])
+  bf16 = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, dtype="bfloat16"),
+                             decoder=dataclasses.replace(cfg.decoder, dtype="bfloat16"))
+  ref = np.asarray(llava.Llava(cfg).apply({"params": params}, tokens, jnp.asarray(pixels)))
+  low = llava.Llava(bf16).apply({"params": params}, tokens, jnp.asarray(pixels))
+  assert low.dtype == jnp.float32
+  assert np.linalg.norm(np.asarray(low) - ref) / np.linalg.norm(ref) < 2e-2
+  remat = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, remat=True),
+                              decoder=dataclasses.replace(cfg.decoder, remat="full"))
+
+  def grads(c):
+    def loss(p):
+      logits = llava.Llava(c).apply({"params": p}, tokens, jnp.asarray(pixels))
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 7])
+    return jax.jit(jax.grad(loss))(params)
+
+  g, g_remat = grads(cfg), grads(remat)
+  assert float(jnp.abs(g["vision_tower"]["patch_embed"]["kernel"]).max()) > 0  # gradients reach the tower
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5), g, g_remat)
