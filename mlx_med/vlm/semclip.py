@@ -315,8 +315,8 @@ class PsiSource:
 
 
 def default_psi_config(variant: str = "smoke") -> ml_collections.ConfigDict:
-  """Config of a psi run: `smoke` (a ~100k-parameter model on 256 synthetic images; CPU, a minute)
-  or `base` (a 12-layer-free small CLIP at 64 px crops; GPU)."""
+  """Config of a psi run: `smoke` (a ~100k-parameter model on 256 synthetic images; CPU, minutes)
+  or `base` (a 6-layer, 192-wide ViT on 64 px crops and a 4-layer text tower; GPU)."""
   from mlx_med.core.config import default_mesh_config, default_train_config
 
   if variant not in ("smoke", "base"):
