@@ -76,10 +76,10 @@ def _axis_starts(length: int, s: int, overlap: float) -> tuple[int, list[int]]:
   """Crop size and starts of s crops along one axis: (s-1) strides of (1-overlap) crop + one crop = length."""
   if s == 1:
     return length, [0]
-  size = int(round(length / (s - (s - 1) * overlap)))
+  size = round(length / (s - (s - 1) * overlap))
   size = max(1, min(size, length))
   stride = (length - size) / (s - 1)
-  return size, [int(round(k * stride)) for k in range(s)]
+  return size, [round(k * stride) for k in range(s)]
 
 
 def crop_grid(h: int, w: int, scales: Sequence[int] = (1, 2, 3), overlap: float = 0.25) -> list[Box]:
@@ -623,7 +623,7 @@ def selected_token_states(token_embeddings, indices, *, refine: bool = True, num
     raise ValueError(f"token_embeddings [B, N, E] with indices [B, K] expected; got {x.shape} and {idx.shape}")
   kept = jnp.take_along_axis(x, idx[:, :, None], axis=1)  # [B, K, E]
   if refine:
-    b, n, e = x.shape
+    b, _, e = x.shape
     if e % num_heads:
       raise ValueError(f"embedding width {e} is not divisible by num_heads={num_heads}")
     heads = lambda t: t.reshape(b, t.shape[1], num_heads, e // num_heads).transpose(0, 2, 1, 3)
