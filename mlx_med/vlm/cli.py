@@ -35,10 +35,8 @@ def _cmd_semclip(args, overrides) -> int:
   from mlx_med.vlm import experiment
 
   config = _config(args, overrides)
-  result = experiment.run_semclip_experiment(config, args.workdir, progress=not args.no_progress,
-                                             allow_config_change=args.allow_config_change)
-  if isinstance(result, dict) and result.get("markdown"):
-    print(result["markdown"])
+  experiment.run_semclip_experiment(config, args.workdir, progress=not args.no_progress)  # prints the table
+  print(f"results: {args.workdir}/results.json, table.md, accuracy.png")
   return 0
 
 

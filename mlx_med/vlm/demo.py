@@ -49,20 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     p.error(f"unknown arguments {rest}")
   config = config_lib.get_config(f"{CONFIG}:smoke", overrides)
   start = time.perf_counter()
-  result = experiment.run_semclip_experiment(config, os.path.join(args.workdir, "semclip"),
-                                             progress=not args.no_progress)
+  semclip_dir = os.path.join(args.workdir, "semclip")
+  print("## SemCLIP: accuracy at an equal visual-token budget")
+  experiment.run_semclip_experiment(config, semclip_dir, progress=not args.no_progress)  # prints the table
   semclip_s = time.perf_counter() - start
-  print()
-  print(result["markdown"])
-  for name, path in result.get("paths", {}).items():
-    print(f"{name}: {path}")
+  print(f"results: {semclip_dir}/results.json, table.md, accuracy.png")
 
   if not args.skip_icl:
     from mlx_med.llm.client import LocalClient
     from mlx_med.vlm import icl
     from mlx_med.vlm.local import LocalVLM
 
-    hf_dir = result.get("vlm_hf_dir") or os.path.join(args.workdir, "semclip", "vlm", "hf")
+    hf_dir = os.path.join(semclip_dir, experiment.VLM_DIR, "hf")
     client = LocalClient(LocalVLM.from_pretrained(hf_dir, name="vlm-smoke"))
     shots = tuple(int(s) for s in args.icl_shots.split(",") if s.strip())
     icl_start = time.perf_counter()
