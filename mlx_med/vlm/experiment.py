@@ -18,8 +18,9 @@ would spend another amount is an error, not a footnote):
   oracle_crop     the slots hold the crop distant supervision labels best: the smallest crop of the grid
                   holding every box the question is about (else the smallest positive crop).
 
-Backends: the trained local VLM (`mlx_med.vlm.train.TrainedVLM`: one forward per question, the answer is
-the option letter with the highest logit at the answer position), or any `mlx_med.llm.client.LLMClient`
+Backends: the trained local VLM (`mlx_med.vlm.train.TrainedVLM`: the option whose text the VLM finds most
+likely after the prompt, its tokens and <|im_end|> summed, as lmms-eval scores multiple choice by
+log-likelihood; with data.answer_format="letter", the letter with the highest logit), or any `mlx_med.llm.client.LLMClient`
 (a served VLM: images go as PNG data URLs, `mlx_med.vlm.messages.image_part`; greedy decoding, the first
 option letter in the reply). For a served model the budget is counted with
 `experiment.served_tokens_per_image`.
@@ -84,11 +85,11 @@ class LocalBackend:
 
   supports_tokens = True
 
-  def __init__(self, vlm: train_lib.TrainedVLM, batch_size: int = 16):
+  def __init__(self, vlm: train_lib.TrainedVLM, batch_size: int = 16, answer_format: str = "option"):
     from mlx_med.core.transformer import Decoder
     from mlx_med.vlm import llava
 
-    self.vlm, self.batch_size = vlm, int(batch_size)
+    self.vlm, self.batch_size, self.answer_format = vlm, int(batch_size), answer_format
     cfg = vlm.cfg
     self.name = f"local:{vlm.path}"
     self.tokens_per_image = vlm.tokens_per_image
@@ -105,11 +106,20 @@ class LocalBackend:
       logits = decoder.apply({"params": lm}, None, embeddings=x)
       return jnp.take_along_axis(logits, answer_pos[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
+    def sequence_logprob(params, tokens, feats, targets, mask):
+      lm = params["language_model"]
+      x = decoder.apply({"params": lm}, tokens, method=Decoder.embed_tokens)
+      x = llava.scatter_image_features(x, tokens, feats, cfg.image_token_id)
+      logp = jax.nn.log_softmax(decoder.apply({"params": lm}, None, embeddings=x).astype(jnp.float32), axis=-1)
+      picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+      return jnp.sum(picked * mask, axis=-1)
+
     def embed_text(params, tokens):
       return decoder.apply({"params": params["language_model"]}, tokens, method=Decoder.embed_tokens)
 
     self._features = jax.jit(features)
     self._answer_logits = jax.jit(answer_logits)
+    self._sequence_logprob = jax.jit(sequence_logprob)
     self._embed_text = jax.jit(embed_text)
 
   def image_features(self, views: np.ndarray) -> np.ndarray:
@@ -149,18 +159,73 @@ class LocalBackend:
     kept = np.asarray(semclip.selected_token_states(cand_feats, np.sort(idx), refine=False), np.float32)
     return np.concatenate([feats, kept])
 
+  def _inputs(self, q: Query) -> tuple[list[int], int, np.ndarray]:
+    """(prompt ids with images expanded, prompt length, visual tokens) of one query."""
+    n_tok = self.tokens_per_image
+    n_images = len(q.images) if q.token_plan is None else len(q.images) + q.token_plan[1] // n_tok
+    ids, n_prompt = train_lib.encode_question(self.vlm.encoder, n_images, n_tok, q.question, q.options)
+    tokens = self.visual_tokens(q)
+    if tokens.shape[0] != n_images * n_tok:
+      raise RuntimeError(f"{q.condition}: {tokens.shape[0]} visual tokens for {n_images * n_tok} image positions")
+    return ids, n_prompt, tokens
+
   def answer(self, queries: Sequence[Query]) -> list[str]:
-    enc, n_tok = self.vlm.encoder, self.tokens_per_image
+    """The predicted letters: by each option text's log-likelihood (answer_format "option", what the
+    project's VLM is trained to say) or by the letters' logits at the answer position ("letter")."""
+    if self.answer_format == "option":
+      return self._answer_by_option_likelihood(queries)
+    return self._answer_by_letter(queries)
+
+  def _answer_by_option_likelihood(self, queries: Sequence[Query]) -> list[str]:
+    enc = self.vlm.encoder
+    out: list[str] = []
+    n_rows = self.batch_size * 4
+    rows, feats, spans = [], [], []
+
+    def flush():
+      if not rows:
+        return []
+      pad = n_rows - len(rows)
+      r = rows + [rows[-1]] * pad
+      f = feats + [feats[-1]] * pad
+      s = spans + [spans[-1]] * pad
+      tokens, _ = train_lib.pad_rows([x[:-1] for x in r], enc.pad_id)
+      targets = np.full_like(tokens, enc.pad_id)
+      mask = np.zeros(tokens.shape, np.float32)
+      for i, (x, (a, b)) in enumerate(zip(r, s)):
+        targets[i, :len(x) - 1] = x[1:]
+        mask[i, a - 1:b - 1] = 1.0
+      lp = np.asarray(self._sequence_logprob(self.params, jnp.asarray(tokens), jnp.asarray(np.concatenate(f)),
+                                             jnp.asarray(targets), jnp.asarray(mask)))
+      return list(lp[:len(rows)])
+
+    scores: list[float] = []
+    for q in queries:
+      ids, n_prompt, visual = self._inputs(q)
+      for option in q.options:
+        if len(rows) == n_rows:
+          scores += flush()
+          rows, feats, spans = [], [], []
+        full = ids + enc.encode(option) + [enc.im_end_id]
+        rows.append(full)
+        feats.append(visual)
+        spans.append((n_prompt, len(full)))
+    scores += flush()
+    k = 0
+    for q in queries:
+      n = len(q.options)
+      out.append(train_lib.LETTERS[int(np.argmax(scores[k:k + n]))])
+      k += n
+    return out
+
+  def _answer_by_letter(self, queries: Sequence[Query]) -> list[str]:
+    enc = self.vlm.encoder
     out: list[str] = []
     for start in range(0, len(queries), self.batch_size):
       batch = list(queries[start:start + self.batch_size])
       rows, prompt_lens, feats = [], [], []
       for q in batch:
-        n_images = len(q.images) if q.token_plan is None else len(q.images) + q.token_plan[1] // n_tok
-        ids, n_prompt = train_lib.encode_question(enc, n_images, n_tok, q.question, q.options)
-        tokens = self.visual_tokens(q)
-        if tokens.shape[0] != n_images * n_tok:
-          raise RuntimeError(f"{q.condition}: {tokens.shape[0]} visual tokens for {n_images * n_tok} image positions")
+        ids, n_prompt, tokens = self._inputs(q)
         rows.append(ids)
         prompt_lens.append(n_prompt)
         feats.append(tokens)
@@ -421,6 +486,7 @@ def psi_run_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 def make_backend(config: ml_collections.ConfigDict, workdir: str, backend: Any, progress: bool):
   e = config.experiment
+  answer_format = str(config.data.get("answer_format", "option"))
   if backend is None and str(e.backend) == "openai":
     from mlx_med.llm.client import OpenAIClient
 
@@ -431,9 +497,9 @@ def make_backend(config: ml_collections.ConfigDict, workdir: str, backend: Any, 
     if str(e.backend) != "local":
       raise ValueError(f"experiment.backend={e.backend!r}: choose local or openai")
     run = train_lib.train_vlm(config, os.path.join(workdir, VLM_DIR), progress=progress)
-    return LocalBackend(train_lib.TrainedVLM.load(run.hf_dir), int(e.batch_size))
+    return LocalBackend(train_lib.TrainedVLM.load(run.hf_dir), int(e.batch_size), answer_format)
   if isinstance(backend, train_lib.TrainedVLM):
-    return LocalBackend(backend, int(e.batch_size))
+    return LocalBackend(backend, int(e.batch_size), answer_format)
   if isinstance(backend, (LocalBackend, ClientBackend)):
     return backend
   if hasattr(backend, "chat"):

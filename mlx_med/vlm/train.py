@@ -10,18 +10,26 @@ Each training example is a chat turn as LLaVA-1.5 formats multiple-choice questi
   user:      <image> (the overview: the whole image downsampled to the ViT input)
              <image> ... (`crops.slots` crop images, each a region of the large image resized to the ViT input)
              <question>\nA. <option>\nB. ...\nAnswer with the option's letter from the given choices directly.
-  assistant: <letter>
+  assistant: <the correct option's text>      (data.answer_format="option"; "letter": the letter)
 
 Every example has the same number of images (1 + slots), so batches have static shapes and the visual
 token budget is the same for every example. A crop slot holds, at random (`crops.p_target`,
 `crops.p_random`, the rest the whole image): a crop of the multi-scale grid that distant supervision
-labels positive (it contains the question's objects), a random crop of the grid, or the whole image.
-The model thus learns to read detail from a crop when the crop shows it and to fall back on the
-overview otherwise, which is what makes crop selection matter at evaluation.
+labels positive (preferring crops that hold every box of a two-object question), a random crop of the
+grid, or the whole image. The model thus learns to read detail from a crop when the crop shows it and
+to fall back on the overview otherwise, which is what makes crop selection matter at evaluation.
 
-The loss is the next-token cross-entropy of the assistant's answer only (the letter and the end-of-turn
+Why the option's text by default and not the letter: a small model trained from scratch on letters has to
+learn two steps at once (read the attribute, then find the option line that names it and copy its
+letter); answering with the option's text removes the second step. The experiment then scores each
+option's text by its likelihood (lmms-eval's log-likelihood way of answering a multiple-choice question);
+a served VLM is asked for the letter as usual. Measured at smoke size (600 steps of 32), the answer's
+loss stays near ln 4 in both formats: the model learns that the answer is one of the options, not yet
+which one.
+
+The loss is the next-token cross-entropy of the assistant's answer only (its tokens and the end-of-turn
 token); prompt and image positions are masked. The loss is reported per example (summed over the
-answer's tokens), and `answer_acc` is the share of examples whose letter is the argmax.
+answer's tokens), and `answer_acc` is the share of examples whose answer's first token is the argmax.
 
 The tokenizer is word-level (`tokenizers` WordLevel over a whitespace/punctuation split) with special
 tokens `<pad>`, `<unk>`, `<|im_start|>`, `<|im_end|>` and `<image>`, and a ChatML template that renders
@@ -357,6 +365,15 @@ def _views(example: Any, config: ml_collections.ConfigDict, rng: np.random.Gener
   return np.stack(views)
 
 
+def answer_text(example: Any, answer_format: str = "option") -> str:
+  """What the assistant says: the correct option's text ("option") or its letter ("letter")."""
+  if answer_format == "letter":
+    return example.answer
+  if answer_format != "option":
+    raise ValueError(f"data.answer_format={answer_format!r}: choose option or letter")
+  return example.options[LETTERS.index(example.answer)]
+
+
 def make_arrays(examples: Sequence[Any], encoder: WordEncoder, config: ml_collections.ConfigDict, seq_len: int,
                 tokens_per_image: int, seed: int, variants: int = 1) -> dict[str, np.ndarray]:
   """Training arrays: `variants` crop draws per example. tokens/targets/loss_mask int32 [N, seq_len]
@@ -367,7 +384,8 @@ def make_arrays(examples: Sequence[Any], encoder: WordEncoder, config: ml_collec
   rows = {"tokens": [], "targets": [], "loss_mask": [], "answer_mask": [], "images": []}
   for ex in examples:
     for _ in range(variants):
-      ids, n_prompt = encode_question(encoder, n_images, tokens_per_image, ex.question, ex.options, ex.answer)
+      ids, n_prompt = encode_question(encoder, n_images, tokens_per_image, ex.question, ex.options,
+                                      answer_text(ex, str(config.data.get("answer_format", "option"))))
       if len(ids) > seq_len + 1:
         raise ValueError(f"example {getattr(ex, 'id', '?')}: {len(ids)} tokens exceed data.seq_len={seq_len} + 1; "
                          "raise data.seq_len")
@@ -378,7 +396,7 @@ def make_arrays(examples: Sequence[Any], encoder: WordEncoder, config: ml_collec
       tokens[:len(ids) - 1] = ids[:-1]
       targets[:len(ids) - 1] = ids[1:]
       loss[n_prompt - 1:len(ids) - 1] = 1  # the answer's tokens and <|im_end|>
-      answer[n_prompt - 1] = 1  # the position that predicts the letter
+      answer[n_prompt - 1] = 1  # the position that predicts the answer's first token
       rows["tokens"].append(tokens)
       rows["targets"].append(targets)
       rows["loss_mask"].append(loss)

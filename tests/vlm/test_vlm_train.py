@@ -82,8 +82,9 @@ def test_loss_masks_everything_but_the_answer(tmp_path):
   assert arrays["images"].shape == (3, 2, 32, 32, 3) and arrays["images"].dtype == np.uint8
   for i, ex in enumerate(examples):
     on = np.flatnonzero(arrays["loss_mask"][i])
-    # exactly the answer letter and the end of turn are counted
-    assert [int(t) for t in arrays["targets"][i, on]] == [enc.tok.token_to_id(ex.answer), enc.im_end_id]
+    # exactly the answer (the correct option's words) and the end of turn are counted
+    answer = ex.options["ABCD".index(ex.answer)]
+    assert [int(t) for t in arrays["targets"][i, on]] == enc.encode(answer) + [enc.im_end_id]
     assert np.flatnonzero(arrays["answer_mask"][i]).tolist() == [on[0]]
     assert int(np.sum(arrays["tokens"][i] == enc.image_id)) == 2 * train_lib.tokens_per_image(cfg)
   task = train_lib.VLMTask(cfg, 64)
