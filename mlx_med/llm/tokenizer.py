@@ -15,6 +15,18 @@ import threading
 from typing import Any, Optional, Sequence
 
 
+_PLAIN_FAST = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def _tokenizer_class(model_dir: str) -> Optional[str]:
+  path = os.path.join(model_dir, "tokenizer_config.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f).get("tokenizer_class")
+  except (OSError, ValueError, AttributeError):
+    return None  # AutoTokenizer reports a broken file itself
+
+
 class ChatTokenizer:
   """Encode/decode text, render chat messages, and know which ids end a turn."""
 
@@ -33,7 +45,17 @@ class ChatTokenizer:
     if not any(os.path.isfile(os.path.join(model_dir, f))
                for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
       raise FileNotFoundError(f"{model_dir!r} has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
-    hf = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    hf = None
+    if os.path.isfile(os.path.join(model_dir, "tokenizer.json")) and _tokenizer_class(model_dir) in _PLAIN_FAST:
+      # A plain fast tokenizer: load it as one. AutoTokenizer would first resolve the
+      # directory's model config (config.json's model_type and, for a vision-language
+      # model, its vision and text sub-configs), which imports modelling packages that
+      # tokenizing does not need.
+      from transformers import PreTrainedTokenizerFast
+
+      hf = PreTrainedTokenizerFast.from_pretrained(model_dir, local_files_only=True)
+    if hf is None:
+      hf = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     generation = {}
     path = os.path.join(model_dir, "generation_config.json")
     if os.path.isfile(path):
