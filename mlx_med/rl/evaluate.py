@@ -55,7 +55,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-Z_95 = 1.959963984540054  # two-sided 95% standard normal quantile
+from mlx_med.core.stats import Z_95, wilson_interval  # noqa: F401  (re-exported: rl.evaluate's public names)
+
 HF_EXPORT = "hf"  # a run's Hugging Face export: <workdir>/hf
 HELDOUT_FILE = "heldout.jsonl"  # a run's held-out split (synthetic_jsonl), written by mlx_med.rl.setup
 
@@ -73,20 +74,6 @@ Generate = Callable[[list[list[dict]]], Sequence["str | Response"]]
 
 
 # ------------------------------------------------------------------------------ intervals
-
-
-def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
-  """Wilson score interval of a binomial proportion (95% for the default z); (nan, nan) when n = 0."""
-  if n <= 0:
-    return float("nan"), float("nan")
-  if not 0 <= successes <= n:
-    raise ValueError(f"successes must be in [0, n={n}], got {successes}")
-  p = successes / n
-  z2 = z * z
-  denom = 1.0 + z2 / n
-  center = (p + z2 / (2 * n)) / denom
-  half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-  return max(0.0, center - half), min(1.0, center + half)
 
 
 # ------------------------------------------------------------------------------- evaluation

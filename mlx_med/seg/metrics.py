@@ -45,6 +45,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy import ndimage
 
+from mlx_med.core import stats as stats_lib
+
 # Size buckets of the target, as a fraction of the image area (lower bound inclusive, upper exclusive; the last
 # one closed). The one definition: the synthetic generator and the data readers label targets with it.
 SIZE_BUCKETS = (("<0.1%", 0.0, 0.001), ("0.1-1%", 0.001, 0.01), (">1%", 0.01, 1.0))
@@ -217,61 +219,22 @@ def hd95(pred: Any, gt: Any, spacing: Any = None, connectivity: int = 1) -> floa
 # ------------------------------------------------------------------------------------ bootstrap
 
 
-def _bootstrap_means(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-  """[n_boot] means of resamples (with replacement) of `values`, drawn in chunks to bound memory."""
-  n = values.size
-  chunk = max(1, (1 << 22) // max(n, 1))
-  out = np.empty(n_boot, np.float64)
-  for start in range(0, n_boot, chunk):
-    stop = min(start + chunk, n_boot)
-    idx = rng.integers(0, n, size=(stop - start, n))
-    out[start:stop] = values[idx].mean(axis=1)
-  return out
-
-
-def _check_boot(n_boot: int) -> None:
-  if int(n_boot) < 1:
-    raise SegMetricsError(f"n_boot={n_boot}; give at least 1 bootstrap resample (1000 is usual)")
-
-
 def bootstrap_mean_ci(values: Any, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
-  """Mean of the finite `values` and its percentile bootstrap interval.
-
-  NaN values are dropped first (and counted as `n_undefined`). Returns {"mean", "lo", "hi", "n",
-  "n_undefined"}; with no finite value the figures are NaN. Deterministic given `seed`.
-  """
-  _check_boot(n_boot)
-  v = np.asarray(values, np.float64).reshape(-1)
-  finite = v[np.isfinite(v)]
-  out = {"mean": math.nan, "lo": math.nan, "hi": math.nan, "n": int(finite.size),
-         "n_undefined": int(v.size - finite.size)}
-  if finite.size == 0:
-    return out
-  means = _bootstrap_means(finite, int(n_boot), np.random.default_rng(seed))
-  alpha = (1.0 - level) / 2.0
-  lo, hi = np.percentile(means, [100 * alpha, 100 * (1 - alpha)])
-  out.update(mean=float(finite.mean()), lo=float(lo), hi=float(hi))
-  return out
+  """`mlx_med.core.stats.bootstrap_mean_ci` (mean of the finite values, percentile bootstrap interval),
+  with its errors as `SegMetricsError`."""
+  try:
+    return stats_lib.bootstrap_mean_ci(values, n_boot=n_boot, seed=seed, level=level)
+  except ValueError as e:
+    raise SegMetricsError(str(e)) from None
 
 
 def paired_difference(a: Any, b: Any, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
-  """Mean of a - b over the same images with a paired percentile bootstrap interval.
-
-  `a` and `b` are per-image values in the same image order (e.g. Dice of one checkpoint under two attention
-  modes). Images where either value is NaN are dropped and counted (`n_excluded`). Returns {"mean",
-  "lo", "hi", "n", "n_excluded", "mean_a", "mean_b"}; an interval excluding 0 marks a difference
-  the resampling supports at that level.
-  """
-  x = np.asarray(a, np.float64).reshape(-1)
-  y = np.asarray(b, np.float64).reshape(-1)
-  if x.shape != y.shape:
-    raise SegMetricsError(f"paired difference needs the same images on both sides; got {x.size} and {y.size} values")
-  ok = np.isfinite(x) & np.isfinite(y)
-  stats = bootstrap_mean_ci(x[ok] - y[ok], n_boot=n_boot, seed=seed, level=level)
-  return {"mean": stats["mean"], "lo": stats["lo"], "hi": stats["hi"], "n": stats["n"],
-          "n_excluded": int(x.size - ok.sum()),
-          "mean_a": float(x[ok].mean()) if ok.any() else math.nan,
-          "mean_b": float(y[ok].mean()) if ok.any() else math.nan}
+  """`mlx_med.core.stats.paired_difference` (mean of a - b over the same images, paired bootstrap
+  interval; NaN pairs dropped and counted), with its errors as `SegMetricsError`."""
+  try:
+    return stats_lib.paired_difference(a, b, n_boot=n_boot, seed=seed, level=level)
+  except ValueError as e:
+    raise SegMetricsError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -328,7 +291,8 @@ def evaluate_masks(preds: Sequence[Any], gts: Sequence[Any], examples: Sequence[
   "per_image"}; each group is {"n", "dice"/"iou"/"hd95": {"mean", "lo", "hi", "n", "n_undefined"},
   "n_both_empty", "n_pred_empty", "n_gt_empty"}.
   """
-  _check_boot(n_boot)
+  if int(n_boot) < 1:
+    raise SegMetricsError(f"n_boot={n_boot}; give at least 1 bootstrap resample (1000 is usual)")
   n = len(preds)
   if len(gts) != n:
     raise SegMetricsError(f"{n} predictions but {len(gts)} ground-truth masks; give one mask per prediction")

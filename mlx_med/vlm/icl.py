@@ -389,7 +389,7 @@ def run_icl_study(backends: Mapping[str, Any], task: ICLTask | None = None, *,
   backends: {name: LLMClient}; sizes: {name: parameter count} for the model-size plot (else the
   backends' order). embeddings: default `feature_embeddings()`.
   """
-  from mlx_med.rl.evaluate import wilson_interval
+  from mlx_med.core.stats import wilson_interval
   if not backends:
     raise ValueError("no backends; give at least one {name: client}")
   for s in strategies:

@@ -143,3 +143,38 @@ def test_parse_letter_and_bad_inputs(setup, tmp_path):
   with pytest.raises(FileNotFoundError, match="V\\* folder"):
     exp_lib.run_semclip_experiment(c, str(tmp_path), backend=vlm, data=str(tmp_path / "nope"), psi=BoxPsi(examples, c))
   assert Path(tmp_path).is_dir()
+
+
+def test_goal_uses_paired_differences_on_the_same_questions():
+  """Two conditions whose Wilson intervals overlap but which differ on the same questions in one direction
+  only: the paired interval excludes 0 (goal met); a shuffled pairing with the same accuracies does not."""
+  from mlx_med.core.stats import paired_difference
+  from mlx_med.vlm import experiment as E
+
+  n = 120
+  full = np.zeros(n, int)
+  full[:36] = 1  # 30%
+  crop = full.copy()
+  crop[36:54] = 1  # 45%: right on 18 more questions, wrong on none of full's
+  rand = np.zeros(n, int)
+  rand[18:54] = 1  # 30%, another subset of crop's right answers
+  results = {}
+  for name, v in (("full_image", full), ("random_crop", rand), ("semclip_crop", crop),
+                  ("oracle_crop", crop)):
+    results[name] = {"accuracy": v.mean(), "correct_by_question": list(v), "ci95": [0.0, 1.0]}
+  g = E.goal(results)
+  d = g["paired"]["semclip_crop-full_image"]
+  np.testing.assert_allclose(d["mean"], 0.15)
+  assert d["lo"] > 0 and g["semclip_clearly_above_full_image"]
+  assert g["semclip_clearly_above_random_crop"] and g["met"] and g["gap_closed"] == 1.0
+  # against reversed correctness (crop right on 54 questions, the other on 36 others) the same +15 points
+  # are not clearly above 0 on 120 questions
+  swapped = dict(results, random_crop={"accuracy": 0.3, "correct_by_question": list(full[::-1]), "ci95": [0, 1]})
+  g2 = E.goal(swapped)
+  np.testing.assert_allclose(g2["paired"]["semclip_crop-random_crop"]["mean"], 0.15)
+  assert g2["paired"]["semclip_crop-random_crop"]["lo"] < d["lo"]
+  # the same accuracies, paired differently (crop right where full is wrong and vice versa): not supported
+  other = paired_difference(np.roll(crop, 60), full, n_boot=2000, seed=0)
+  np.testing.assert_allclose(other["mean"], 0.15)
+  assert other["lo"] < d["lo"]
+  assert g["paired"]["oracle_crop-semclip_crop"]["mean"] == 0.0
