@@ -72,6 +72,8 @@ def get_config(arg=None):
   config.data = ml_collections.ConfigDict({
       "root": "",  # a V* bench folder for the test questions; empty: synthetic scenes
       "image_size": 384 if smoke else 1024,  # synthetic scene size (px)
+      "target_size": (12, 24),  # the small target's size range (px)
+      "num_distractors": (6, 12),  # coloured distractor shapes per scene (min, max)
       "n_train": 2000 if smoke else 50000,  # VLM training scenes
       "n_eval": 64 if smoke else 1000,
       "n_test": 300 if smoke else 1000,  # the experiment's questions (synthetic)

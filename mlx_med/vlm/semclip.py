@@ -332,6 +332,7 @@ def default_psi_config(variant: str = "smoke") -> ml_collections.ConfigDict:
       "n_eval": 64 if smoke else 512,
       "image_size": 256 if smoke else 512,
       "target_size": (12, 24),
+      "num_distractors": (6, 12),  # coloured distractor shapes per synthetic scene (min, max)
       "synth_seed": 0,  # eval examples use synth_seed + 1
       "tokenizer_vocab_size": 256,
   })
@@ -382,7 +383,8 @@ def _examples(config, train: bool) -> list[vstar_lib.VStarExample]:
   if n <= 0:
     return []
   return vstar_lib.synth_vstar(n, image_size=int(d.image_size), seed=int(d.synth_seed) + (0 if train else 1),
-                               target_size=tuple(d.target_size))
+                               target_size=tuple(d.target_size),
+                               num_distractors=tuple(d.get("num_distractors", (6, 12))))
 
 
 def _write_json(path: Path, value: Any) -> None:

@@ -334,7 +334,9 @@ def synthetic_examples(config: ml_collections.ConfigDict, split: str) -> list:
   d = config.data
   n = {"train": int(d.n_train), "eval": int(d.n_eval), "test": int(d.n_test)}[split]
   offset = {"train": 0, "eval": 1, "test": 2}[split]
-  return vstar.synth_vstar(n, image_size=int(d.image_size), seed=int(d.seed) * 1000 + offset)
+  return vstar.synth_vstar(n, image_size=int(d.image_size), seed=int(d.seed) * 1000 + offset,
+                           target_size=tuple(d.get("target_size", (12, 24))),
+                           num_distractors=tuple(d.get("num_distractors", (6, 12))))
 
 
 def _views(example: Any, config: ml_collections.ConfigDict, rng: np.random.Generator) -> np.ndarray:
