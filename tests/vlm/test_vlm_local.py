@@ -8,97 +8,19 @@ its image processor config are written here.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pytest
-from hf_tiny import CHAT_TEMPLATE, write_tokenizer
-
-IMAGE_TOKEN = "<image>"
-# A LLaVA-style ChatML template: image parts render as "<image>\n", before or between the text.
-VLM_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
-    "{% if p['type'] == 'image' %}<image>\n{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-IMAGE_SIZE = 28  # 2 x 2 patches of 14 px: 4 visual tokens per image
-
-
-def write_vlm_tokenizer(directory: str, template: str = VLM_TEMPLATE,
-                        specials: tuple[str, ...] = (IMAGE_TOKEN,)) -> tuple[int, dict[str, int]]:
-  """hf_tiny's tokenizer plus the image special tokens and `template`; (vocab size, {token: id})."""
-  from tokenizers import AddedToken, Tokenizer
-
-  write_tokenizer(directory)
-  path = os.path.join(directory, "tokenizer.json")
-  tok = Tokenizer.from_file(path)
-  tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-  tok.save(path)
-  config_path = os.path.join(directory, "tokenizer_config.json")
-  with open(config_path) as f:
-    config = json.load(f)
-  config["chat_template"] = template
-  with open(config_path, "w") as f:
-    json.dump(config, f)
-  return tok.get_vocab_size(), {t: tok.token_to_id(t) for t in specials}
-
-
-def write_clip_processor(directory: str, size: int = IMAGE_SIZE) -> None:
-  with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
-    json.dump({"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
-               "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
-               "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-               "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-               "do_convert_rgb": True}, f)
-
-
-def make_llava_dir(directory: str, template: str = VLM_TEMPLATE, seed: int = 0):
-  """A tiny random HF LLaVA directory (CLIP tower, 2-layer Llama) with tokenizer, template and
-  processor config; returns the transformers model (eval mode) for references."""
-  import torch
-  from torch_peers import import_torchvision
-
-  import_torchvision()
-  import transformers
-
-  os.makedirs(directory, exist_ok=True)
-  vocab, ids = write_vlm_tokenizer(directory, template)
-  write_clip_processor(directory)
-  vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=14)
-  text = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                  rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=None, eos_token_id=2,
-                                  pad_token_id=0)
-  cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=ids[IMAGE_TOKEN],
-                                 vision_feature_layer=-2, vision_feature_select_strategy="default",
-                                 image_seq_length=(IMAGE_SIZE // 14) ** 2)
-  torch.manual_seed(seed)
-  model = transformers.LlavaForConditionalGeneration(cfg).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("norm.weight") or "layer_norm" in name and name.endswith("weight"):
-        p.copy_(1.0 + 0.1 * torch.randn_like(p))
-      else:
-        p.copy_(0.1 * torch.randn_like(p))
-  model.save_pretrained(directory)
-  return model
-
-
-def test_image(seed: int, size=(40, 48)) -> np.ndarray:
-  """A random RGB uint8 image (not square: the processor resizes and crops)."""
-  return np.random.default_rng(seed).integers(0, 256, size=(*size, 3), dtype=np.uint8)
-
-
-test_image.__test__ = False  # a helper, not a test
-
-
-def image_message(image: np.ndarray, text: str) -> list[dict]:
-  from mlx_med.vlm.messages import image_part
-
-  return [{"role": "user", "content": [image_part(image), {"type": "text", "text": text}]}]
+from hf_tiny import CHAT_TEMPLATE
+from vlm_tiny import (
+  IMAGE_SIZE,
+  IMAGE_TOKEN,
+  image_message,
+  make_llava_dir,
+  sample_image,
+  write_vlm_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +50,7 @@ def test_from_pretrained_dispatches_and_exposes_the_lm_surface(vlm, llava):
 
 
 def test_chat_prompt_expands_one_placeholder_per_image(vlm):
-  ids, images = vlm.prepare_chat(image_message(test_image(0), "What is shown?"))
+  ids, images = vlm.prepare_chat(image_message(sample_image(0), "What is shown?"))
   n_tokens = vlm.model_cfg.num_image_tokens
   assert n_tokens == 4 and len(images) == 1 and images[0].shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
   assert ids.count(vlm.image_token_id) == n_tokens
@@ -137,7 +59,7 @@ def test_chat_prompt_expands_one_placeholder_per_image(vlm):
   text_only = vlm.encode_chat([{"role": "user", "content": "What is shown?"}])
   assert vlm.image_token_id not in text_only
   with pytest.raises(ValueError, match="prepare_chat"):
-    vlm.encode_chat(image_message(test_image(0), "x"))
+    vlm.encode_chat(image_message(sample_image(0), "x"))
   with pytest.raises(ValueError, match="image placeholder"):  # "<image>" typed by hand is not an image
     vlm.prepare_chat([{"role": "user", "content": "look: <image>"}])
 
@@ -153,7 +75,7 @@ def test_template_without_image_parts_falls_back_to_placeholders_first(vlm, llav
   tokenizer.hf.chat_template = CHAT_TEMPLATE
   plain = LocalVLM(vlm.family, vlm.model_cfg, vlm.params, tokenizer, vlm.processor)
   assert not plain.template_takes_image_parts()
-  messages = [{"role": "user", "content": [image_part(test_image(1)), image_part(test_image(2)),
+  messages = [{"role": "user", "content": [image_part(sample_image(1)), image_part(sample_image(2)),
                                            {"type": "text", "text": "Compare."}]}]
   ids, images = plain.prepare_chat(messages)
   assert len(images) == 2
@@ -168,7 +90,7 @@ def test_greedy_chat_matches_transformers_generate(vlm, llava):
   import torch
 
   model = llava[1]
-  messages = image_message(test_image(3), "The patient has a fever and a dry cough.")
+  messages = image_message(sample_image(3), "The patient has a fever and a dry cough.")
   ids, images = vlm.prepare_chat(messages)
   gen = vlm.chat([messages], max_tokens=8, temperature=0.0, ignore_eos=True)[0]
   assert gen.prompt_token_ids == ids and len(gen.token_ids) == 8
@@ -184,7 +106,7 @@ def test_logits_match_transformers(vlm, llava):
   """Prompt logits with an image equal LlavaForConditionalGeneration's (fp32 both sides)."""
   import torch
 
-  ids, images = vlm.prepare_chat(image_message(test_image(9), "Diagnosis: community acquired pneumonia."))
+  ids, images = vlm.prepare_chat(image_message(sample_image(9), "Diagnosis: community acquired pneumonia."))
   text_ids = vlm.encode_chat([{"role": "user", "content": "hello"}])
   got, text_logits = vlm.logits([ids, text_ids], [images, None])
   with torch.no_grad():
@@ -200,10 +122,10 @@ def test_mixed_batch_equals_rows_alone(vlm):
   text row also equals the language model's plain token path."""
   from mlx_med.vlm.messages import image_part
 
-  convs = [image_message(test_image(4), "Diagnosis?"),
+  convs = [image_message(sample_image(4), "Diagnosis?"),
            [{"role": "user", "content": "hello world, how are you today?"}],
-           [{"role": "user", "content": [image_part(test_image(5)), {"type": "text", "text": "and"},
-                                         image_part(test_image(6)), {"type": "text", "text": "differ?"}]}]]
+           [{"role": "user", "content": [image_part(sample_image(5)), {"type": "text", "text": "and"},
+                                         image_part(sample_image(6)), {"type": "text", "text": "differ?"}]}]]
   knobs = {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True}
   batch = vlm.chat(convs, **knobs)
   alone = [vlm.chat([c], **knobs)[0] for c in convs]
@@ -215,7 +137,7 @@ def test_mixed_batch_equals_rows_alone(vlm):
 
 def test_generate_with_raw_prompt_and_images(vlm):
   """Completion-style prompts hold the placeholder text themselves (`image_prompt_text`)."""
-  image = test_image(7)
+  image = sample_image(7)
   prompt = vlm.image_prompt_text() + "Findings:"
   assert prompt.startswith(IMAGE_TOKEN)
   out = vlm.generate([prompt], images=[[image]], max_tokens=4, temperature=0.0, ignore_eos=True)[0]
@@ -243,13 +165,13 @@ def test_local_paths_follow_the_allowed_directory(vlm, tmp_path):
   inside = tmp_path / "media"
   inside.mkdir()
   path = inside / "scan.png"
-  Image.fromarray(test_image(8)).save(path)
+  Image.fromarray(sample_image(8)).save(path)
   messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(path)}},
                                            {"type": "text", "text": "Findings?"}]}]
   with pytest.raises(ImageRefused):
     vlm.prepare_chat(messages)  # the model allows no local directory by default
   ids, images = vlm.prepare_chat(messages, allowed_local_dir=str(inside))
-  ids_data, images_data = vlm.prepare_chat(image_message(test_image(8), "Findings?"))
+  ids_data, images_data = vlm.prepare_chat(image_message(sample_image(8), "Findings?"))
   assert ids == ids_data
   np.testing.assert_array_equal(images[0], images_data[0])
 
@@ -317,7 +239,7 @@ def test_qwen_chat_matches_transformers_generate_and_mixes_with_text(qwen):
   assert vlm.family is qwen2_5_vl and vlm.cfg.mrope_section == (2, 3, 3)
   assert vlm.template_takes_image_parts()
   assert vlm.image_prompt_text() == "<|vision_start|><|image_pad|><|vision_end|>"
-  messages = image_message(test_image(30, size=(36, 52)), "The patient has a fever.")
+  messages = image_message(sample_image(30, size=(36, 52)), "The patient has a fever.")
   ids, images = vlm.prepare_chat(messages)
   (patches, grid), = images
   assert grid == (1, 8, 12) and ids.count(vlm.image_token_id) == 8 * 12 // 4

@@ -22,7 +22,7 @@ import urllib.request
 import numpy as np
 import openai
 import pytest
-from test_vlm_local import image_message, make_llava_dir, test_image
+from vlm_tiny import image_message, make_llava_dir, sample_image
 
 KNOBS = {"max_tokens": 6, "temperature": 0.0}
 
@@ -97,7 +97,7 @@ def test_served_directory_is_a_vlm_with_the_flags(served):
 
 
 def test_data_url_chat_equals_local_vlm(client, served):
-  messages = image_message(test_image(10), "The patient has a fever and a dry cough.")
+  messages = image_message(sample_image(10), "The patient has a fever and a dry cough.")
   resp = client.chat.completions.create(model=served.model, messages=messages, **KNOBS, extra_body={"ignore_eos": True})
   local = served.server.lm.chat([messages], **KNOBS, ignore_eos=True)[0]
   assert resp.choices[0].message.content == local.text
@@ -106,7 +106,7 @@ def test_data_url_chat_equals_local_vlm(client, served):
 
 
 def test_streaming_with_an_image(client, served):
-  messages = image_message(test_image(12), "Describe the findings.")
+  messages = image_message(sample_image(12), "Describe the findings.")
   full = client.chat.completions.create(model=served.model, messages=messages, **KNOBS).choices[0].message.content
   chunks = list(client.chat.completions.create(model=served.model, messages=messages, stream=True, **KNOBS))
   assert chunks[0].choices[0].delta.role == "assistant"
@@ -163,7 +163,7 @@ def test_remote_url_is_400_and_nothing_is_fetched(client, served, url):
 def test_local_path_inside_the_allowed_directory(client, served, media_dir, tmp_path):
   from PIL import Image
 
-  image = test_image(13)
+  image = sample_image(13)
   inside = media_dir / "scan.png"
   Image.fromarray(image).save(inside)
   outside = tmp_path / "scan.png"
@@ -193,7 +193,7 @@ def test_bad_images_and_too_many_images_are_400(client, served):
   assert info.value.body["code"] == "invalid_image"
   from mlx_med.vlm.messages import image_part
 
-  three = [{"role": "user", "content": [image_part(test_image(i)) for i in range(3)] + [{"type": "text", "text": "?"}]}]
+  three = [{"role": "user", "content": [image_part(sample_image(i)) for i in range(3)] + [{"type": "text", "text": "?"}]}]
   with pytest.raises(openai.BadRequestError) as info:
     client.chat.completions.create(model=served.model, messages=three, **KNOBS)
   assert "at most 2" in info.value.body["message"] and "--limit-mm-per-prompt" in info.value.body["message"]
@@ -211,15 +211,15 @@ def test_bad_images_and_too_many_images_are_400(client, served):
   text = client.completions.create(model=served.model, prompt="Findings:", **KNOBS)
   assert text.usage.completion_tokens >= 1
   # The server is still up.
-  assert client.chat.completions.create(model=served.model, messages=image_message(test_image(1), "ok?"), **KNOBS)
+  assert client.chat.completions.create(model=served.model, messages=image_message(sample_image(1), "ok?"), **KNOBS)
 
 
 def test_concurrent_image_and_text_requests_share_a_batch(client, served):
   """Rows with and without images in one batch each get what they get alone."""
   import httpx
 
-  convs = [image_message(test_image(20), "Diagnosis?"), [{"role": "user", "content": "hello world"}],
-           image_message(test_image(21), "Diagnosis?")]
+  convs = [image_message(sample_image(20), "Diagnosis?"), [{"role": "user", "content": "hello world"}],
+           image_message(sample_image(21), "Diagnosis?")]
   alone = [served.server.lm.chat([c], **KNOBS)[0].text for c in convs]
   before = httpx.get(f"http://127.0.0.1:{served.port}/stats").json()
   with concurrent.futures.ThreadPoolExecutor(3) as pool:
@@ -234,7 +234,7 @@ def test_concurrent_image_and_text_requests_share_a_batch(client, served):
 def test_local_and_openai_clients_agree_on_an_image_request(served):
   from mlx_med.llm.client import LocalClient, OpenAIClient
 
-  messages = image_message(test_image(14), "Is there a fracture?")
+  messages = image_message(sample_image(14), "Is there a fracture?")
   local = LocalClient(served.server.lm).chat(messages, max_tokens=6, temperature=0.0, logprobs=1)
   remote_client = OpenAIClient(served.model, base_url=served.base_url, timeout=120, max_retries=0)
   try:
@@ -258,7 +258,7 @@ def test_text_only_model_refuses_images(tmp_path):
   model_dir = save_model_dir(make_hf_model("qwen2", vocab_size=vocab), str(tmp_path / "text_model"), tok_dir)
   server, app = serve.build_server(_serve_args(model_dir))
   assert not server.multimodal
-  messages = image_message(test_image(0), "What is shown?")
+  messages = image_message(sample_image(0), "What is shown?")
   with InProcessServer(server, app) as proc, \
       openai.OpenAI(base_url=proc.base_url, api_key="unused", timeout=60.0, max_retries=0) as c, \
       pytest.raises(openai.BadRequestError) as info:
