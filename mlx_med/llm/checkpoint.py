@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -431,13 +431,7 @@ def save_hf_checkpoint(out_dir: str, params: Any, cfg: DecoderConfig, *, hf_conf
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
     config = hf_config_lib.hf_config_from_decoder(cfg, model_type=model_type, base=hf_config,
                                                   torch_dtype=_TORCH_DTYPE_NAMES.get(disk_dtype, "float32"))
-    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-      json.dump(config, f, indent=2, sort_keys=True)
-    if copy_files_from:
-      for name in SIDECAR_FILES:
-        src = os.path.join(copy_files_from, name)
-        if os.path.isfile(src):
-          shutil.copy2(src, os.path.join(tmp, name))
+    write_config_and_sidecars(tmp, config, copy_files_from)
     replace_dir(tmp, out_dir)
     tmp = None
   finally:
@@ -450,6 +444,19 @@ def save_hf_checkpoint(out_dir: str, params: Any, cfg: DecoderConfig, *, hf_conf
 
 _ORBAX_PARAMS = "params"
 _ORBAX_META = "mlx_med_llm.json"
+
+
+def write_config_and_sidecars(directory: str, config: dict, copy_files_from: Optional[str] = None,
+                              sidecars: Sequence[str] = SIDECAR_FILES) -> None:
+  """config.json into `directory` (a checkpoint being written), plus the tokenizer/generation files
+  (`sidecars`) that exist in `copy_files_from`."""
+  with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+  if copy_files_from:
+    for name in sidecars:
+      src = os.path.join(copy_files_from, name)
+      if os.path.isfile(src):
+        shutil.copy2(src, os.path.join(directory, name))
 
 
 def _config_to_json(cfg: DecoderConfig) -> dict:

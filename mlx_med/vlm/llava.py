@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import shutil
 import tempfile
@@ -604,13 +603,7 @@ def save_hf(out_dir: str, cfg: LlavaConfig, params: Any, hf_config: Mapping[str,
     write_safetensors(os.path.join(tmp, checkpoint_lib.SINGLE_NAME), [(n, s, disk) for n, s, _ in items],
                       (np.ascontiguousarray(np.asarray(producer()).astype(disk)) for _, _, producer in items))
     config = cfg.to_hf(hf_config, torch_dtype=_TORCH_DTYPE_NAMES.get(str(dtype_name), "float32"))
-    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-      json.dump(config, f, indent=2, sort_keys=True)
-    if copy_files_from:
-      for name in SIDECAR_FILES:
-        src = os.path.join(copy_files_from, name)
-        if os.path.isfile(src):
-          shutil.copy2(src, os.path.join(tmp, name))
+    checkpoint_lib.write_config_and_sidecars(tmp, config, copy_files_from)
     replace_dir(tmp, out_dir)
     tmp = None
   finally:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import shutil
 import tempfile
@@ -58,6 +57,7 @@ from mlx_med.core.transformer import (
   stack_layers,
   unstack_layers,
 )
+from mlx_med.llm import checkpoint as checkpoint_lib
 from mlx_med.llm import hf_config as hf_config_lib
 from mlx_med.llm.checkpoint import HFWeights
 from mlx_med.llm.safetensors_io import CheckpointError, write_safetensors
@@ -753,14 +753,8 @@ def save_hf(out_dir: str, cfg: Qwen25VLConfig, params: Any, hf_config: dict | No
     write_safetensors(os.path.join(tmp, "model.safetensors"), specs, (p() for p in producers))
     config = cfg.to_hf(hf_config)
     config["dtype"] = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(disk, "bfloat16")
-    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-      json.dump(config, f, indent=2, sort_keys=True)
-    if copy_files_from:
-      for name in SIDECAR_FILES + ("preprocessor_config.json", "video_preprocessor_config.json",
-                                   "processor_config.json"):
-        src = os.path.join(copy_files_from, name)
-        if os.path.isfile(src):
-          shutil.copy2(src, os.path.join(tmp, name))
+    checkpoint_lib.write_config_and_sidecars(tmp, config, copy_files_from, SIDECAR_FILES + (
+        "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json"))
     replace_dir(tmp, out_dir)
     tmp = None
   finally:
