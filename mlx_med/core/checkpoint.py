@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 import grain.python as grain
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -51,3 +52,26 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self.manager.close()
 
+
+
+def restore_latest_state(directory: str | os.PathLike) -> tuple[Any, int] | None:
+  """The newest complete train state under `directory` (a run's checkpoints/) as (state, step), placed
+  on this process's first device whatever mesh trained it (a checkpoint written on a pod or on 8 fake
+  devices loads on a laptop); None when there is no checkpoint yet. Only the state item is read (the
+  grain iterator position is for resuming training, not for using the model)."""
+  path = os.path.abspath(os.fspath(directory))
+  if not os.path.isdir(path):
+    return None
+  manager = ocp.CheckpointManager(path, item_handlers={"state": ocp.StandardCheckpointHandler()})
+  try:
+    step = manager.latest_step()
+    if step is None:
+      return None
+    meta = manager.item_metadata(step)["state"]
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), meta,
+                          is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+  finally:
+    manager.close()
+  return state, int(step)

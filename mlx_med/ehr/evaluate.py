@@ -67,7 +67,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mlx_med.ehr import labels as labels_lib
-from mlx_med.ehr.meds import DEATH_CODE, HELD_OUT_SPLIT, TIME_NULL, TRAIN_SPLIT, TUNING_SPLIT, MEDSFormatError, MEDSReader
+from mlx_med.ehr.meds import (
+  DEATH_CODE,
+  HELD_OUT_SPLIT,
+  TIME_NULL,
+  TRAIN_SPLIT,
+  TUNING_SPLIT,
+  MEDSFormatError,
+  MEDSReader,
+)
 
 log = logging.getLogger("mlx_med.ehr.evaluate")
 
@@ -184,8 +192,8 @@ class LoadedRun:
 def load_run(workdir: str | os.PathLike[str], meds_root: str | os.PathLike[str] | None = None) -> LoadedRun:
   """config.json + vocab.json + the newest checkpoint's parameters (EMA ones when the run kept them)."""
   import ml_collections
-  import orbax.checkpoint as ocp
 
+  from mlx_med.core import checkpoint as checkpoint_lib
   from mlx_med.ehr import pretrain
   from mlx_med.ehr.tokenizer import TimelineTokenizer
 
@@ -202,12 +210,10 @@ def load_run(workdir: str | os.PathLike[str], meds_root: str | os.PathLike[str] 
     raise ValueError(f"{vocab_path}: vocabulary not found; fix: pass the workdir of a run that finished its data preparation")
   tokenizer = TimelineTokenizer.load(vocab_path)
   ckpt_dir = workdir / "checkpoints"
-  manager = ocp.CheckpointManager(str(ckpt_dir.absolute()), item_handlers={"state": ocp.StandardCheckpointHandler()}) if ckpt_dir.is_dir() else None
-  step = manager.latest_step() if manager is not None else None
-  if step is None:
+  restored = checkpoint_lib.restore_latest_state(ckpt_dir)
+  if restored is None:
     raise ValueError(f"{ckpt_dir}: no checkpoint; fix: train the run first (`mlx-med train --config configs/ehr/pretrain.py:smoke --workdir {workdir}`) or pass another --workdir")
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  manager.close()
+  state, step = restored
   params = state.get("ema_params", state["params"])
   model_cfg = pretrain.model_config(config, tokenizer.vocab_size)
   return LoadedRun(workdir, config, tokenizer, model_cfg, params, int(step), root, Path(cache_dir))

@@ -572,20 +572,17 @@ class Embedder:
 
   @classmethod
   def _load_run(cls, path: Path, batch_size: int, use_ema: bool) -> Embedder:
-    import orbax.checkpoint as ocp
+    from mlx_med.core import checkpoint as checkpoint_lib
 
     cfg = TwoTowerConfig.from_dict(json.loads((path / MODEL_FILE).read_text()))
     tokenizer = load_tokenizer(path, cfg)
     processor = load_processor(path)
     labels = json.loads((path / LABELS_FILE).read_text()) if (path / LABELS_FILE).is_file() else None
     ckpt_dir = (path / "checkpoints").absolute()
-    manager = ocp.CheckpointManager(str(ckpt_dir), item_handlers={"state": ocp.StandardCheckpointHandler()}) \
-        if ckpt_dir.is_dir() else None
-    step = manager.latest_step() if manager is not None else None
-    if step is None:
+    restored = checkpoint_lib.restore_latest_state(ckpt_dir)
+    if restored is None:
       raise ValueError(f"{ckpt_dir}: no checkpoint; train the run first (`mlx-med embed train --workdir {path}`)")
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    manager.close()
+    state, step = restored
     params = state["ema_params"] if use_ema and "ema_params" in state else state["params"]
     return cls(cfg, params, tokenizer, processor, labels=labels, batch_size=batch_size, source=str(path),
                step=int(step))

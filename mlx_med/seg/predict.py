@@ -140,8 +140,7 @@ class Segmenter:
   def load(cls, workdir: PathLike, *, attention: str | None = None, use_ema: bool = True,
            batch_size: int = 8) -> Segmenter:
     """Reads a run directory (see the module doc); `attention` overrides the trained attention mode."""
-    import orbax.checkpoint as ocp
-
+    from mlx_med.core import checkpoint as checkpoint_lib
     from mlx_med.seg.model import BoltzFormerConfig
     from mlx_med.seg.sampling import ATTENTION_MODES
     from mlx_med.vision.text import TextTokenizer
@@ -172,16 +171,11 @@ class Segmenter:
     tokenizer = TextTokenizer.from_file(tok_path, context_length=int(text.get("context_length", 77)),
                                         style=str(text.get("style", "clip")))
     ckpt_dir = (path / CHECKPOINT_DIR).absolute()
-    step = None
-    if ckpt_dir.is_dir():
-      manager = ocp.CheckpointManager(str(ckpt_dir), item_handlers={"state": ocp.StandardCheckpointHandler()})
-      step = manager.latest_step()
-      if step is not None:
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-      manager.close()
-    if step is None:
+    restored = checkpoint_lib.restore_latest_state(ckpt_dir)
+    if restored is None:
       raise SegmenterError(f"{ckpt_dir}: no checkpoint; train the run first (`mlx-med seg train --workdir {path}`) "
                            "or wait for its first checkpoint")
+    state, step = restored
     params = state["ema_params"] if use_ema and "ema_params" in state else state["params"]
     return cls(cfg, params, tokenizer, image_size=image_size, window=_window_from_json(data.get("window")),
                channel=int(data.get("channel", 0)), normalisation=normalisation, batch_size=batch_size,

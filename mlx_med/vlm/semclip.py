@@ -495,8 +495,7 @@ def psi_scores(psi_or_params, crops: np.ndarray, question, *, cfg: PsiConfig | N
 
 def load_psi(workdir: str | os.PathLike) -> Psi:
   """The newest checkpoint of a `train_psi` run (psi.json, tokenizer.json, checkpoints/)."""
-  import orbax.checkpoint as ocp
-
+  from mlx_med.core import checkpoint as checkpoint_lib
   from mlx_med.vision.text import TextTokenizer
 
   path = Path(workdir)
@@ -512,19 +511,10 @@ def load_psi(workdir: str | os.PathLike) -> Psi:
     tokenizer = TextTokenizer.from_file(path / TOKENIZER_FILE, context_length=cfg.context_length,
                                         style=cfg.towers.text.style)
   ckpt_dir = (path / "checkpoints").absolute()
-  step = None
-  if ckpt_dir.is_dir():
-    manager = ocp.CheckpointManager(str(ckpt_dir), item_handlers={"state": ocp.StandardCheckpointHandler()})
-    step = manager.latest_step()
-  if step is None:
+  restored = checkpoint_lib.restore_latest_state(ckpt_dir)
+  if restored is None:
     raise ValueError(f"{ckpt_dir}: no checkpoint; train psi first (train_psi(config, {str(path)!r}))")
-  # Restore onto this process's first device whatever mesh the run was trained on.
-  meta = manager.item_metadata(step)["state"]
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), meta,
-                        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-  manager.close()
+  state, step = restored
   params = state.get("ema_params", state["params"])
   expected = jax.eval_shape(lambda: nn.unbox(psi_init(cfg, jax.random.key(0))))
   two_tower_lib.check_same_structure(expected, params, str(ckpt_dir))
