@@ -21,7 +21,7 @@ from mlx_med.vlm import train as train_lib
 
 def tiny_config():
   c = get_config("smoke")
-  c.data.update({"image_size": 96, "n_test": 4})
+  c.data.update({"image_size": 96, "n_test": 4, "target_size": (12, 24), "num_distractors": (6, 12)})
   c.crops.update({"scales": (2, 3), "slots": 1})
   c.vlm.model.update({"image_size": 32})
   c.vlm.model.vision.update({"patch_size": 16, "width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64})

@@ -22,7 +22,8 @@ from mlx_med.vlm import vstar
 
 def tiny_config():
   c = get_config("smoke")
-  c.data.update({"image_size": 96, "n_train": 24, "n_eval": 8, "n_test": 6, "seq_len": 64})
+  c.data.update({"image_size": 96, "n_train": 24, "n_eval": 8, "n_test": 6, "seq_len": 64, "target_size": (12, 24),
+                 "num_distractors": (6, 12)})
   c.crops.update({"scales": (2, 3), "variants": 1})
   c.vlm.model.update({"image_size": 32, "dtype": "float32"})
   c.vlm.model.vision.update({"patch_size": 16, "width": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64})
