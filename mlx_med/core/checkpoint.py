@@ -58,11 +58,13 @@ def restore_latest_state(directory: str | os.PathLike) -> tuple[Any, int] | None
   """The newest complete train state under `directory` (a run's checkpoints/) as (state, step), placed
   on this process's first device whatever mesh trained it (a checkpoint written on a pod or on 8 fake
   devices loads on a laptop); None when there is no checkpoint yet. Only the state item is read (the
-  grain iterator position is for resuming training, not for using the model)."""
+  grain iterator position is for resuming training, not for using the model; its handler is registered
+  so Orbax knows the item it skips and does not warn about it)."""
   path = os.path.abspath(os.fspath(directory))
   if not os.path.isdir(path):
     return None
-  manager = ocp.CheckpointManager(path, item_handlers={"state": ocp.StandardCheckpointHandler()})
+  manager = ocp.CheckpointManager(path, item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                      "data": grain.PyGrainCheckpointHandler()})
   try:
     step = manager.latest_step()
     if step is None:

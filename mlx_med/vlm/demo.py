@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
   args, extra = p.parse_known_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
   logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("mlx_med.llm.client").setLevel(logging.WARNING)  # one line per ICL call otherwise
   from mlx_med.cli import quiet_backend_probe_logs
   quiet_backend_probe_logs()
 
