@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 
 
@@ -25,3 +26,21 @@ def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
     shutil.rmtree(old, ignore_errors=True)
   else:
     os.replace(tmp, target)
+
+
+def write_text_dir(out_dir: str | os.PathLike, files: dict[str, str]) -> None:
+  """Writes `files` (name -> text, UTF-8) as the directory `out_dir`: built under a temporary name
+  beside it, then swapped in with `replace_dir` (what was at `out_dir` is replaced)."""
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+  try:
+    for name, text in files.items():
+      with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+        f.write(text)
+    replace_dir(tmp, out_dir)
+    tmp = None
+  finally:
+    if tmp is not None:
+      shutil.rmtree(tmp, ignore_errors=True)

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 
-from mlx_med.core.fileio import replace_dir
+from mlx_med.core.fileio import write_text_dir
 from mlx_med.llm.tokenizer import ChatTokenizer
 
 PAD_TOKEN = "<|endoftext|>"
@@ -55,18 +53,7 @@ def _write_dir(out_dir: str, files: dict[str, str]) -> None:
                             "choose an empty or new directory for the tokenizer")
   elif os.path.exists(out_dir):
     raise FileExistsError(f"{out_dir} is a file; choose a directory path for the tokenizer")
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
-  try:
-    for name, text in files.items():
-      with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-        f.write(text)
-    replace_dir(tmp, out_dir)
-    tmp = None
-  finally:
-    if tmp is not None:
-      shutil.rmtree(tmp, ignore_errors=True)
+  write_text_dir(out_dir, files)
 
 
 def train_chat_tokenizer(texts: Iterable[str], out_dir: str, *, vocab_size: int = 1024,

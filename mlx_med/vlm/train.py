@@ -65,7 +65,7 @@ import numpy as np
 import optax
 
 from mlx_med.core import trainer as trainer_lib
-from mlx_med.core.fileio import replace_dir
+from mlx_med.core.fileio import replace_dir, write_text_dir
 from mlx_med.core.task import LossOutput, Task
 
 log = logging.getLogger("mlx_med.vlm.train")
@@ -192,19 +192,7 @@ def build_word_tokenizer(texts: Iterable[str], out_dir: str, *, model_max_length
 
 def _write_dir(out_dir: str, files: dict[str, str]) -> None:
   """Writes `files` (name -> text) as the directory `out_dir` (a temporary directory, then renamed)."""
-  out_dir = os.path.abspath(out_dir)
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
-  try:
-    for name, text in files.items():
-      with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-        f.write(text)
-    replace_dir(tmp, out_dir)
-    tmp = None
-  finally:
-    if tmp is not None:
-      shutil.rmtree(tmp, ignore_errors=True)
+  write_text_dir(out_dir, files)
 
 
 class WordEncoder:
