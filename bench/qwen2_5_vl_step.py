@@ -182,6 +182,7 @@ def main(argv=None) -> int:
   ap.add_argument("--peer", choices=("transformers",), default=None)
   ap.add_argument("--json", default=None, help="also write the figures to this file")
   args = ap.parse_args(argv)
+  print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (a loaded machine flatters XLA)")
   r = bench_step(args.size, dtype=args.dtype, image_px=args.image_px, text_tokens=args.text_tokens,
                  new_tokens=args.new_tokens, reps=args.reps, peer=args.peer)
   print(f"Qwen2.5-VL step, size {r['size']} {r['dtype']} on {r['backend']}: image grid {r['image_grid']} "
@@ -196,6 +197,7 @@ def main(argv=None) -> int:
     print(f"  ratio ours/peer: vision {r['vision_s'] / r['peer_vision_s']:.2f}, prefill "
           f"{r['prefill_s'] / r['peer_prefill_s']:.2f}, generate {r['generate_s'] / r['peer_generate_s']:.2f}; "
           f"same greedy tokens: {r['same_greedy_tokens']}")
+  print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(r, f, indent=2)
