@@ -162,8 +162,23 @@ _COMMON_KEYS = ("do_resize", "resample", "do_rescale", "rescale_factor", "do_nor
 # CLIP (LLaVA-1.5)
 
 
+class _ConfigFile:
+  """preprocessor_config.json in and out, for a processor with `from_dict(d, source=)` and `to_dict()`."""
+
+  @classmethod
+  def from_dir(cls, model_dir: str | os.PathLike):
+    d, source = read_processor_config(model_dir)
+    return cls.from_dict(d, source=source)
+
+  def save(self, out_dir: str | os.PathLike) -> pathlib.Path:
+    """Write `preprocessor_config.json` in out_dir (temporary name, then rename); returns its path."""
+    path = pathlib.Path(out_dir) / PREPROCESSOR_FILE
+    _atomic_write_json(path, self.to_dict())
+    return path
+
+
 @dataclasses.dataclass(frozen=True)
-class ClipImageProcessor:
+class ClipImageProcessor(_ConfigFile):
   """transformers' CLIPImageProcessor as data (see the module doc).
 
   size: {"shortest_edge": s} (the short side becomes s) or {"height": h, "width": w} (exact);
@@ -298,16 +313,6 @@ class ClipImageProcessor:
     })
     return d
 
-  @classmethod
-  def from_dir(cls, model_dir: str | os.PathLike) -> ClipImageProcessor:
-    d, source = read_processor_config(model_dir)
-    return cls.from_dict(d, source=source)
-
-  def save(self, out_dir: str | os.PathLike) -> pathlib.Path:
-    """Write `preprocessor_config.json` in out_dir (temporary name, then rename); returns its path."""
-    path = pathlib.Path(out_dir) / PREPROCESSOR_FILE
-    _atomic_write_json(path, self.to_dict())
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -351,7 +356,7 @@ def patchify(x: np.ndarray, patch_size: int, merge_size: int, temporal_patch_siz
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen2VLImageProcessor:
+class Qwen2VLImageProcessor(_ConfigFile):
   """transformers' Qwen2VLImageProcessor as data (see the module doc); min/max_pixels are the
   size={"shortest_edge", "longest_edge"} of newer configs. Defaults are Qwen2-VL's."""
   do_resize: bool = True
@@ -451,16 +456,6 @@ class Qwen2VLImageProcessor:
     })
     return d
 
-  @classmethod
-  def from_dir(cls, model_dir: str | os.PathLike) -> Qwen2VLImageProcessor:
-    d, source = read_processor_config(model_dir)
-    return cls.from_dict(d, source=source)
-
-  def save(self, out_dir: str | os.PathLike) -> pathlib.Path:
-    """Write `preprocessor_config.json` in out_dir (temporary name, then rename); returns its path."""
-    path = pathlib.Path(out_dir) / PREPROCESSOR_FILE
-    _atomic_write_json(path, self.to_dict())
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------
