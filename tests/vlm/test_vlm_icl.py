@@ -239,3 +239,26 @@ def test_icl_command_on_mcqa_files(tmp_path, capsys):
   assert "| big | original | image | 2 | none | 3 | 1.000 |" in capsys.readouterr().out
   with pytest.raises(ValueError, match="must be FORMAT:PATH"):
     icl.icl_command(["x"], "nope", clients={"x": CopyClient()})
+
+
+def test_shared_encoder_similarities_from_a_clip_directory(tmp_path):
+  """`--embedder DIR`: the similarities come from the shared towers of a HF CLIP directory, equal to the
+  cosines of `Embedder`'s own embeddings, and drive image/text selection."""
+  from tiny_clip import tiny_clip_dir
+
+  from mlx_med.embed.model import Embedder
+
+  tiny_clip_dir(tmp_path)
+  emb = icl.embedder_embeddings(str(tmp_path))
+  task = icl.synthetic_task(6, 2, image_size=32, seed=0)
+  pool_images = [ex.images[0] for ex in task.pool]
+  pool_texts = [ex.text for ex in task.pool]
+  got_img = emb.embed_images(pool_images)
+  got_txt = emb.embed_texts(pool_texts)
+  ref = Embedder.load(str(tmp_path))
+  np.testing.assert_allclose(got_img, ref.embed_images(pool_images), atol=1e-6)
+  np.testing.assert_allclose(got_txt, ref.embed_texts(pool_texts), atol=1e-6)
+  query = task.queries[0]
+  image_sim = icl.cosine(emb.embed_images([query.images[0]]), got_img)[0]
+  picked = icl.select_demonstrations("image", 2, image_sim=image_sim)
+  assert picked == [int(i) for i in np.argsort(-image_sim, kind="stable")[:2]]

@@ -357,3 +357,20 @@ def test_forced_exit_in_process_matches_the_rl_generator(tiny_lm):
   assert [r["forced"] for r in ours.rows] == [r["forced"] for r in ref.rows]
   assert [r["choice"] for r in ours.rows] == [r["choice"] for r in ref.rows]
   assert all(r["tokens"] <= max_new for r in ours.rows) and ours.forced_exit == ref.forced_exit > 0
+
+
+def test_make_client_from_a_model_directory(tmp_path):
+  """`--model HFDIR`: a VLM directory becomes a LocalClient over LocalVLM, which answers image messages."""
+  from vlm_tiny import image_message, make_llava_dir, sample_image
+
+  from mlx_med.llm.client import LocalClient
+  from mlx_med.vlm import mcqa
+  from mlx_med.vlm.local import LocalVLM
+
+  make_llava_dir(str(tmp_path / "llava"))
+  client = mcqa.make_client(str(tmp_path / "llava"))
+  assert isinstance(client, LocalClient) and isinstance(client.lm, LocalVLM)
+  out = client.chat(image_message(sample_image(0), "What is shown?"), max_tokens=3, temperature=0.0)
+  assert len(out) == 1 and out[0].completion_tokens >= 1
+  with pytest.raises(ValueError, match="is neither a directory nor an http"):
+    mcqa.make_client(str(tmp_path / "missing"))
