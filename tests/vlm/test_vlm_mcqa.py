@@ -372,5 +372,5 @@ def test_make_client_from_a_model_directory(tmp_path):
   assert isinstance(client, LocalClient) and isinstance(client.lm, LocalVLM)
   out = client.chat(image_message(sample_image(0), "What is shown?"), max_tokens=3, temperature=0.0)
   assert len(out) == 1 and out[0].completion_tokens >= 1
-  with pytest.raises(ValueError, match="is neither a directory nor an http"):
+  with pytest.raises(FileNotFoundError, match="is neither a directory nor an http"):
     mcqa.make_client(str(tmp_path / "missing"))
