@@ -256,11 +256,14 @@ def _sample_tokens(logits: jax.Array, rows: RowParams, step: jax.Array, mode: st
   threshold = jnp.maximum(threshold, min_p_threshold)
   probs = jax.nn.softmax(jnp.where(scaled >= threshold[:, None], scaled, _NEG_INF), axis=-1)
 
-  def row_uniform(seed):
+  def row_uniform(seed, row_step):
     # (0, 1]: never 0, so a zero-probability token can never be picked.
-    return 1.0 - jax.random.uniform(jax.random.fold_in(jax.random.key(seed), step), (), jnp.float32)
+    return 1.0 - jax.random.uniform(jax.random.fold_in(jax.random.key(seed), row_step), (), jnp.float32)
 
-  sampled = _inverse_cdf(probs, jax.vmap(row_uniform)(rows.seeds))
+  # `step` is a scalar (every row at the same step) or a [B] vector (continuous batching):
+  # the draw depends only on the row's seed and its own step either way.
+  steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), rows.seeds.shape)
+  sampled = _inverse_cdf(probs, jax.vmap(row_uniform)(rows.seeds, steps))
   return jnp.where(temperature > 0, sampled, greedy)
 
 
@@ -293,8 +296,11 @@ def sampling_mode(sampling: Sequence[SamplingParams]) -> str:
   return "sample"
 
 
-def _apply_penalties(logits: jax.Array, state: DecodeState, rows: RowParams) -> jax.Array:
-  """Repetition (prompt + generated tokens), presence and frequency (generated) penalties."""
+def _apply_penalties(logits: jax.Array, state, rows: RowParams) -> jax.Array:
+  """Repetition (prompt + generated tokens), presence and frequency (generated) penalties.
+
+  `state` is anything with `counts` [B, V] and `prompt_seen` [B, V] (this module's
+  `DecodeState`, or the continuous-batching slot state)."""
   seen = state.prompt_seen | (state.counts > 0)
   rep = rows.repetition[:, None]
   logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
@@ -302,11 +308,17 @@ def _apply_penalties(logits: jax.Array, state: DecodeState, rows: RowParams) -> 
           - rows.frequency[:, None] * state.counts.astype(logits.dtype))
 
 
-def _choose_and_record(state: DecodeState, logits: jax.Array, rows: RowParams, num_top: int,
-                       mode: str) -> DecodeState:
-  """Picks the token for index `state.step`, applies the think hook and stop rules, records it."""
-  step = state.step
-  penalties = state.counts.shape[-1] > 0  # static: the buffers exist only when some row asks
+def pick_tokens(state, logits: jax.Array, rows: RowParams, step: jax.Array, mode: str, *,
+                penalties: bool, allowed: Optional[jax.Array] = None) -> tuple[jax.Array, ...]:
+  """The one implementation of token choice (static sampler and continuous batching).
+
+  `state` has think_progress / think_closed [B] (and counts / prompt_seen when
+  `penalties`); `step` is the scalar or per-row [B] count of tokens generated so far.
+  `allowed` [B, V] bool (a grammar's mask) removes tokens before penalties, temperature
+  and truncation. Returns (token, force, new think progress, think_closed).
+  """
+  if allowed is not None:
+    logits = jnp.where(allowed, logits, _NEG_INF)
   sampled = _sample_tokens(_apply_penalties(logits, state, rows) if penalties else logits, rows, step, mode)
 
   # Think-budget hook: force the next closing-tag token once the budget is spent.
@@ -321,6 +333,15 @@ def _choose_and_record(state: DecodeState, logits: jax.Array, rows: RowParams, n
   first = rows.think_close[:, 0]
   new_progress = jnp.where(token == expected, progress + 1, jnp.where(token == first, 1, 0))
   think_closed = state.think_closed | (has_budget & (new_progress >= rows.think_close_len))
+  return token, force, new_progress, think_closed
+
+
+def _choose_and_record(state: DecodeState, logits: jax.Array, rows: RowParams, num_top: int,
+                       mode: str) -> DecodeState:
+  """Picks the token for index `state.step`, applies the think hook and stop rules, records it."""
+  step = state.step
+  penalties = state.counts.shape[-1] > 0  # static: the buffers exist only when some row asks
+  token, force, new_progress, think_closed = pick_tokens(state, logits, rows, step, mode, penalties=penalties)
 
   logp = jax.nn.log_softmax(logits, axis=-1)
   token_logprob = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]

@@ -177,6 +177,26 @@ def layers_are_stacked(params: Any) -> bool:
   return "layers" in params
 
 
+def _write_rows(cache: jax.Array, new: jax.Array, cache_index: jax.Array, axis: int) -> jax.Array:
+  """Writes `new` [B, ..., T, ...] into `cache` [B, ..., S, ...] at slot `cache_index` along `axis`.
+
+  A scalar index writes every row at the same slot (one dynamic_update_slice); a [B]
+  vector writes row b at its own slot (continuous batching: rows at different lengths).
+  """
+  if jnp.ndim(cache_index) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(cache, new, cache_index, axis=axis)
+  write = lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=axis - 1)
+  return jax.vmap(write)(cache, new, cache_index)
+
+
+def _write_stacked(cache: jax.Array, new: jax.Array, layer: jax.Array, cache_index: jax.Array) -> jax.Array:
+  """The stacked cache [L, B, S, K, D]: writes `new` [B, T, K, D] at (layer, :, cache_index)."""
+  if jnp.ndim(cache_index) == 0:
+    return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, cache_index, 0, 0))
+  write = lambda c, u, i: jax.lax.dynamic_update_slice(c, u[None], (layer, i, 0, 0))
+  return jax.vmap(write, in_axes=(1, 0, 0), out_axes=1)(cache, new, cache_index)
+
+
 class Attention(nn.Module):
   cfg: DecoderConfig
   rules: sharding_lib.ShardingRules | None = None
@@ -217,10 +237,8 @@ class Attention(nn.Module):
       # values [B, K, S, D] -- the operand layouts a batched GEMM takes as they are,
       # so a decode step reads the cache without transposing it (on CPU, per-step
       # transposes were ~15% of a batch-32 step). Only the new slots are written.
-      ck = jax.lax.dynamic_update_slice(cache["k"], k.transpose(0, 2, 3, 1).astype(cache["k"].dtype),
-                                        (0, 0, 0, cache_index))
-      cv = jax.lax.dynamic_update_slice(cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype),
-                                        (0, 0, cache_index, 0))
+      ck = _write_rows(cache["k"], k.transpose(0, 2, 3, 1).astype(cache["k"].dtype), cache_index, 3)
+      cv = _write_rows(cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), cache_index, 2)
       new_cache = {"k": ck, "v": cv}
       if q.shape[1] == 1:  # one new token per row: the decode step
         out = attention_lib.decode_attention(q, ck.astype(dtype), cv.astype(dtype), mask)
@@ -232,9 +250,8 @@ class Attention(nn.Module):
       # layer scan rather than scanned over: write this call's keys/values at
       # (layer, :, cache_index) in place, then attend over this layer's slice (the
       # mask hides empty slots).
-      start = (layer, 0, cache_index, 0, 0)
-      new_cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype)[None], start),
-                   "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype)[None], start)}
+      new_cache = {"k": _write_stacked(cache["k"], k.astype(cache["k"].dtype), layer, cache_index),
+                   "v": _write_stacked(cache["v"], v.astype(cache["v"].dtype), layer, cache_index)}
       ck = jax.lax.dynamic_index_in_dim(new_cache["k"], layer, 0, keepdims=False)
       cv = jax.lax.dynamic_index_in_dim(new_cache["v"], layer, 0, keepdims=False)
       out = attention_lib.attend(q, ck.astype(dtype), cv.astype(dtype), mask, cfg.attention_backend)
@@ -283,6 +300,8 @@ class Decoder(nn.Module):
     segment, which is how packed sequences never cross patients/requests.
   cache / cache_index: a KV cache from `init_cache`; this call's tokens occupy slots
     cache_index .. cache_index+T-1 and attend to every filled slot of the same segment.
+    cache_index is a scalar (every row) or a [B] int32 vector (row b writes from its own
+    slot: continuous batching keeps rows of different lengths in one cache).
   embeddings: [B, T, E] input embeddings used instead of looking up `tokens` (which may
     then be None): how a vision-language model feeds text embeddings with its image
     features spliced in (see `embed_tokens`). With `cfg.mrope_section`, positions may be
@@ -349,13 +368,17 @@ class Decoder(nn.Module):
     else:
       cache_index = jnp.asarray(cache_index, jnp.int32)
       length = cache["segment_ids"].shape[1]
-      kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids.astype(jnp.int32), cache_index, axis=1)
-      q_slots = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), (b, t))
+      kv_segments = _write_rows(cache["segment_ids"], segment_ids.astype(jnp.int32), cache_index, 1)
+      # A [B] cache_index: row b writes at its own slot (see `_write_rows`).
+      first = cache_index[:, None] if cache_index.ndim else cache_index
+      q_slots = jnp.broadcast_to(first + jnp.arange(t, dtype=jnp.int32), (b, t))
       kv_slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
       mask = attention_lib.make_mask(segment_ids, kv_segments, q_slots, kv_slots, causal=True)
       layer_caches = {"k": cache["k"], "v": cache["v"]}
     if positions is None:
-      positions = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32) + jnp.arange(t, dtype=jnp.int32), (b, t))
+      index = jnp.asarray(cache_index, jnp.int32)
+      index = index[:, None] if index.ndim else index
+      positions = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
     if self.cfg.mrope_section is not None and positions.ndim == 2:
       # Text-only input: the three M-RoPE components are equal.
       positions = jnp.broadcast_to(positions[..., None], positions.shape + (len(self.cfg.mrope_section),))
