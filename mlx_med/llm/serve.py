@@ -7,8 +7,12 @@ presence/frequency penalties, plus vLLM's extras top_k, min_p, repetition_penalt
 ignore_eos, stop_token_ids, include_stop_str_in_output, and `think_budget` (forced
 `</think>` after that many tokens, X-Reasoner's forced exit).
 
-Concurrency: HTTP handlers only parse and validate; a single **batching loop** thread
-owns the model. It takes every request waiting in its queue (up to
+Concurrency: HTTP handlers only parse and validate; a single engine thread owns the
+model. By default (`--batching continuous`, `mlx_med.llm.engine.ContinuousEngine`) a
+request joins the running batch at the next decode-chunk boundary and a finished row
+frees its slot at once; at most `--max-num-seqs` sequences run together. With
+`--batching static` (and always for vision-language models) the **batching loop**
+takes every request waiting in its queue (up to
 `max_batch_rows` sequences, each request contributing `n`), runs them as one
 sampler call, and streams each row's updates back to its handler. Requests that
 arrive while a batch runs form the next batch.
@@ -42,6 +46,7 @@ import uuid
 from typing import Any, Callable, Optional
 
 from mlx_med.core.sampler import SamplingParams
+from mlx_med.llm.engine import ContinuousEngine, Job
 
 logger = logging.getLogger("mlx_med.llm.serve")
 
@@ -66,12 +71,9 @@ class APIError(Exception):
 # --------------------------------------------------------------------------- batching loop
 
 
-@dataclasses.dataclass
-class _Job:
-  prompts: list[list[int]]  # one per row
-  sampling: list[SamplingParams]
-  emit: Callable[[Any], None]  # called from the engine thread with ("update", StreamUpdate) / ("error", exc) / ("end",)
-  images: Optional[list] = None  # per row: that row's processed images (a multimodal model), or None
+# One request's rows and event sink, shared by both engines: emit is called from the engine
+# thread with ("update", k, StreamUpdate) / ("error", exc) / ("end",).
+_Job = Job
 
 
 class BatchingEngine:
@@ -547,8 +549,11 @@ class OpenAIServer:
     if parsed.images is not None:  # rows are prompt-major, n per prompt (as _sampling_rows)
       images = [row for row in parsed.images for _ in range(parsed.n)]
     events: asyncio.Queue = asyncio.Queue()
-    self.engine.submit(_Job(prompts, sampling, lambda item: loop.call_soon_threadsafe(events.put_nowait, item),
-                            images=images))
+    try:
+      self.engine.submit(_Job(prompts, sampling, lambda item: loop.call_soon_threadsafe(events.put_nowait, item),
+                              images=images))
+    except ValueError as e:  # the continuous engine refuses a request that can never run
+      raise APIError(str(e), code="invalid_value") from None
     return events
 
   # ---- response pieces
@@ -797,10 +802,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
   parser.add_argument("--served-model-name", default=None, help="model id clients use (default: directory name)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
   parser.add_argument("--max-model-len", type=int, default=None, help="context limit (default: config.json)")
-  parser.add_argument("--max-batch-rows", type=int, default=32, help="sequences per batched sampler call")
+  parser.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+                      help="continuous: requests join the running batch at decode-chunk boundaries (default); "
+                           "static: waiting requests form one sampler call at a time (always used for "
+                           "vision-language models)")
+  parser.add_argument("--max-num-seqs", "--max-batch-rows", dest="max_batch_rows", type=int, default=32,
+                      help="sequences decoded together (continuous: KV-cache slots; static: rows per sampler call)")
   parser.add_argument("--batch-wait-ms", type=float, default=10.0,
                       help="wait this long for more requests before a batch (extended by each arrival, up to 10x)")
-  parser.add_argument("--chunk-size", type=int, default=16, help="decode steps between streamed updates")
+  parser.add_argument("--chunk-size", type=int, default=None,
+                      help="decode steps between streamed updates and admissions (default: 4 continuous, 16 static)")
   parser.add_argument("--min-batch-bucket", type=int, default=1,
                       help="pad every batch to at least this many rows (fewer compiled shapes)")
   parser.add_argument("--min-prompt-bucket", type=int, default=16, help="smallest padded prompt length")
@@ -869,8 +880,12 @@ def build_server(args: argparse.Namespace) -> tuple[OpenAIServer, Any]:
     lm = LocalVLM.from_pretrained(args.model, allowed_local_media_path=media_dir, **load)
   else:
     lm = LocalLM.from_pretrained(args.model, **load)
-  engine = BatchingEngine(lm, max_batch_rows=args.max_batch_rows, batch_wait_s=args.batch_wait_ms / 1000.0,
-                          chunk_size=args.chunk_size)
+  chunk_size = getattr(args, "chunk_size", None)
+  if getattr(args, "batching", "continuous") == "continuous" and not getattr(lm, "is_multimodal", False):
+    engine = ContinuousEngine(lm, max_num_seqs=args.max_batch_rows, chunk_size=chunk_size or 4)
+  else:  # vision-language models prefill from per-row image embeddings: the static engine
+    engine = BatchingEngine(lm, max_batch_rows=args.max_batch_rows, batch_wait_s=args.batch_wait_ms / 1000.0,
+                            chunk_size=chunk_size or 16)
   server = OpenAIServer(lm, engine, model_name=lm.name, api_key=args.api_key or os.environ.get("MLX_MED_API_KEY"),
                         allowed_local_media_path=media_dir,
                         limit_mm_per_prompt=getattr(args, "limit_mm_per_prompt", DEFAULT_IMAGE_LIMIT))
