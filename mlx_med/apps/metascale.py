@@ -1123,3 +1123,68 @@ def write_report(out_dir: str | os.PathLike, comparisons: dict[str, Any] | Seque
     os.replace(tmp, png)
     paths["png"] = png
   return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiment driver (configs/apps/metascale.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def load_eval_prompts(source: str = "synthetic", n: int = 0) -> list[dict[str, Any]]:
+  """{"prompt", "key_points"} rows: the synthetic set, or a JSONL file with "prompt" (and optional "key_points")."""
+  if source == "synthetic":
+    return instr_lib.eval_prompts(n or None)
+  if not os.path.isfile(source):
+    raise FileNotFoundError(f"eval prompts file {source} does not exist; give a JSONL with a 'prompt' field per line "
+                            "or 'synthetic'")
+  rows = []
+  with open(source, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{source}:{lineno}: not valid JSON ({e.msg})") from None
+      if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        raise ValueError(f"{source}:{lineno}: needs a string 'prompt' field")
+      rows.append({"prompt": row["prompt"], "key_points": list(row.get("key_points") or [])})
+  if not rows:
+    raise ValueError(f"{source}: no prompts")
+  return rows[:n] if n else rows
+
+
+def run_experiment(config: Any, out_dir: str | os.PathLike, *, client: Any = None,
+                   judge_client: Any = None) -> dict[str, str]:
+  """The config's comparison at each budget in `eval.budgets`, then `write_report`; returns the report paths.
+
+  `client` / `judge_client` override the config's client sections (the demo passes its own).
+  """
+  from mlx_med.llm.client import make_client
+
+  if client is None:
+    client = make_client(config.client.to_dict() if hasattr(config.client, "to_dict") else dict(config.client))
+  if judge_client is None:
+    section = dict(config.judge_client.to_dict() if hasattr(config.judge_client, "to_dict") else config.judge_client)
+    judge_client = client if not section.get("backend") else make_client(section)
+  ev = config.eval
+  rows = load_eval_prompts(ev.prompts, int(ev.n_prompts))
+  prompts = [r["prompt"] for r in rows]
+  if ev.scorer == "keyword":
+    if not all(r["key_points"] for r in rows):
+      raise ValueError("eval.scorer='keyword' needs 'key_points' for every prompt; use eval.scorer='llm_judge'")
+    scorer: Any = KeywordScorer({r["prompt"]: r["key_points"] for r in rows})
+  elif ev.scorer == "llm_judge":
+    scorer = LLMJudgeScorer(judge_client)
+  else:
+    raise ValueError(f"eval.scorer={ev.scorer!r}; choose 'keyword' or 'llm_judge'")
+  judge = PairwiseJudge(judge_client)
+  base = dict(config.metascale.to_dict() if hasattr(config.metascale, "to_dict") else config.metascale)
+  comparisons = []
+  for b in ev.budgets:
+    comparisons.append(compare_at_equal_budget(client, prompts, scorer, judge, {**base, "samples_per_prompt": int(b)},
+                                               n_boot=int(ev.n_boot)))
+    w = comparisons[-1]["win_rate"]
+    logger.info("metascale budget %d: vs plain %s, best-of-N vs plain %s, vs best-of-N %s", b,
+                _fmt_wr(w["metascale_vs_plain"]), _fmt_wr(w["best_of_n_vs_plain"]), _fmt_wr(w["metascale_vs_best_of_n"]))
+  return write_report(out_dir, comparisons)

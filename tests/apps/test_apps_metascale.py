@@ -375,3 +375,21 @@ def test_compare_at_equal_budget_and_report(tmp_path):
   data = json.loads(open(paths["json"]).read())
   assert len(data["comparisons"]) == 2
   assert "| 8 |" in open(paths["markdown"]).read()
+
+
+def test_config_variants_and_experiment(tmp_path):
+  from configs.apps.metascale import get_config
+
+  for variant in ("paper", "smoke"):
+    cfg = get_config(variant)
+    ms.MetaScaleConfig.from_mapping(cfg.metascale)  # every key is a MetaScaleConfig field
+  cfg = get_config("smoke")
+  cfg.eval.n_prompts = 2
+  cfg.eval.budgets = [2, 4]
+  cfg.eval.n_boot = 50
+  paths = ms.run_experiment(cfg, tmp_path / "exp", client=ScriptedClient(),
+                            judge_client=LengthJudgeClient())
+  data = json.loads(open(paths["json"]).read())
+  assert [c["samples_per_prompt"] for c in data["comparisons"]] == [2, 4]
+  with pytest.raises(ValueError, match="unknown variant"):
+    get_config("huge")
