@@ -44,7 +44,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import tempfile
 import threading

@@ -10,6 +10,7 @@
 
 import json
 import math
+import pathlib
 import random
 import re
 
@@ -19,7 +20,6 @@ import pytest
 from mlx_med.apps import instructions as ins
 from mlx_med.apps import metascale as ms
 from mlx_med.llm.client import Completion
-
 
 # ---------------------------------------------------------------------------------------------
 # (a) UCB1
@@ -372,9 +372,9 @@ def test_compare_at_equal_budget_and_report(tmp_path):
     assert set(row["win_rate"]) == {"metascale_vs_plain", "best_of_n_vs_plain", "metascale_vs_best_of_n"}
   paths = ms.write_report(tmp_path / "rep", rows)
   assert set(paths) == {"json", "markdown", "png"}
-  data = json.loads(open(paths["json"]).read())
+  data = json.loads(pathlib.Path(paths["json"]).read_text())
   assert len(data["comparisons"]) == 2
-  assert "| 8 |" in open(paths["markdown"]).read()
+  assert "| 8 |" in pathlib.Path(paths["markdown"]).read_text()
 
 
 def test_config_variants_and_experiment(tmp_path):
@@ -389,7 +389,7 @@ def test_config_variants_and_experiment(tmp_path):
   cfg.eval.n_boot = 50
   paths = ms.run_experiment(cfg, tmp_path / "exp", client=ScriptedClient(),
                             judge_client=LengthJudgeClient())
-  data = json.loads(open(paths["json"]).read())
+  data = json.loads(pathlib.Path(paths["json"]).read_text())
   assert [c["samples_per_prompt"] for c in data["comparisons"]] == [2, 4]
   with pytest.raises(ValueError, match="unknown variant"):
     get_config("huge")
