@@ -40,7 +40,7 @@ import numpy as np
 
 # Words are maximal runs of non-space characters; a chunk is a run of whole words.
 _WORD = re.compile(r"\S+")
-_SENTENCE_END = re.compile(r"[.!?;:]['\")\]]*$")
+_SENTENCE_END = re.compile(r"[.!?;]['\")\]]*$")  # not ':' ("Diagnosis: ..." stays whole)
 _TOKEN_PATTERN = r"(?u)\b\w+\b"
 DOCUMENT_SUFFIXES = (".txt", ".md")
 

@@ -61,6 +61,11 @@ def test_chunks_prefer_to_end_at_a_sentence_in_their_second_half():
   # A blank line counts as a sentence end.
   para = "alpha beta gamma delta epsilon zeta\n\neta theta iota kappa lambda mu"
   assert chunk_text(para, max_words=10, overlap=2)[0] == "alpha beta gamma delta epsilon zeta"
+  # A closing quote or bracket after the stop still ends the sentence; a colon does not.
+  quoted = 'one two three four five six (seven.) eight nine ten eleven twelve'
+  assert chunk_text(quoted, max_words=10, overlap=2)[0].endswith("(seven.)")
+  label = "one two three four five six Diagnosis: invasive adenocarcinoma grade two"
+  assert chunk_text(label, max_words=10, overlap=2)[0].endswith("adenocarcinoma grade")
 
 
 def test_chunking_edge_cases_and_bad_windows():
