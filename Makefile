@@ -17,7 +17,7 @@ TORCH_VERSION := $(shell sed -n 's/.*"torch==\([^"]*\)".*/\1/p' pyproject.toml)
 
 SERVE_STAMP := $(VENV)/.serve-stamp
 
-.PHONY: demo ehr-demo embed-demo rl-demo seg-demo vlm-demo test bench clean-venv
+.PHONY: demo ehr-demo embed-demo rl-demo seg-demo vlm-demo apps-demo test bench clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,13 @@ seg-demo: $(CORE_STAMP)
 # and a small multimodal ICL run against that VLM, in runs/vlm_demo (CPU, under 20 minutes).
 vlm-demo: $(SERVE_STAMP)
 	$(PY) -m mlx_med.vlm.demo --workdir runs/vlm_demo
+
+# LLM applications on a CPU: train the small embedded model on synthetic oncology notes, serve it
+# (continuous batching, JSON-schema-constrained output), run UniMedAbstractor over held-out patients
+# (per-attribute F1 with intervals, the review-queue size) and METASCALE at a small budget against
+# plain sampling and best-of-N, in runs/apps_demo (CPU, under 15 minutes).
+apps-demo: $(SERVE_STAMP)
+	$(PY) -m mlx_med.apps.demo --workdir runs/apps_demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=20 tests

@@ -5,6 +5,7 @@
   mlx-med serve --model HF_DIR
   mlx-med seg train|predict|evaluate|compare ...
   mlx-med vlm semclip|train|train-psi|eval|icl ...
+  mlx-med apps synth|abstract|review|metascale|train ...
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ TASKS = {
 
 # Capability packages that add sub-commands through `register(subparsers)`.
 SUBCOMMAND_MODULES = ("mlx_med.ehr.cli", "mlx_med.llm.cli", "mlx_med.scaling.cli", "mlx_med.embed.cli",
-                      "mlx_med.rl.cli", "mlx_med.seg.cli", "mlx_med.vlm.cli")
+                      "mlx_med.rl.cli", "mlx_med.seg.cli", "mlx_med.vlm.cli", "mlx_med.apps.cli")
 
 
 def _train(args, overrides: list[str]) -> int:
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
   accepts_overrides = getattr(args, "accepts_overrides", False)
   if overrides and not accepts_overrides:
     parser.error("--config.* overrides apply to `train`, `scaling run`, `embed train`, `rl train`, `seg train`, `seg compare` "
-                 "and `vlm semclip|train|train-psi` only")
+                 "`vlm semclip|train|train-psi` and `apps metascale|train` only")
   try:
     if accepts_overrides:
       return args.func(args, overrides)
