@@ -559,9 +559,6 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--notes", required=True, help="notes.jsonl, a directory holding it, or DIR/<patient>/<date>_<type>.txt")
   p.add_argument("--attributes", default=str(DEFAULT_ATTRIBUTES), help="attribute JSON file (default: the 15 oncology attributes)")
   p.add_argument("--out", required=True, help="predictions JSONL to write")
-  p.add_argument("--model", help="Hugging Face model directory run in this process")
-  p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-  p.add_argument("--model-name", help="model name at --base-url")
   p.add_argument("--review-db", help="SQLite review queue: rows below --review-threshold wait for a reviewer")
   p.add_argument("--review-threshold", type=float, default=0.7)
   p.add_argument("--labels", help="labels.jsonl: also evaluate (JSON and report.md beside --out)")
@@ -573,22 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--unconstrained", action="store_true", help="no response_format (the schema goes in the prompt)")
   p.add_argument("--n-boot", type=int, default=1000)
   p.add_argument("--run-dir", help="where llm_calls.jsonl goes (default: beside --out)")
+  from mlx_med.apps.clients import add_client_arguments
+  add_client_arguments(p)
   return p
-
-
-def make_cli_client(args: argparse.Namespace) -> Any:
-  """A LocalClient (--model) or an OpenAIClient (--base-url and --model-name), from parsed arguments."""
-  if bool(args.model) == bool(args.base_url):
-    raise ValueError("give exactly one of --model DIR (local) or --base-url URL --model-name NAME (an endpoint)")
-  if args.model:
-    if not os.path.isdir(args.model):
-      raise FileNotFoundError(f"--model {args.model} is not a directory (a Hugging Face model directory)")
-    from mlx_med.llm.client import LocalClient
-    return LocalClient(args.model)
-  if not args.model_name:
-    raise ValueError("--base-url needs --model-name (the model's name at that endpoint)")
-  from mlx_med.llm.client import OpenAIClient
-  return OpenAIClient(args.model_name, base_url=args.base_url)
 
 
 def abstract_main(argv: Optional[Sequence[str]] = None, *, client: Any = None) -> int:
@@ -598,17 +582,17 @@ def abstract_main(argv: Optional[Sequence[str]] = None, *, client: Any = None) -
     notes = read_notes(args.notes)
     attributes = load_attributes(args.attributes)
     gold = read_labels(args.labels) if args.labels else None
-    client = client if client is not None else make_cli_client(args)
+    out = Path(args.out)
+    run_dir = str(Path(args.run_dir) if args.run_dir else out.parent)
+    if client is None:
+      from mlx_med.apps.clients import client_from_args
+      client = client_from_args(args, run_dir, tag="uma")
+    else:
+      from mlx_med.apps.calllog import LoggedClient
+      client = LoggedClient(client, run_dir, log_text=bool(args.log_text), tag="uma")
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  out = Path(args.out)
-  run_dir = Path(args.run_dir) if args.run_dir else out.parent
-  try:
-    from mlx_med.apps.calllog import LoggedClient
-    client = LoggedClient(client, str(run_dir), tag="uma")
-  except ImportError:  # the call log is optional
-    pass
   review = None
   if args.review_db:
     from mlx_med.apps.review import ReviewQueue

@@ -361,4 +361,4 @@ def test_abstract_main(tmp_path, cohort, capsys):
   assert uma.abstract_main(["--notes", str(tmp_path / "nope"), "--out", str(out)], client=object()) == 2
   assert uma.abstract_main(["--notes", str(tmp_path / "data"), "--out", str(out)]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert err[0].startswith("error: notes path") and "exactly one of --model" in err[1]
+  assert err[0].startswith("error: notes path") and "no model given" in err[1]
