@@ -20,7 +20,7 @@ text or, with `model_cls`, a validated pydantic object through `generate_structu
 
 from __future__ import annotations
 
-import concurrent.futures as futures
+from concurrent import futures
 import dataclasses
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
