@@ -1,7 +1,8 @@
 """Writing results so that a reader never sees half of them.
 
-A directory is built under a temporary name beside its target and then swapped in:
-`replace_dir(tmp, target)` renames an existing target aside, renames the new one into
+A file is written under a temporary name beside it and renamed into place (`write_text_atomic`,
+`write_jsonl`). A directory is built under a temporary name beside its target and then swapped
+in: `replace_dir(tmp, target)` renames an existing target aside, renames the new one into
 place and deletes the old one, so at every moment `target` is either the complete old
 version or the complete new one (a crash in between leaves the old version under a
 `.name.old-*` name, never a mixture).
@@ -44,3 +45,30 @@ def write_text_dir(out_dir: str | os.PathLike, files: dict[str, str]) -> None:
   finally:
     if tmp is not None:
       shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` (UTF-8) to `path` through a temporary file beside it and a rename: a reader sees
+  the old file or the new one, never half of it. Parent directories are created."""
+  path = os.path.abspath(os.fspath(path))
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def write_jsonl(path: str | os.PathLike, rows) -> int:
+  """Writes `rows` (JSON-serialisable objects) as JSONL, one compact object a line, atomically;
+  returns the number of rows."""
+  import json
+
+  lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in rows]
+  write_text_atomic(path, "".join(lines))
+  return len(lines)
