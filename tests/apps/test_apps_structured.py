@@ -168,3 +168,19 @@ def test_client_accepts_looks_through_wrappers():
   assert client_accepts(Wrapper(ScriptedClient([])), "response_format")
   assert not client_accepts(Wrapper(OldClient([])), "response_format")
   assert client_accepts(Wrapper(Wrapper(ScriptedClient([]))), "tools")
+
+
+def test_through_the_call_log_wrapper(tmp_path):
+  from mlx_med.apps.calllog import LoggedClient, read_calls
+
+  client = LoggedClient(ScriptedClient(['{"value": "V", "confidence": 0.1}', '{"value": "II", "confidence": 0.8}']),
+                        str(tmp_path))
+  out = generate_structured(client, [{"role": "user", "content": "q"}], Stage)
+  assert out.ok and out.attempts == 2
+  assert client.inner.calls[0]["response_format"]["type"] == "json_schema"  # seen through the wrapper
+  records = read_calls(str(tmp_path))
+  assert [r["response_format"] for r in records] == ["json_schema", "json_schema"]
+  assert records[0]["prompt_sha256"] != records[1]["prompt_sha256"]  # the retry's conversation is longer
+  old = LoggedClient(OldClient(['{"value": "I", "confidence": 0.2}']), str(tmp_path / "old"))
+  assert generate_structured(old, [{"role": "user", "content": "q"}], Stage).ok
+  assert "JSON schema" in old.inner.calls[0][0]["content"]
