@@ -305,11 +305,15 @@ def value_probability(completion: Any, value: str) -> Optional[float]:
 # ----------------------------------------------------------------------------------------- abstraction
 
 @dataclasses.dataclass
-class _Job:
+class ExtractionJob:
+  """One extraction: `attribute` read from `text` (an excerpt of `note`, see `note_excerpt`)."""
   patient_id: str
   attribute: Attribute
   note: Note
   text: str
+
+
+_Job = ExtractionJob
 
 
 def _plan_long(notes: Sequence[Note], attributes: Sequence[Attribute], chunk_words: int, chunk_overlap: int,
@@ -350,6 +354,22 @@ def _plan_short(notes: Sequence[Note], attributes: Sequence[Attribute], n_recent
   return jobs
 
 
+def plan_extractions(notes: Sequence[Note], attributes: Sequence[Attribute], *, chunk_words: int = 120,
+                     chunk_overlap: int = 20, top_k: int = 2, n_recent: int = 3) -> list[ExtractionJob]:
+  """Every extraction `abstract_patients` makes for `notes` with these knobs (per patient: the long-context
+  attributes' retrieved excerpts, then the short-context attributes' recent notes)."""
+  if top_k < 1 or n_recent < 1:
+    raise ValueError(f"top_k and n_recent must be >= 1 (got {top_k}, {n_recent})")
+  patients: dict[str, list[Note]] = {}
+  for n in sorted(notes, key=lambda n: (n.patient_id, n.date)):
+    patients.setdefault(n.patient_id, []).append(n)
+  jobs: list[ExtractionJob] = []
+  for pnotes in patients.values():
+    jobs += _plan_long(pnotes, [a for a in attributes if a.context == "long"], chunk_words, chunk_overlap, top_k)
+    jobs += _plan_short(pnotes, [a for a in attributes if a.context == "short"], n_recent)
+  return jobs
+
+
 def abstract_patients(client: Any, notes: Sequence[Note], attributes: Sequence[Attribute], *,
                       max_workers: int = 16, chunk_words: int = 120, chunk_overlap: int = 20, top_k: int = 2,
                       n_recent: int = 3, review: Any = None, constrained: bool = True, max_tokens: int = 96,
@@ -362,15 +382,11 @@ def abstract_patients(client: Any, notes: Sequence[Note], attributes: Sequence[A
   """
   from mlx_med.apps.structured import generate_structured
 
-  if max_workers < 1 or top_k < 1 or n_recent < 1:
-    raise ValueError(f"max_workers, top_k and n_recent must be >= 1 (got {max_workers}, {top_k}, {n_recent})")
-  patients: dict[str, list[Note]] = {}
-  for n in sorted(notes, key=lambda n: (n.patient_id, n.date)):
-    patients.setdefault(n.patient_id, []).append(n)
-  jobs: list[_Job] = []
-  for pid, pnotes in patients.items():
-    jobs += _plan_long(pnotes, [a for a in attributes if a.context == "long"], chunk_words, chunk_overlap, top_k)
-    jobs += _plan_short(pnotes, [a for a in attributes if a.context == "short"], n_recent)
+  if max_workers < 1:
+    raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+  patients = list(dict.fromkeys(n.patient_id for n in sorted(notes, key=lambda n: n.patient_id)))
+  jobs = plan_extractions(notes, attributes, chunk_words=chunk_words, chunk_overlap=chunk_overlap, top_k=top_k,
+                          n_recent=n_recent)
   chat_kwargs = {"logprobs": 0} if use_logprobs else {}
   started = time.monotonic()
 
@@ -482,7 +498,8 @@ def evaluate(predictions: Sequence[Mapping[str, Any]], gold: Mapping[str, Mappin
 
   Patients are those in `gold`; a missing prediction counts as "unknown". Returns
   {"n_patients", "n_boot", "attributes": {name: {"n", "accuracy", "accuracy_ci", "micro_f1",
-  "micro_f1_ci", "macro_f1", "macro_f1_ci", "labels"}}, "overall": {...same...}}.
+  "micro_f1_ci", "macro_f1", "macro_f1_ci", "labels", "context"}}, "overall": {...}, "by_context":
+  {"short": {...}, "long": {...}}}: the pooled figures over all attributes and over each context's.
   """
   if int(n_boot) < 1:
     raise ValueError(f"n_boot={n_boot}; give at least 1 bootstrap resample (1000 is usual)")
@@ -511,18 +528,21 @@ def evaluate(predictions: Sequence[Mapping[str, Any]], gold: Mapping[str, Mappin
     all_c.append(c)
     macro_boot.append(boot[2])
     macro_point.append(point[2])
-  # Overall: pairs pooled per patient (classes namespaced by attribute), macro = mean of attribute macros.
-  correct = np.sum(all_correct, axis=0) / len(attributes)
-  pooled = np.concatenate(all_c, axis=1).sum(axis=1)           # [P, 3]
-  acc_point = float(correct.mean())
-  tp, fp, fn = pooled.sum(0)
-  boot_pooled = weights @ pooled
-  macro_b = _nanmean(np.stack(macro_boot), axis=0)
-  out["overall"] = {
-    "n": p * len(attributes), "accuracy": acc_point, "accuracy_ci": _ci(weights @ correct / p),
-    "micro_f1": float(_f1(tp, fp, fn)), "micro_f1_ci": _ci(_f1(boot_pooled[:, 0], boot_pooled[:, 1], boot_pooled[:, 2])),
-    "macro_f1": float(_nanmean(np.asarray(macro_point), axis=0)),
-    "macro_f1_ci": _ci(macro_b)}
+  # Overall (and per context): pairs pooled per patient (classes namespaced by attribute), macro = the
+  # mean of the attributes' macro-F1.
+  def pooled(keep: list[int]) -> dict:
+    correct = np.sum([all_correct[i] for i in keep], axis=0) / len(keep)
+    counts = np.concatenate([all_c[i] for i in keep], axis=1).sum(axis=1)      # [P, 3]
+    tp, fp, fn = counts.sum(0)
+    boot = weights @ counts
+    return {"n": p * len(keep), "accuracy": float(correct.mean()), "accuracy_ci": _ci(weights @ correct / p),
+            "micro_f1": float(_f1(tp, fp, fn)), "micro_f1_ci": _ci(_f1(boot[:, 0], boot[:, 1], boot[:, 2])),
+            "macro_f1": float(_nanmean(np.asarray([macro_point[i] for i in keep]), axis=0)),
+            "macro_f1_ci": _ci(_nanmean(np.stack([macro_boot[i] for i in keep]), axis=0))}
+
+  out["overall"] = pooled(list(range(len(attributes))))
+  out["by_context"] = {ctx: pooled([i for i, a in enumerate(attributes) if a.context == ctx])
+                       for ctx in CONTEXTS if any(a.context == ctx for a in attributes)}
   return out
 
 
@@ -540,6 +560,9 @@ def report_markdown(evaluation: Mapping[str, Any]) -> str:
   for name, m in evaluation["attributes"].items():
     lines.append(f"| {name} | {m.get('context', '')} | {_fmt(m['accuracy'], m['accuracy_ci'])} | "
                  f"{_fmt(m['micro_f1'], m['micro_f1_ci'])} | {_fmt(m['macro_f1'], m['macro_f1_ci'])} |")
+  for ctx, o in evaluation.get("by_context", {}).items():
+    lines.append(f"| *{ctx}-context* | | {_fmt(o['accuracy'], o['accuracy_ci'])} | {_fmt(o['micro_f1'], o['micro_f1_ci'])} | "
+                 f"{_fmt(o['macro_f1'], o['macro_f1_ci'])} |")
   o = evaluation["overall"]
   lines.append(f"| **overall** | | {_fmt(o['accuracy'], o['accuracy_ci'])} | {_fmt(o['micro_f1'], o['micro_f1_ci'])} | "
                f"{_fmt(o['macro_f1'], o['macro_f1_ci'])} |")

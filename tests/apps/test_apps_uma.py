@@ -290,6 +290,12 @@ def test_oracle_on_a_larger_cohort_and_retrieval_skips_notes(cohort):
   rows = uma.abstract_patients(client, notes, ATTRS, max_workers=8, top_k=1)
   ev = evaluate(rows, gold, ATTRS, n_boot=100)
   assert ev["overall"]["accuracy"] == 1.0 and ev["overall"]["micro_f1"] == 1.0
+  assert set(ev["by_context"]) == {"short", "long"} and ev["by_context"]["short"]["n"] == 2 * 40
+  assert "| *short-context* |" in uma.report_markdown(ev)
+  # The plan is public (the embedded model trains on exactly these excerpts) and matches the calls.
+  jobs = uma.plan_extractions(notes, ATTRS, top_k=1)
+  assert len(jobs) == len(client.calls) == sum(r["calls"] for r in rows)
+  assert sorted((j.attribute.name, j.text) for j in jobs) == sorted((c["attribute"], c["text"]) for c in client.calls)
   # Retrieval reads fewer notes than "every note for every long attribute".
   n_long = sum(a.context == "long" for a in ATTRS)
   assert sum(r["notes_read"] for r in rows if BY_NAME[r["attribute"]].context == "long") < len(notes) * n_long
