@@ -41,11 +41,12 @@ import datetime as dt
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
+
+from mlx_med.core.fileio import write_jsonl, write_text_atomic  # noqa: F401  (re-exported: the apps' writers)
 
 NOTE_TYPES = ("oncology_consult", "pathology_report", "radiology_report", "clinic_note")
 CANCERS = ("breast", "lung", "colon")
@@ -370,26 +371,6 @@ def generate_cohort(n_patients: int, *, seed: int = 0) -> tuple[list[Note], dict
 
 # ----------------------------------------------------------------------------------------- files
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-  """Writes `text` to `path` through a temporary file beside it and a rename."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-  """Atomic JSONL writer (one compact JSON object per line)."""
-  write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 def _tree_names(notes: Sequence[Note]) -> list[str]:
   seen: dict[str, int] = {}
   names = []
@@ -410,6 +391,7 @@ def write_cohort(out_dir: str | os.PathLike, notes: Sequence[Note], gold: dict[s
                                      for pid, attrs in gold.items() for a, v in attrs.items()))
   if tree:
     from mlx_med.core.fileio import write_text_dir
+
     for pid in dict.fromkeys(n.patient_id for n in notes):
       mine = [n for n in notes if n.patient_id == pid]
       write_text_dir(out / "notes" / pid, {name.split("/", 1)[1]: n.text for name, n in zip(_tree_names(mine), mine)})
