@@ -354,6 +354,15 @@ def _plan_short(notes: Sequence[Note], attributes: Sequence[Attribute], n_recent
   return jobs
 
 
+@dataclasses.dataclass
+class _Failed:
+  """A call that raised: no value, one attempt."""
+  value: Any = None
+  raw: str = ""
+  attempts: int = 1
+  completion: Any = None
+
+
 def plan_extractions(notes: Sequence[Note], attributes: Sequence[Attribute], *, chunk_words: int = 120,
                      chunk_overlap: int = 20, top_k: int = 2, n_recent: int = 3) -> list[ExtractionJob]:
   """Every extraction `abstract_patients` makes for `notes` with these knobs (per patient: the long-context
@@ -373,12 +382,15 @@ def plan_extractions(notes: Sequence[Note], attributes: Sequence[Attribute], *, 
 def abstract_patients(client: Any, notes: Sequence[Note], attributes: Sequence[Attribute], *,
                       max_workers: int = 16, chunk_words: int = 120, chunk_overlap: int = 20, top_k: int = 2,
                       n_recent: int = 3, review: Any = None, constrained: bool = True, max_tokens: int = 96,
-                      max_retries: int = 1, use_logprobs: bool = False, template: Any = None) -> list[dict]:
+                      max_retries: int = 1, use_logprobs: bool = False, template: Any = None,
+                      progress: bool = False) -> list[dict]:
   """Abstracts every attribute for every patient in `notes`; one prediction row per (patient, attribute).
 
   Rows: {patient_id, attribute, value, confidence, evidence_note_ids, evidence, calls, notes_read,
   failed}; with `review` (a ReviewQueue) each row is submitted and `review` (True = queued) added.
-  Extraction calls run concurrently (`max_workers` threads over the thread-safe client).
+  Extraction calls run concurrently (`max_workers` threads over the thread-safe client). A call that
+  raises (an endpoint down after the client's own retries) counts as a failed extraction of that note,
+  logged by exception type only; the run goes on. `progress` shows a bar with calls/s and the ETA.
   """
   from mlx_med.apps.structured import generate_structured
 
@@ -396,10 +408,30 @@ def abstract_patients(client: Any, notes: Sequence[Note], attributes: Sequence[A
                                constrained=constrained, max_tokens=max_tokens, temperature=0.0, seed=0,
                                **chat_kwargs)
 
+  def run_safely(job: _Job):
+    try:
+      return run(job)
+    except Exception as e:  # noqa: BLE001 -- one failed note must not lose the whole run
+      logger.warning("extraction of %s for patient %s failed: %s", job.attribute.name, job.patient_id,
+                     type(e).__name__)
+      return _Failed()
+
+  results: list[Any] = [None] * len(jobs)
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(jobs), desc="UMA extractions", unit="call", file=sys.stderr, mininterval=1.0)
   with concurrent.futures.ThreadPoolExecutor(max_workers=max_workers) as pool:
-    results = list(pool.map(run, jobs))
-  logger.info("UMA: %d patients, %d attributes, %d extraction calls in %.1fs", len(patients), len(attributes),
-              len(jobs), time.monotonic() - started)
+    futures = {pool.submit(run_safely, job): i for i, job in enumerate(jobs)}
+    for fut in concurrent.futures.as_completed(futures):
+      results[futures[fut]] = fut.result()
+      if bar is not None:
+        bar.update(1)
+  if bar is not None:
+    bar.close()
+  n_failed = sum(r.value is None for r in results)
+  logger.info("UMA: %d patients, %d attributes, %d extraction calls (%d failed) in %.1fs", len(patients),
+              len(attributes), len(jobs), n_failed, time.monotonic() - started)
 
   grouped: dict[tuple[str, str], list[tuple[_Job, Any]]] = {}
   for job, res in zip(jobs, results):
@@ -593,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--unconstrained", action="store_true", help="no response_format (the schema goes in the prompt)")
   p.add_argument("--n-boot", type=int, default=1000)
   p.add_argument("--run-dir", help="where llm_calls.jsonl goes (default: beside --out)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
   from mlx_med.apps.clients import add_client_arguments
   add_client_arguments(p)
   return p
@@ -623,7 +656,8 @@ def abstract_main(argv: Optional[Sequence[str]] = None, *, client: Any = None) -
   started = time.monotonic()
   rows = abstract_patients(client, notes, attributes, max_workers=args.max_workers, chunk_words=args.chunk_words,
                            top_k=args.top_k, n_recent=args.n_recent, review=review,
-                           constrained=not args.unconstrained, max_tokens=args.max_tokens)
+                           constrained=not args.unconstrained, max_tokens=args.max_tokens,
+                           progress=not args.no_progress)
   write_jsonl(out, rows)
   n_patients = len({r["patient_id"] for r in rows})
   print(f"wrote {len(rows)} predictions ({n_patients} patients x {len(attributes)} attributes, "

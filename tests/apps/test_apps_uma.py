@@ -345,12 +345,31 @@ def test_failed_calls_lower_confidence(cohort):
     assert r["calls"] == 2 * r["notes_read"] and r["confidence"] == 0.0
 
 
+def test_a_raising_call_is_a_failed_note_not_a_failed_run(cohort, caplog):
+  notes, gold, facts = _subset(cohort, 2)
+  oracle = oracle_for(facts)
+
+  def flaky(name, text):
+    if name == "ecog":
+      raise ConnectionError("endpoint down")
+    return oracle(name, text)
+
+  rows = uma.abstract_patients(ScriptedClient(flaky), notes, ATTRS, max_workers=3, progress=True)
+  for r in rows:
+    if r["attribute"] == "ecog":
+      assert r["value"] == "unknown" and r["failed"] == r["notes_read"] > 0 and r["confidence"] == 0.0
+    else:
+      assert r["value"] == gold[r["patient_id"]][r["attribute"]] and r["failed"] == 0
+  assert "ConnectionError" in caplog.text and "endpoint down" not in caplog.text
+
+
 def test_abstract_main(tmp_path, cohort, capsys):
   notes, gold, facts = _subset(cohort, 5)
   write_cohort(tmp_path / "data", notes, gold)
   out = tmp_path / "run" / "predictions.jsonl"
   rc = uma.abstract_main(["--notes", str(tmp_path / "data"), "--out", str(out), "--labels",
-                          str(tmp_path / "data" / "labels.jsonl"), "--n-boot", "50", "--max-workers", "3"],
+                          str(tmp_path / "data" / "labels.jsonl"), "--n-boot", "50", "--max-workers", "3",
+                          "--no-progress"],
                          client=ScriptedClient(oracle_for(facts)))
   assert rc == 0
   rows = [json.loads(line) for line in out.read_text().splitlines()]
