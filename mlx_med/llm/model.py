@@ -8,6 +8,7 @@ chat messages, OpenAI-style sampling knobs) into token-level sampler calls.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
@@ -45,6 +46,19 @@ class Generation:
                forced=out.forced)
 
 
+def _mean_pooled(cfg: DecoderConfig, rules, params, tokens, lengths, *, normalize: bool):
+  """Right-padded tokens [B, T] and real lengths [B] -> mean final hidden state [B, E] (fp32).
+  Padding is its own segment (0), so real tokens never attend to it; pad rows (length 0)
+  give zeros."""
+  real = (jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :] < lengths[:, None]).astype(jnp.int32)
+  _, hidden = Decoder(cfg, rules).apply({"params": params}, tokens, segment_ids=real, return_hidden=True)
+  weights = real.astype(jnp.float32)[..., None]
+  pooled = (hidden.astype(jnp.float32) * weights).sum(axis=1) / jnp.maximum(lengths, 1).astype(jnp.float32)[:, None]
+  if normalize:
+    pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+  return pooled
+
+
 class LocalLM:
   """An in-process LLM: `LocalLM.from_pretrained(dir).chat([[{"role": "user", ...}]])`."""
 
@@ -69,6 +83,7 @@ class LocalLM:
     self.sampler = Sampler(cfg, rules, pad_id=pad, cache_dtype=cache_dtype, **bucket_options)
     self._forward = jax.jit(lambda p, t, pos, seg: Decoder(cfg, rules).apply({"params": p}, t, positions=pos,
                                                                               segment_ids=seg))
+    self._embed_fn = jax.jit(functools.partial(_mean_pooled, cfg, rules), static_argnames=("normalize",))
 
   @classmethod
   def from_pretrained(cls, model_dir: str, *, dtype: str = "float32", param_dtype: Optional[str] = None,
@@ -184,6 +199,45 @@ class LocalLM:
       positions[i, length - len(p):] = np.arange(len(p))
     out = np.asarray(self._forward(self.params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments)))
     return [out[i, length - len(p):] for i, p in enumerate(prompts)]
+
+  def embed(self, prompts: Sequence[Sequence[int]], *, normalize: bool = True, max_batch: int = 64) -> np.ndarray:
+    """Sentence embeddings [N, d_model] float32 of token prompts: the mean of the final-norm
+    hidden states (the last layer's output after the model's final RMSNorm, what HF calls
+    `last_hidden_state`) over each prompt's own tokens, L2-normalised when `normalize`.
+
+    Prompts are right-padded into power-of-two buckets (rows and length, as the sampler's)
+    so a few compiled programs serve every request; padding never enters a mean. At most
+    `max_batch` rows go through the model at once.
+    """
+    if not prompts:
+      return np.zeros((0, self.cfg.d_model), np.float32)
+    from mlx_med.core.sampler import bucket
+
+    rows = [[int(t) for t in p] for p in prompts]
+    for i, p in enumerate(rows):
+      if not p:
+        raise ValueError(f"prompt {i} is empty; every text to embed needs at least one token")
+      if len(p) > self.cfg.max_seq_len:
+        raise ValueError(f"prompt {i} has {len(p)} tokens, more than the model's context of {self.cfg.max_seq_len}; "
+                         "split the text into shorter chunks")
+      if min(p) < 0 or max(p) >= self.cfg.vocab_size:
+        raise ValueError(f"prompt {i} holds token ids outside [0, {self.cfg.vocab_size})")
+    multiple = self.sampler._batch_multiple()
+    out = []
+    for start in range(0, len(rows), max_batch):
+      chunk = rows[start:start + max_batch]
+      batch = bucket(len(chunk), minimum=self.sampler.min_batch_bucket)
+      batch = -(-batch // multiple) * multiple
+      length = bucket(max(len(p) for p in chunk), minimum=self.sampler.min_prompt_bucket,
+                      maximum=self.cfg.max_seq_len)
+      tokens = np.full((batch, length), self.sampler.pad_id, np.int32)
+      lengths = np.zeros((batch,), np.int32)
+      for i, p in enumerate(chunk):
+        tokens[i, :len(p)] = p
+        lengths[i] = len(p)
+      pooled = self._embed_fn(self.params, jnp.asarray(tokens), jnp.asarray(lengths), normalize=normalize)
+      out.append(np.asarray(pooled, np.float32)[:len(chunk)])
+    return np.concatenate(out, axis=0)
 
   def save_pretrained(self, out_dir: str, *, dtype: Optional[str] = None, max_shard_size: int | str = "5GB",
                       copy_files_from: Optional[str] = None, overwrite: bool = False) -> str:
