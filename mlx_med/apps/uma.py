@@ -224,9 +224,10 @@ def attribute_messages(attribute: Attribute, text: str, *, template: Any = None)
 
 
 def attribute_answer(attribute: Attribute, value: str, evidence: str = "") -> str:
-  """The compact JSON reply for `value` (the training target shape of the embedded model)."""
-  return json.dumps({"value": value, "evidence": evidence[:EVIDENCE_MAX_CHARS]}, ensure_ascii=False,
-                    separators=(",", ":"))
+  """The JSON reply for `value`, exactly as schema-constrained decoding writes it (json.dumps' ", " and
+  ": " separators, keys in schema order): the training target of the embedded model, so that what it
+  learned is what the constraint lets it write."""
+  return json.dumps({"value": value, "evidence": evidence[:EVIDENCE_MAX_CHARS]}, ensure_ascii=False)
 
 
 _MODELS: dict[tuple, type] = {}

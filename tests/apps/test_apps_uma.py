@@ -127,7 +127,7 @@ def test_new_attribute_is_only_a_config_entry(tmp_path):
   assert system["role"] == "system" and user["role"] == "user"
   content = user["content"]
   for piece in ("Attribute: smoking status", "Tobacco smoking history.", "Allowed values: never, former, current",
-                '"value": one allowed value or "unknown"', "Examples:", 'Answer: {"value":"former","evidence":"Quit in 2010"}',
+                '"value": one allowed value or "unknown"', "Examples:", 'Answer: {"value": "former", "evidence": "Quit in 2010"}',
                 "Clinical text:\nFormer smoker, 20 pack-years."):
     assert piece in content, piece
   fmt = uma.attribute_response_format(attr)
@@ -140,6 +140,28 @@ def test_new_attribute_is_only_a_config_entry(tmp_path):
   assert model.model_validate_json(uma.attribute_answer(attr, "former", "Quit")).value == "former"
   with pytest.raises(Exception):
     model.model_validate({"value": "sometimes", "evidence": ""})
+
+
+def test_answers_are_what_the_schema_constraint_writes(tmp_path):
+  """Every attribute's answer text (the embedded model's training target) passes its own constraint."""
+  from hf_tiny import write_tokenizer
+
+  from mlx_med.llm import grammar
+  from mlx_med.llm.tokenizer import ChatTokenizer
+
+  write_tokenizer(str(tmp_path))
+  tok = ChatTokenizer.from_dir(str(tmp_path))
+  for attr in ATTRS:
+    fmt = uma.attribute_response_format(attr)
+    for value, evidence in [(v, "ECOG 1. Stage IIIA, \"quoted\"") for v in attr.values] + [("unknown", "")]:
+      c = grammar.constraint_for_response_format(fmt, tok, 384)
+      for t in tok.hf.encode(uma.attribute_answer(attr, value, evidence), add_special_tokens=False):
+        c.advance(t)
+      assert c.is_accepting(), (attr.name, value)
+    c = grammar.constraint_for_response_format(fmt, tok, 384)
+    with pytest.raises(ValueError, match="not allowed"):   # a value outside the enum cannot be written
+      for t in tok.hf.encode('{"value": "zzz"', add_special_tokens=False):
+        c.advance(t)
 
 
 def test_template_parts_and_optional_examples():
