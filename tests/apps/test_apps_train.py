@@ -36,7 +36,7 @@ def test_gold_reply_validates_against_the_response_schema(attributes):
     schema = uma.attribute_response_format(attribute)["json_schema"]["schema"]
     for value in list(attribute.values or [])[:2] + [attribute.unknown]:
       text = train_lib.gold_reply(attribute, value, "PS 1.")
-      assert ": " not in text and ", " not in text.replace(value, ""), text  # compact JSON
+      assert text.startswith('{"value": '), text  # json.dumps separators: what the schema constraint writes
       reply = json.loads(text)
       jsonschema.validate(reply, schema)
       assert reply["value"] == value
