@@ -80,6 +80,7 @@ class PromptTemplate:
     self._parts: tuple[tuple[str, str], ...] = tuple((n, t) for n, t in items)
     self._system = system
     self._joiner = joiner
+    self._bound: dict[str, Any] = {}
     self._part_fields = {n: _field_names(t, f"part {n!r}") for n, t in self._parts}
     self._system_fields = _field_names(system, "system message") if system is not None else ()
 
@@ -109,6 +110,11 @@ class PromptTemplate:
   def joiner(self) -> str:
     return self._joiner
 
+  @property
+  def bound(self) -> dict[str, Any]:
+    """Values fixed with `partial` (used unless render gets another value)."""
+    return dict(self._bound)
+
   def part_fields(self, name: str) -> tuple[str, ...]:
     """The fields of one part, in order of use."""
     self._check_known(name)
@@ -130,10 +136,11 @@ class PromptTemplate:
   def __eq__(self, other: object) -> bool:
     if not isinstance(other, PromptTemplate):
       return NotImplemented
-    return (self._parts, self._system, self._joiner) == (other._parts, other._system, other._joiner)
+    return ((self._parts, self._system, self._joiner, self._bound)
+            == (other._parts, other._system, other._joiner, other._bound))
 
   def __hash__(self) -> int:
-    return hash((self._parts, self._system, self._joiner))
+    return hash((self._parts, self._system, self._joiner, tuple(sorted(self._bound))))
 
   def __repr__(self) -> str:
     return f"PromptTemplate(names={list(self.names)}, fields={sorted(self.fields)}, system={self._system is not None})"
@@ -152,6 +159,7 @@ class PromptTemplate:
 
   def render(self, **values: Any) -> str:
     """The user text: parts in order, joined by `joiner`; parts with only empty values dropped."""
+    values = {**self._bound, **values}
     out = []
     for name, text in self._parts:
       fields = self._part_fields[name]
@@ -165,6 +173,7 @@ class PromptTemplate:
   def render_system(self, **values: Any) -> Optional[str]:
     if self._system is None:
       return None
+    values = {**self._bound, **values}
     return self._format(self._system, self._system_fields, values, "system message")
 
   def messages(self, **values: Any) -> list[dict]:
@@ -182,7 +191,18 @@ class PromptTemplate:
       raise KeyError(f"prompt has no part {name!r}; its parts are {list(self.names)}")
 
   def _with(self, parts: Sequence[tuple[str, str]], system: Any = ...) -> "PromptTemplate":
-    return PromptTemplate(list(parts), system=self._system if system is ... else system, joiner=self._joiner)
+    out = PromptTemplate(list(parts), system=self._system if system is ... else system, joiner=self._joiner)
+    out._bound = dict(self._bound)
+    return out
+
+  def partial(self, **values: Any) -> "PromptTemplate":
+    """The template with some fields fixed (e.g. the attribute's definition), the rest given to render."""
+    unknown = sorted(set(values) - self.fields)
+    if unknown:
+      raise KeyError(f"partial() got field(s) {unknown} the template does not use; its fields are {sorted(self.fields)}")
+    out = self._with(self._parts)
+    out._bound.update(values)
+    return out
 
   def replace(self, name: str, text: str) -> "PromptTemplate":
     """The template with part `name`'s text replaced (same position)."""
@@ -230,4 +250,9 @@ class PromptTemplate:
       raise ValueError("cannot join templates with two different system messages; "
                        "drop one with with_system(None)")
     system = self._system if self._system is not None else other._system
-    return self._with(list(self._parts) + list(other._parts), system)
+    clash = sorted(k for k in set(self._bound) & set(other._bound) if self._bound[k] != other._bound[k])
+    if clash:
+      raise ValueError(f"cannot join templates that fix field(s) {clash} to different values")
+    out = self._with(list(self._parts) + list(other._parts), system)
+    out._bound.update(other._bound)
+    return out

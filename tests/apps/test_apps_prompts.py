@@ -110,3 +110,20 @@ def test_literal_braces_attribute_access_and_bad_syntax():
     PromptTemplate([("pos", "a {} b")])
   with pytest.raises(AttributeError, match="part 'schema'"):
     t.render(item=object(), scores=[1.0])
+
+
+def test_partial_binds_fields_and_survives_edits():
+  t = _uma_like().partial(attribute="histology", values="adenocarcinoma, squamous", role="abstractor")
+  assert t.bound == {"attribute": "histology", "values": "adenocarcinoma, squamous", "role": "abstractor"}
+  msgs = t.messages(examples="", date="d", note="n")
+  assert msgs[0]["content"] == "You are a careful abstractor." and msgs[1]["content"].startswith("Extract the histology")
+  assert t.render(attribute="stage", values="I", examples="", date="d", note="n").startswith("Extract the stage")
+  t2 = t.without("examples").insert("ctx", "Context: {ctx}", before="note")
+  assert t2.bound == t.bound and "Context: c" in t2.render(ctx="c", date="d", note="n")
+  assert t != _uma_like() and t.partial() == t
+  with pytest.raises(KeyError, match=r"\['nope'\]"):
+    t.partial(nope=1)
+  joined = PromptTemplate([("a", "{x}")]).partial(x=1) + PromptTemplate([("b", "{y}")]).partial(y=2)
+  assert joined.render() == "1\n\n2"
+  with pytest.raises(ValueError, match=r"fix field\(s\) \['x'\]"):
+    PromptTemplate([("a", "{x}")]).partial(x=1) + PromptTemplate([("b", "{x}")]).partial(x=2)
