@@ -46,7 +46,9 @@ Evaluation (`evaluate`): per attribute accuracy over patients (an "unknown" gold
 `f1_score(..., labels=L)` with L = the known classes present in the gold or the predictions, so an
 "unknown" answer is a miss and a value for an "unknown" gold a false positive), and 95% percentile
 bootstrap intervals from resampling patients (`n_boot` resamples, the same patient draws for every
-attribute). Overall: accuracy and micro-F1 over all (patient, attribute) pairs, macro-F1 the mean
+attribute; patients in sorted id order). F1 is not a mean, so the resampled tp/fp/fn counts are summed
+here; for accuracy the draws and percentiles are those of `core.stats.bootstrap_mean_ci` (the tests
+check they give the same interval). Overall: accuracy and micro-F1 over all (patient, attribute) pairs, macro-F1 the mean
 of the attributes' macro-F1.
 """
 

@@ -262,6 +262,16 @@ def test_bootstrap_contains_point_and_narrows():
     return evaluate(preds, gold, [a], n_boot=500, seed=1)["attributes"]["x"]
 
   small, large = run(40), run(640)
+  # Accuracy is a mean over patients: its interval is core.stats' bootstrap of the per-patient
+  # correctness (the same draws for the same seed).
+  from mlx_med.core.stats import bootstrap_mean_ci
+  true = rng.choice(["x", "y"], size=50)
+  pred = np.where(rng.random(50) < 0.6, true, "z")
+  ev = evaluate([{"patient_id": f"P{i:03d}", "attribute": "x", "value": v} for i, v in enumerate(pred)],
+                {f"P{i:03d}": {"x": t} for i, t in enumerate(true)}, [a], n_boot=300, seed=5)["attributes"]["x"]
+  ref = bootstrap_mean_ci((pred == true).astype(float), n_boot=300, seed=5)
+  assert ev["accuracy"] == pytest.approx(ref["mean"])
+  assert ev["accuracy_ci"] == pytest.approx([ref["lo"], ref["hi"]], abs=1e-12)
   for m in (small, large):
     for key in ("accuracy", "micro_f1", "macro_f1"):
       lo, hi = m[f"{key}_ci"]
