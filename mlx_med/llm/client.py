@@ -25,6 +25,19 @@ vision-language model, or any OpenAI-compatible multimodal endpoint such as
               max_tokens=8, temperature=0.0)
 
 `image_part` embeds the image as a data: URL, the form every backend accepts.
+
+Structured output and tools, alike on both backends (OpenAI's shapes)::
+
+  client.chat(messages, response_format={"type": "json_schema", "json_schema": {"name": "finding",
+                                          "schema": {...}, "strict": True}})
+  outs = client.chat(messages, tools=[{"type": "function", "function": {"name": ..., "parameters": {...}}}],
+                     tool_choice="required")
+  outs[0].tool_calls   # [{"id", "type": "function", "function": {"name", "arguments": "<json>"}}]
+  client.embed(["text one", "text two"])   # [2, D] float32, unit rows
+
+`LocalClient` decodes JSON schemas and forced tool calls under the same grammar masks
+as `mlx-med serve` (`mlx_med.llm.grammar`), through a `ContinuousEngine` it starts on
+first use, so threads calling it at once share one running batch.
 """
 
 from __future__ import annotations
@@ -34,9 +47,12 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import threading
 import time
 from typing import Any, Mapping, Optional, Sequence, Union
 from urllib.parse import urlparse
+
+import numpy as np
 
 logger = logging.getLogger("mlx_med.llm.client")
 
@@ -63,6 +79,7 @@ class Completion:
   top_logprobs: Optional[list[dict[str, float]]] = None
   prompt_tokens: Optional[int] = None
   completion_tokens: Optional[int] = None
+  tool_calls: Optional[list[dict]] = None  # [{"id", "type": "function", "function": {"name", "arguments": str}}]
 
 
 class LLMClient(abc.ABC):
@@ -77,8 +94,20 @@ class LLMClient(abc.ABC):
   @abc.abstractmethod
   def chat(self, messages: Messages, *, max_tokens: int = 256, temperature: Optional[float] = None,
            top_p: Optional[float] = None, n: int = 1, stop: Union[None, str, Sequence[str]] = None,
-           seed: Optional[int] = None, logprobs: Optional[int] = None) -> list[Completion]:
-    """Answers a conversation (through the model's chat template); same knobs as `complete`."""
+           seed: Optional[int] = None, logprobs: Optional[int] = None,
+           response_format: Optional[Mapping[str, Any]] = None, tools: Optional[Sequence[Mapping[str, Any]]] = None,
+           tool_choice: Union[None, str, Mapping[str, Any]] = None) -> list[Completion]:
+    """Answers a conversation (through the model's chat template); same knobs as `complete`,
+    plus OpenAI's response_format (text | json_object | json_schema), tools and tool_choice
+    (none | auto | required | {"type": "function", "function": {"name"}})."""
+
+  def embed(self, texts: Sequence[str]) -> np.ndarray:
+    """Embeddings [N, D] float32 with unit rows."""
+    raise NotImplementedError(f"{type(self).__name__} does not provide embeddings")
+
+  @property
+  def model_name(self) -> str:
+    return getattr(self, "model", None) or type(self).__name__
 
   def close(self) -> None:
     pass
@@ -102,9 +131,14 @@ class LocalClient(LLMClient):
   A model directory is loaded as a VLM when its config.json describes one. Chat
   messages for a VLM may hold `image_url` parts (data: URLs; local paths only under the
   model's `allowed_local_media_path`).
+
+  A text model generates through a `ContinuousEngine` (started on first use, stopped by
+  `close`): calls from many threads join one running batch, and response_format / forced
+  tool calls are decoded under grammar masks. A VLM generates with the static sampler
+  (no grammar constraints).
   """
 
-  def __init__(self, model: Any, **load_kwargs):
+  def __init__(self, model: Any, *, max_num_seqs: int = 32, chunk_size: int = 4, **load_kwargs):
     if isinstance(model, str):
       from mlx_med.vlm.local import LocalVLM, is_vlm_dir
 
@@ -114,9 +148,44 @@ class LocalClient(LLMClient):
         from mlx_med.llm.model import LocalLM
         model = LocalLM.from_pretrained(model, **load_kwargs)
     self.lm = model
+    self.max_num_seqs = int(max_num_seqs)
+    self.chunk_size = int(chunk_size)
+    self._engine = None
+    self._engine_lock = threading.Lock()
+
+  @property
+  def model_name(self) -> str:
+    return getattr(self.lm, "name", "local")
+
+  @property
+  def engine(self):
+    """The continuous-batching engine over the model (created and started on first use)."""
+    with self._engine_lock:
+      if self._engine is None:
+        from mlx_med.llm.engine import ContinuousEngine
+
+        self._engine = ContinuousEngine(self.lm, max_num_seqs=self.max_num_seqs, chunk_size=self.chunk_size)
+        self._engine.start()
+      return self._engine
+
+  def _generate(self, rows: list[list[int]], sampling: list, constraints: Optional[list], images) -> list:
+    from mlx_med.llm.model import Generation
+
+    if getattr(self.lm, "is_multimodal", False):
+      if constraints is not None:
+        raise ValueError(f"model {self.model_name!r} is a vision-language model, which generates without grammar "
+                         "constraints; drop response_format / the forced tool_choice")
+      return self.lm.generate_tokens(rows, sampling, images=images) if images else self.lm.generate_tokens(rows,
+                                                                                                            sampling)
+    outs = []
+    for start in range(0, len(rows), self.max_num_seqs):  # n above the engine's slots: in turns
+      part = slice(start, start + self.max_num_seqs)
+      outs += self.engine.generate(rows[part], sampling[part],
+                                   constraints=None if constraints is None else constraints[part])
+    return [Generation.from_sample(o) for o in outs]
 
   def _run(self, prompts: list[list[int]], n: int, kind: str, images: Optional[list] = None,
-           **knobs) -> list[Completion]:
+           constraint: Any = None, tools: Optional[list] = None, **knobs) -> list[Completion]:
     started = time.monotonic()
     top = knobs.pop("logprobs")
     rows, sampling = [], []
@@ -126,10 +195,8 @@ class LocalClient(LLMClient):
                                    logprobs=top or 0)
       rows.append(prompts[0])
       sampling.append(sp)
-    if images:
-      gens = self.lm.generate_tokens(rows, sampling, images=[images] * n)
-    else:
-      gens = self.lm.generate_tokens(rows, sampling)
+    constraints = None if constraint is None else [constraint.copy() for _ in range(n)]
+    gens = self._generate(rows, sampling, constraints, [images] * n if images else None)
     tok = self.lm.tokenizer
     outs = []
     for g in gens:
@@ -140,6 +207,12 @@ class LocalClient(LLMClient):
         c.token_logprobs = list(g.logprobs)
         if g.top_logprobs is not None:
           c.top_logprobs = [{tok.token_text(i): lp for i, lp in alts} for alts in g.top_logprobs]
+      if tools:
+        from mlx_med.llm.grammar import parse_tool_calls
+
+        content, calls = parse_tool_calls(g.text, tools)
+        if calls:
+          c.text, c.tool_calls, c.finish_reason = content or "", calls, "tool_calls"
       outs.append(c)
     _log_call("local", kind, n, started, outs)
     return outs
@@ -150,7 +223,18 @@ class LocalClient(LLMClient):
                      temperature=temperature, top_p=top_p, stop=stop, seed=seed, logprobs=logprobs)
 
   def chat(self, messages, *, max_tokens=256, temperature=None, top_p=None, n=1, stop=None, seed=None,
-           logprobs=None):
+           logprobs=None, response_format=None, tools=None, tool_choice=None):
+    from mlx_med.llm import grammar as grammar_lib
+
+    clean_tools = grammar_lib.validate_tools(list(tools)) if tools is not None else []
+    choice = grammar_lib.resolve_tool_choice(tool_choice, clean_tools)
+    tools_on = clean_tools if choice != "none" else None
+    constraint = None
+    if choice not in ("none", "auto"):
+      constraint = grammar_lib.constraint_for_tools(clean_tools, choice, self.lm.tokenizer, self.lm.cfg.vocab_size)
+    elif response_format is not None:
+      constraint = grammar_lib.constraint_for_response_format(response_format, self.lm.tokenizer,
+                                                              self.lm.cfg.vocab_size)
     images = None
     if getattr(self.lm, "is_multimodal", False):
       ids, images = self.lm.prepare_chat(messages)
@@ -158,9 +242,26 @@ class LocalClient(LLMClient):
       raise ValueError(f"model {getattr(self.lm, 'name', '')!r} is a text-only model and cannot take images; "
                        "load a vision-language model directory (LLaVA, Qwen2.5-VL) or send text only")
     else:
-      ids = self.lm.encode_chat(messages)
-    return self._run([ids], n, "chat", images=images, max_tokens=max_tokens, temperature=temperature,
-                     top_p=top_p, stop=stop, seed=seed, logprobs=logprobs)
+      msgs, template_kwargs = grammar_lib.chat_with_tools(list(messages), tools_on,
+                                                          getattr(self.lm.tokenizer.hf, "chat_template", None))
+      ids = self.lm.encode_chat(msgs, **template_kwargs)
+    return self._run([ids], n, "chat", images=images, constraint=constraint, tools=tools_on, max_tokens=max_tokens,
+                     temperature=temperature, top_p=top_p, stop=stop, seed=seed, logprobs=logprobs)
+
+  def embed(self, texts: Sequence[str]) -> np.ndarray:
+    """Mean-pooled final hidden states of each text, L2-normalised (`LocalLM.embed`)."""
+    if isinstance(texts, str):
+      raise ValueError("embed takes a list of texts; wrap a single text as [text]")
+    started = time.monotonic()
+    out = self.lm.embed([self.lm.encode_prompt(t) for t in texts])
+    logger.info("local embed: %d texts, %.2fs", len(texts), time.monotonic() - started)
+    return out
+
+  def close(self) -> None:
+    with self._engine_lock:
+      engine, self._engine = self._engine, None
+    if engine is not None:
+      engine.stop()
 
 
 class _DropBodies(logging.Filter):
@@ -256,19 +357,26 @@ class OpenAIClient(LLMClient):
     return outs
 
   def chat(self, messages, *, max_tokens=256, temperature=None, top_p=None, n=1, stop=None, seed=None,
-           logprobs=None):
+           logprobs=None, response_format=None, tools=None, tool_choice=None):
     started = time.monotonic()
     args = self._common(max_tokens, temperature, top_p, n, stop, seed)
     if logprobs is not None:
       args["logprobs"] = True
       if logprobs:
         args["top_logprobs"] = logprobs
+    for key, value in (("response_format", response_format), ("tools", tools), ("tool_choice", tool_choice)):
+      if value is not None:
+        args[key] = list(value) if key == "tools" else value
     resp = self._client.chat.completions.create(model=self.model, messages=list(messages), **args)
     usage = resp.usage
     outs = []
     for choice in sorted(resp.choices, key=lambda c: c.index):
       c = Completion(text=choice.message.content or "", finish_reason=choice.finish_reason,
                      prompt_tokens=usage.prompt_tokens if usage else None)
+      if choice.message.tool_calls:
+        c.tool_calls = [{"id": t.id, "type": "function",
+                         "function": {"name": t.function.name, "arguments": t.function.arguments}}
+                        for t in choice.message.tool_calls]
       if logprobs is not None and choice.logprobs is not None and choice.logprobs.content is not None:
         content = choice.logprobs.content
         c.tokens = [t.token for t in content]
@@ -280,6 +388,22 @@ class OpenAIClient(LLMClient):
     self._split_usage(outs, usage)
     _log_call("remote", "chat", n, started, outs)
     return outs
+
+  def embed(self, texts: Sequence[str]) -> np.ndarray:
+    """POST /v1/embeddings; rows returned in input order, L2-normalised."""
+    if isinstance(texts, str):
+      raise ValueError("embed takes a list of texts; wrap a single text as [text]")
+    started = time.monotonic()
+    resp = self._client.embeddings.create(model=self.model, input=list(texts), encoding_format="float")
+    rows = np.asarray([d.embedding for d in sorted(resp.data, key=lambda d: d.index)], np.float32)
+    rows = rows.reshape(len(texts), -1)
+    rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    logger.info("remote embed: %d texts, %.2fs", len(texts), time.monotonic() - started)
+    return rows
+
+  @property
+  def model_name(self) -> str:
+    return self.model
 
   @staticmethod
   def _split_usage(outs: list[Completion], usage) -> None:
@@ -303,7 +427,7 @@ def make_client(config: Mapping[str, Any]) -> LLMClient:
   """
   cfg = dict(config)
   backend = cfg.pop("backend", "local")
-  known = {"local": {"model", "dtype", "mesh_shape", "max_seq_len"},
+  known = {"local": {"model", "dtype", "mesh_shape", "max_seq_len", "max_num_seqs"},
            "openai": {"model", "base_url", "api_key_env", "timeout", "max_retries", "allow_insecure_http"},
            "azure": {"model", "base_url", "api_key_env", "timeout", "max_retries", "api_version",
                      "allow_insecure_http"}}

@@ -301,16 +301,17 @@ def tool_call_grammar(tools: Sequence[Mapping[str, Any]], name: Optional[str] = 
 
 
 def constraint_for_tools(tools: Sequence[Mapping[str, Any]], tool_choice: Any, tokenizer: Any,
-                         vocab_size: int) -> Optional[GrammarConstraint]:
-  """The constraint for a request's tool_choice: "required" (one or more calls of any tool) or
-  a named function (exactly one call of it); None for "auto" and "none"."""
+                         vocab_size: int, *, parallel_tool_calls: bool = True) -> Optional[GrammarConstraint]:
+  """The constraint for a request's tool_choice: "required" (one or more calls of any tool, at
+  most one without `parallel_tool_calls`) or a named function (exactly one call of it); None
+  for "auto" and "none"."""
   tools = validate_tools(tools)
   choice = resolve_tool_choice(tool_choice, tools)
   if choice in ("auto", "none"):
     return None
   name = choice["function"]["name"] if isinstance(choice, dict) else None
   ll = compiled_tokenizer(tokenizer, vocab_size)
-  grammar = tool_call_grammar(tools, name)
+  grammar = tool_call_grammar(tools, name, max_calls=MAX_TOOL_CALLS if parallel_tool_calls else 1)
   _check_grammar(grammar, ll, "a tool's parameters")
   return GrammarConstraint(grammar, ll, vocab_size, kind="tool-call")
 
@@ -373,3 +374,62 @@ def render_tool_calls(tool_calls: Sequence[Mapping[str, Any]]) -> str:
     blocks.append(f"{TOOL_CALL_OPEN}\n{json.dumps({'name': fn.get('name'), 'arguments': arguments}, ensure_ascii=False)}\n"
                   f"{TOOL_CALL_CLOSE}")
   return "\n".join(blocks)
+
+
+def tools_system_text(tools: Sequence[Mapping[str, Any]]) -> str:
+  """Instructions listing `tools` and the call format, for chat templates that do not render a
+  `tools=` argument themselves (the project's own ChatML templates)."""
+  lines = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+  return ("You can call the functions described below (JSON schemas, one per line) between <tools> and "
+          f"</tools>.\n<tools>\n{lines}\n</tools>\nTo call one, answer with "
+          f"{TOOL_CALL_OPEN}\n{{\"name\": <function name>, \"arguments\": <JSON object of arguments>}}\n"
+          f"{TOOL_CALL_CLOSE} (one block per call); the results come back in messages of role tool.")
+
+
+def chat_with_tools(messages: Sequence[Mapping[str, Any]], tools: Optional[Sequence[Mapping[str, Any]]],
+                    template: Optional[str]) -> tuple[list[dict], dict]:
+  """Messages and apply_chat_template kwargs for a tool conversation.
+
+  Assistant `tool_calls` get their arguments as objects (templates serialise them with
+  `tojson`; a string would be encoded twice). A template that renders `tools` itself gets
+  them as the `tools=` argument; one that does not (no "tools" in its text) gets them as
+  instructions in the system message, and one that does not render `tool_calls` gets an
+  assistant's calls written into its content in the Hermes format, so any ChatML template
+  can hold a tool round trip.
+  """
+  template = template or ""
+  renders_tools = "tools" in template
+  renders_calls = "tool_calls" in template
+  out = []
+  for m in messages:
+    m = dict(m)
+    calls = m.get("tool_calls")
+    if calls:
+      fixed = []
+      for call in calls:
+        call = copy.deepcopy(dict(call))
+        fn = dict(call.get("function") or {})
+        if isinstance(fn.get("arguments"), str):
+          try:
+            fn["arguments"] = json.loads(fn["arguments"])
+          except json.JSONDecodeError:
+            pass
+        call["function"] = fn
+        fixed.append(call)
+      m["tool_calls"] = fixed
+      if not renders_calls:
+        text = m.get("content") or ""
+        m["content"] = (text + "\n" if text else "") + render_tool_calls(fixed)
+        del m["tool_calls"]
+    out.append(m)
+  kwargs: dict = {}
+  if tools:
+    if renders_tools:
+      kwargs["tools"] = [dict(t) for t in tools]
+    else:
+      text = tools_system_text(tools)
+      if out and out[0].get("role") == "system" and isinstance(out[0].get("content"), str):
+        out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + text}
+      else:
+        out.insert(0, {"role": "system", "content": text})
+  return out, kwargs

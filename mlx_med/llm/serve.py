@@ -1,7 +1,22 @@
 """An OpenAI-compatible HTTP server for a local model: `python -m mlx_med.llm.serve --model DIR`.
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (the
-model's chat template applied), GET /health, GET /stats (batching counters). Sampling
+model's chat template applied), POST /v1/embeddings, GET /health, GET /stats (batching
+counters).
+
+Structured output (`mlx_med.llm.grammar`, llguidance token masks applied inside the
+jitted decode step, continuous engine): chat `response_format` {"type": "json_schema",
+"json_schema": {"name", "schema", "strict"}} or {"type": "json_object"} makes every
+answer a JSON document valid under the schema (unless max_tokens cuts it: finish_reason
+"length"). Tools in OpenAI's format are given to the chat template (`tools=`; a template
+that does not render them gets them as system instructions); the model calls one as
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Hermes/Qwen). tool_choice
+"required" or a named function constrains the answer to such calls, "auto" parses them
+from free text; calls come back as `message.tool_calls` (streamed: `delta.tool_calls`,
+each call whole) with finish_reason "tool_calls", and messages of role tool
+(tool_call_id, content) carry the results back. Embeddings are the mean of the final
+hidden states (after the last norm, HF's `last_hidden_state`) over the input's tokens,
+L2-normalised; `dimensions` is refused. Sampling
 knobs: temperature, top_p, max_tokens, stop, n, seed, logprobs, stream (SSE),
 presence/frequency penalties, plus vLLM's extras top_k, min_p, repetition_penalty,
 ignore_eos, stop_token_ids, include_stop_str_in_output, and `think_budget` (forced
@@ -211,6 +226,8 @@ _COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", 
                   "ignore_eos", "stop_token_ids", "include_stop_str_in_output", "think_budget", "think_close",
                   "repetition_penalty"}
 _COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
+_EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions", "user"}
+MAX_EMBED_INPUTS = 2048
 _CHAT_FIELDS = _COMMON_FIELDS | {"messages", "top_logprobs", "max_completion_tokens", "response_format", "tools",
                                  "tool_choice", "parallel_tool_calls", "functions", "function_call", "store",
                                  "metadata", "service_tier", "chat_template_kwargs", "add_generation_prompt",
@@ -268,6 +285,9 @@ class _Parsed:
   include_usage: bool
   logprobs: Optional[int]
   images: Optional[list] = None  # per prompt: its processed images (multimodal chat), or None
+  constraint: Optional[Any] = None  # a grammar constraint (llm.grammar); each row runs a fresh copy
+  tools: Optional[list] = None  # validated tools when tool calls may come back (tool_choice not "none")
+  tool_choice: Any = "none"  # "none" | "auto" | "required" | {"type": "function", ...}
 
 
 class OpenAIServer:
@@ -438,9 +458,31 @@ class OpenAIServer:
                        code="invalid_value")
     return parts, images
 
-  def _chat_inputs(self, body: dict) -> tuple[list[int], Optional[list]]:
+  def _tool_fields(self, m: dict, i: int) -> dict:
+    """A message's tool_call_id (role tool) and tool_calls (role assistant), checked."""
+    out = {}
+    if m.get("role") == "tool":
+      call_id = m.get("tool_call_id")
+      if not isinstance(call_id, str) or not call_id:
+        raise APIError(f"messages[{i}]: a tool message needs tool_call_id (the id of the call it answers)",
+                       param=f"messages[{i}].tool_call_id", code="invalid_value")
+      out["tool_call_id"] = call_id
+    calls = m.get("tool_calls")
+    if calls is not None:
+      ok = (m.get("role") == "assistant" and isinstance(calls, list) and all(
+          isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+          and isinstance(c["function"].get("arguments", ""), (str, dict)) for c in calls))
+      if not ok:
+        raise APIError(f"messages[{i}].tool_calls must be a list of {{\"id\", \"type\": \"function\", \"function\": "
+                       "{\"name\", \"arguments\"}} on an assistant message", param=f"messages[{i}].tool_calls",
+                       code="invalid_value")
+      if calls:
+        out["tool_calls"] = calls
+    return out
+
+  def _chat_inputs(self, body: dict, tools: Optional[list] = None) -> tuple[list[int], Optional[list]]:
     """The chat request's prompt token ids (image placeholders expanded) and processed images
-    (None for a text model)."""
+    (None for a text model). `tools` (validated) are given to the chat template."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
       raise APIError("messages must be a non-empty list", param="messages", code="invalid_value")
@@ -460,7 +502,9 @@ class OpenAIServer:
       if not isinstance(content, (str, list)):
         raise APIError(f"messages[{i}].content must be a string or a list of content parts",
                        param=f"messages[{i}].content", code="invalid_type")
-      clean.append({**{k: v for k, v in m.items() if k in ("role", "name")}, "content": content})
+      item = {**{k: v for k, v in m.items() if k in ("role", "name")}, "content": content}
+      item.update(self._tool_fields(m, i))
+      clean.append(item)
     if images > self.limit_mm_per_prompt:
       raise APIError(f"this request holds {images} images; at most {self.limit_mm_per_prompt} per prompt are "
                      "accepted (the server's --limit-mm-per-prompt)", param="messages", code="invalid_value")
@@ -489,7 +533,12 @@ class OpenAIServer:
                        code="invalid_value") from None
     else:
       try:
-        ids = self.lm.tokenizer.encode_chat(clean, add_generation_prompt=add_generation_prompt, **extra)
+        from mlx_med.llm import grammar as grammar_lib
+
+        clean, tool_kwargs = grammar_lib.chat_with_tools(clean, tools, getattr(self.lm.tokenizer.hf, "chat_template",
+                                                                               None))
+        ids = self.lm.tokenizer.encode_chat(clean, add_generation_prompt=add_generation_prompt,
+                                            **{**tool_kwargs, **extra})
       except Exception as e:  # template errors (e.g. role order a template rejects) are the caller's to fix
         raise APIError(f"the chat template rejected these messages: {e}", param="messages",
                        code="invalid_value") from None
@@ -499,12 +548,9 @@ class OpenAIServer:
 
   def parse_chat(self, body: dict) -> _Parsed:
     self._check_common(body, _CHAT_FIELDS)
-    for name in ("tools", "functions"):
-      _require_default(body, name, lambda v: v == [], "no tool calling")
-    _require_default(body, "tool_choice", lambda v: v == "none", "no tool calling")
-    _require_default(body, "function_call", lambda v: v == "none", "no tool calling")
-    _require_default(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text",
-                     "text only")
+    _require_default(body, "functions", lambda v: v == [], "the deprecated functions; use tools")
+    _require_default(body, "function_call", lambda v: v == "none", "the deprecated function_call; use tool_choice")
+    tools, tool_choice, constraint = self._structured_output(body)
     _require_default(body, "reasoning_effort", lambda v: False, "no reasoning-effort control; use think_budget")
     _require_default(body, "modalities", lambda v: v == ["text"], "text only")
     _require_default(body, "store", lambda v: v is False, "nothing is stored")
@@ -517,14 +563,100 @@ class OpenAIServer:
     max_tokens = _opt_int(body, "max_completion_tokens", 1)
     if max_tokens is None:
       max_tokens = _opt_int(body, "max_tokens", 1)
-    prompt, images = self._chat_inputs(body)
+    prompt, images = self._chat_inputs(body, tools if tool_choice != "none" else None)
     if n > self.engine.max_batch_rows:
       raise APIError(f"n must be at most {self.engine.max_batch_rows}", param="n", code="invalid_value")
     stream = _opt_bool(body, "stream")
     logprobs = (top or 0) if logprobs_flag else None
     knobs = self._knobs(body, max_tokens, len(prompt), logprobs or 0)
     return _Parsed([prompt], knobs, n, stream, self._stream_options(body, stream), logprobs,
-                   images=None if images is None else [images])
+                   images=None if images is None else [images], constraint=constraint,
+                   tools=tools if tool_choice != "none" else None, tool_choice=tool_choice)
+
+  def _structured_output(self, body: dict) -> tuple[Optional[list], Any, Optional[Any]]:
+    """(tools, tool_choice, grammar constraint) of a chat request: response_format json_schema /
+    json_object and a forced tool_choice ("required", a named function) are decoded under a
+    grammar; tool_choice "auto" parses calls from free text."""
+    from mlx_med.llm import grammar as grammar_lib
+
+    tools: Optional[list] = None
+    if body.get("tools") is not None:
+      try:
+        tools = grammar_lib.validate_tools(body["tools"])
+      except ValueError as e:
+        raise APIError(str(e), param="tools", code="invalid_value") from None
+    try:
+      tool_choice = grammar_lib.resolve_tool_choice(body.get("tool_choice"), tools or [])
+    except ValueError as e:
+      raise APIError(str(e), param="tool_choice", code="invalid_value") from None
+    parallel = _opt_bool(body, "parallel_tool_calls", True)
+    fmt = body.get("response_format")
+    needs_grammar = tool_choice not in ("none", "auto") or (isinstance(fmt, dict) and fmt.get("type") != "text")
+    if needs_grammar and isinstance(self.engine, BatchingEngine):
+      raise APIError("response_format json_schema/json_object and a forced tool_choice need the continuous engine; "
+                     "restart the server with --batching continuous (vision-language models: not available)",
+                     param="response_format" if tool_choice in ("none", "auto") else "tool_choice",
+                     code="unsupported_parameter")
+    tokenizer, vocab = self.lm.tokenizer, self.lm.cfg.vocab_size
+    constraint = None
+    try:
+      if tool_choice not in ("none", "auto"):
+        constraint = grammar_lib.constraint_for_tools(tools or [], tool_choice, tokenizer, vocab,
+                                                      parallel_tool_calls=parallel)
+    except ValueError as e:
+      raise APIError(str(e), param="tools", code="invalid_value") from None
+    if constraint is None:
+      try:
+        constraint = grammar_lib.constraint_for_response_format(fmt, tokenizer, vocab)
+      except ValueError as e:
+        raise APIError(str(e), param="response_format", code="invalid_value") from None
+    return tools, tool_choice, constraint
+
+  # ---- embeddings
+
+  def parse_embeddings(self, body: dict) -> list[list[int]]:
+    """POST /v1/embeddings: `input` (a string, a list of strings, a list of token ids or a list
+    of such lists) -> token prompts; `encoding_format` float | base64; `dimensions` refused."""
+    self._check_common(body, _EMBEDDING_FIELDS)
+    if body.get("dimensions") is not None:
+      raise APIError("dimensions is not supported: embeddings have the model's hidden size "
+                     f"({self.lm.cfg.d_model}); leave it unset", param="dimensions", code="unsupported_parameter")
+    if body.get("encoding_format", "float") not in ("float", "base64", None):
+      raise APIError(f"encoding_format must be 'float' or 'base64', got {body['encoding_format']!r}",
+                     param="encoding_format", code="invalid_value")
+    if not callable(getattr(self.lm, "embed", None)):
+      raise APIError(f"model `{self.model_name}` does not serve embeddings", param="model",
+                     code="unsupported_model")
+    raw = body.get("input")
+    if isinstance(raw, str) or (isinstance(raw, list) and raw and all(_is_int(t) for t in raw)):
+      items: list = [raw]
+    elif isinstance(raw, list) and raw:
+      items = raw
+    else:
+      raise APIError("input must be a non-empty string, a list of strings, a list of token ids or a list of lists "
+                     "of token ids", param="input", code="invalid_value")
+    if len(items) > MAX_EMBED_INPUTS:
+      raise APIError(f"at most {MAX_EMBED_INPUTS} inputs per request, got {len(items)}", param="input",
+                     code="invalid_value")
+    vocab, out = self.lm.cfg.vocab_size, []
+    for i, item in enumerate(items):
+      if isinstance(item, str):
+        ids = self.lm.encode_prompt(item) if item else []
+      elif isinstance(item, list) and all(_is_int(t) for t in item):
+        if not all(0 <= t < vocab for t in item):
+          raise APIError(f"input[{i}]: token ids must be in [0, {vocab})", param="input", code="invalid_value")
+        ids = list(item)
+      else:
+        raise APIError(f"input[{i}] must be a string or a list of token ids", param="input", code="invalid_type")
+      if not ids:
+        raise APIError(f"input[{i}] is empty; every input needs at least one token", param="input",
+                       code="invalid_value")
+      if len(ids) > self.max_model_len:
+        raise APIError(f"input[{i}] has {len(ids)} tokens; this model's maximum context length is "
+                       f"{self.max_model_len} tokens. Split the text into shorter pieces.", param="input",
+                       code="context_length_exceeded")
+      out.append(ids)
+    return out
 
   # ---- running
 
@@ -550,8 +682,9 @@ class OpenAIServer:
       images = [row for row in parsed.images for _ in range(parsed.n)]
     events: asyncio.Queue = asyncio.Queue()
     try:
+      constraints = None if parsed.constraint is None else [parsed.constraint.copy() for _ in prompts]
       self.engine.submit(_Job(prompts, sampling, lambda item: loop.call_soon_threadsafe(events.put_nowait, item),
-                              images=images))
+                              images=images, constraints=constraints))
     except ValueError as e:  # the continuous engine refuses a request that can never run
       raise APIError(str(e), code="invalid_value") from None
     return events
@@ -706,11 +839,36 @@ def create_app(server: OpenAIServer):
     for k, out in enumerate(outs):
       choice = {"index": k, "message": {"role": "assistant", "content": out.text or ""}, "logprobs": None,
                 **_finish_fields(out)}
+      if parsed.tools:
+        content, calls = _tool_calls_of(parsed, out.text or "")
+        if calls:
+          choice["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
+          choice["finish_reason"] = "tool_calls"
+          choice["stop_reason"] = None
       if parsed.logprobs is not None:
         choice["logprobs"] = server._chat_logprobs(out.tokens, out.logprobs, out.top_logprobs)
       choices.append(choice)
     return {"id": rid, "object": "chat.completion", "created": created, "model": server.model_name,
             "choices": choices, "usage": _usage(parsed, sum(len(o.tokens) for o in outs))}
+
+  @app.post("/v1/embeddings")
+  async def embeddings(request: Request):
+    import base64
+
+    import numpy as np
+
+    body = await read_body(request)
+    prompts = server.parse_embeddings(body)
+    vectors = await asyncio.to_thread(server.lm.embed, prompts)  # off the event loop; JAX calls are thread-safe
+    as_base64 = body.get("encoding_format") == "base64"
+    data = []
+    for i, v in enumerate(vectors):
+      value = (base64.b64encode(np.asarray(v, "<f4").tobytes()).decode("ascii") if as_base64
+               else [float(x) for x in v])
+      data.append({"object": "embedding", "index": i, "embedding": value})
+    tokens = sum(len(p) for p in prompts)
+    return {"object": "list", "data": data, "model": server.model_name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
   return app
 
@@ -768,6 +926,41 @@ async def _stream_completion(server: OpenAIServer, parsed: _Parsed, events, rid:
   yield "data: [DONE]\n\n"
 
 
+def _tool_calls_of(parsed: _Parsed, text: str) -> tuple[Optional[str], list[dict]]:
+  from mlx_med.llm.grammar import parse_tool_calls
+
+  return parse_tool_calls(text, parsed.tools)
+
+
+class _ToolStream:
+  """One streamed row of a request with tools: content is sent up to the first `<tool_call>`
+  (a tail that could be the start of that tag waits for the next piece); with a forced
+  tool_choice nothing is sent as content. At the end the calls go out whole, or, when the
+  text holds none, the held-back rest as content."""
+
+  def __init__(self, forced: bool):
+    from mlx_med.llm.grammar import TOOL_CALL_OPEN
+
+    self.tag = TOOL_CALL_OPEN
+    self.text, self.sent, self.closed = "", 0, forced
+
+  def feed(self, delta: str) -> str:
+    self.text += delta
+    if self.closed:
+      return ""
+    end = self.text.find(self.tag)
+    if end >= 0:
+      self.closed = True
+    else:
+      end = len(self.text) - max((k for k in range(len(self.tag)) if self.text.endswith(self.tag[:k])), default=0)
+    out = self.text[self.sent:max(end, self.sent)]
+    self.sent = max(end, self.sent)
+    return out
+
+  def rest(self) -> str:
+    return self.text[self.sent:]
+
+
 async def _stream_chat(server: OpenAIServer, parsed: _Parsed, events, rid: str, created: int, rows: int):
   completion_tokens = 0
   base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name}
@@ -775,16 +968,29 @@ async def _stream_chat(server: OpenAIServer, parsed: _Parsed, events, rid: str, 
     yield _sse({**base, "choices": [{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                      "finish_reason": None}]})
   try:
+    tool_rows = [_ToolStream(parsed.tool_choice not in ("none", "auto")) for _ in range(rows)] if parsed.tools else None
     async for k, u, delta in _stream_events(events, rows):
       completion_tokens += len(u.new_tokens)
       logprobs = None
       if parsed.logprobs is not None:
         logprobs = server._chat_logprobs(u.new_tokens, u.new_logprobs, u.new_top_logprobs)
+      calls: list = []
+      if tool_rows is not None:  # text that may turn into a tool call is held back
+        delta = tool_rows[k].feed(delta)
+        if u.finished:
+          calls = _tool_calls_of(parsed, u.output.text or "")[1]
+          if not calls:
+            delta += tool_rows[k].rest()
       if delta or logprobs:
         yield _sse({**base, "choices": [{"index": k, "delta": {"content": delta}, "logprobs": logprobs,
                                          "finish_reason": None}]})
+      if calls:  # OpenAI's delta.tool_calls: each call whole, in one chunk
+        deltas = [{"index": i, **c} for i, c in enumerate(calls)]
+        yield _sse({**base, "choices": [{"index": k, "delta": {"tool_calls": deltas}, "logprobs": None,
+                                         "finish_reason": None}]})
       if u.finished:
-        yield _sse({**base, "choices": [{"index": k, "delta": {}, "logprobs": None, **_finish_fields(u.output)}]})
+        finish = {"finish_reason": "tool_calls", "stop_reason": None} if calls else _finish_fields(u.output)
+        yield _sse({**base, "choices": [{"index": k, "delta": {}, "logprobs": None, **finish}]})
     if parsed.include_usage:
       yield _sse({**base, "choices": [], "usage": _usage(parsed, completion_tokens)})
   except APIError as e:

@@ -167,7 +167,7 @@ COMPLETIONS = "/v1/completions"
     (CHAT, {"repetition_penalty": 0}, "repetition_penalty"),
     (CHAT, {"reasoning_effort": "high"}, "reasoning_effort"),
     (CHAT, {"stream_options": {"include_usage": True}}, "stream_options"),
-    (CHAT, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    (CHAT, {"tools": [{"type": "function"}]}, "tools"),
     (CHAT, {"surprise": 1}, "surprise"),
     (COMPLETIONS, {"logprobs": 21}, "logprobs"),
     (COMPLETIONS, {"echo": True}, "echo"),
