@@ -215,7 +215,8 @@ class ContinuousEngine:
 
   def _prefill(self, prompts: list[list[int]], sampling: list[SamplingParams], slots: list[int],
                constraints: list) -> dict:
-    """Prefills rows into `slots`; returns the host copy of their first-token output."""
+    """Prefills rows into `slots`; returns the host copy of their first-token output.
+    constraints: per row None or that row's filled bitmask (int32 [ceil(V/32)])."""
     self._ensure_state()
     real = len(prompts)
     k = bucket(real, minimum=self.min_prefill_rows, maximum=self.num_slots)
@@ -245,7 +246,7 @@ class ContinuousEngine:
         rows["think_close"][i, :len(sp.think_close_ids)] = sp.think_close_ids
         rows["think_close_len"][i] = len(sp.think_close_ids)
       if constraints[i] is not None:
-        constraints[i].fill_bitmask(bits[i])
+        bits[i] = constraints[i]
     masked = any(c is not None for c in constraints)
     self._state, out = cont.prefill_into_slots(
         self.lm.params, self._state, self._put(block), self._put(slot_ids),
@@ -260,8 +261,6 @@ class ContinuousEngine:
     if sampling is None:
       sampling = [self._slots[s].row.sampling for s in active]
     constrained = [s for s in active if self._slots[s].constraint is not None]
-    for s in constrained:
-      self._slots[s].constraint.fill_bitmask(self._bits[s])
     steps = 1 if constrained else self.chunk_size
     self._state, out = cont.decode_chunk(
         self.lm.params, self._state, self._put(self._bits), self._put(self._halt),
@@ -285,6 +284,7 @@ class ContinuousEngine:
       if self._slots[s] is not None and self._slots[s].owner is js:
         self._slots[s] = None
         self._halt[s] = True
+        self._bits[s] = -1
     js.job.emit(("error", exc))
 
   def _absorb(self, slot_row: _SlotRow, i: int, host: dict) -> bool:
@@ -344,7 +344,11 @@ class ContinuousEngine:
     if not taken:
       return
     prompts, sampling, slots, constraints, pairs = [], [], [], [], []
-    for js in taken:
+    for js in list(taken):
+      masks = self._first_masks(js)
+      if masks is None:
+        taken.remove(js)
+        continue
       job = js.job
       for k, (p, sp) in enumerate(zip(job.prompts, job.sampling)):
         s = free.pop(0)
@@ -359,8 +363,10 @@ class ContinuousEngine:
         prompts.append(p)
         sampling.append(sp)
         slots.append(s)
-        constraints.append(constraint)
+        constraints.append(masks[k])
         pairs.append((len(pairs), s))
+    if not prompts:
+      return
     self.stats["admitted"] += len(prompts)
     self.stats["rows"] += len(prompts)
     try:
@@ -370,6 +376,21 @@ class ContinuousEngine:
       self._recover(taken, e)
       return
     self._collect(host, pairs)
+
+  def _first_masks(self, js: _JobState) -> Optional[list]:
+    """Each row's first-token bitmask (None for unconstrained rows); None when a grammar failed."""
+    job = js.job
+    masks = [None] * len(job.prompts)
+    try:
+      for k, constraint in enumerate(job.constraints or []):
+        if constraint is not None:
+          masks[k] = np.zeros(cont.mask_words(self.cfg.vocab_size), np.int32)
+          constraint.fill_bitmask(masks[k])
+    except Exception as e:  # noqa: BLE001
+      logger.exception("a token constraint failed")
+      self._fail(js, e)
+      return None
+    return masks
 
   def _recover(self, jobs: Sequence[_JobState], exc: BaseException) -> None:
     """A device call failed: its requests get the error; the (possibly donated) state is rebuilt."""
@@ -386,6 +407,14 @@ class ContinuousEngine:
   def step(self) -> bool:
     """One scheduling round (admit, then one decode chunk); False when there was nothing to do."""
     self._admit()
+    for s in range(self.num_slots):
+      slot_row = self._slots[s]
+      if slot_row is not None and slot_row.constraint is not None:
+        try:
+          slot_row.constraint.fill_bitmask(self._bits[s])
+        except Exception as e:  # noqa: BLE001 - one request's grammar failing ends only that request
+          logger.exception("a token constraint failed")
+          self._fail(slot_row.owner, e)
     active = [s for s in range(self.num_slots) if self._slots[s] is not None]
     running = len(active)
     self.stats["running"] = running
