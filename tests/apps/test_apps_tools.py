@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 import json
 from typing import Literal, Optional
 
@@ -169,3 +170,132 @@ def test_plain_functions_and_results_as_json():
   assert tool_result_content(check_dose.fn("warfarin", Dose(amount=5, unit="mg"))) == '{"drug": "warfarin", "ok": true}'
   assert tool_result_content(Dose(amount=1, unit="g")) == '{"amount":1.0,"unit":"g"}'
   assert tool_result_content({"u": Unit.mg}) == '{"u": "mg"}'
+
+
+# ---------------------------------------------------------------------------------------------
+# The round trip through the official openai client against a real `python -m mlx_med.llm.serve`.
+
+
+class _Server:
+  """A `python -m mlx_med.llm.serve` process on a free loopback port (as in tests/llm's conftest)."""
+
+  def __init__(self, model_dir: str, log_path: str):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      self.port = s.getsockname()[1]
+    self.base_url = f"http://127.0.0.1:{self.port}/v1"
+    self.model = os.path.basename(os.path.normpath(model_dir))
+    self.log_path = log_path
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"
+    self._log = open(log_path, "w")
+    self.proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_med.llm.serve", "--model", model_dir, "--port", str(self.port),
+         "--min-batch-bucket", "8", "--min-prompt-bucket", "32", "--max-num-seqs", "8"],
+        stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+  def wait_ready(self, timeout: float = 240.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+      if self.proc.poll() is not None:
+        raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+      try:
+        if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0).status_code == 200:
+          return
+      except httpx.HTTPError:
+        pass
+      time.sleep(0.3)
+    raise RuntimeError(f"server not ready after {timeout}s:\n{self.log_tail()}")
+
+  def log_tail(self, n: int = 4000) -> str:
+    self._log.flush()
+    with open(self.log_path) as f:
+      return f.read()[-n:]
+
+  def stop(self) -> None:
+    self.proc.terminate()
+    try:
+      self.proc.wait(timeout=20)
+    except Exception:  # noqa: BLE001 - make sure it is gone
+      self.proc.kill()
+      self.proc.wait()
+    self._log.close()
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory):
+  """A tiny random Qwen2 chat model (tests/hf_tiny.py) behind a real server."""
+  from transformers import AutoTokenizer
+
+  from hf_tiny import make_hf_model, save_model_dir, write_tokenizer
+
+  tok_dir = str(tmp_path_factory.mktemp("apps_tokenizer"))
+  write_tokenizer(tok_dir, model_max_length=1024)  # the tools' JSON in the prompt is long in this tiny BPE
+  vocab = len(AutoTokenizer.from_pretrained(tok_dir, local_files_only=True))
+  model_dir = save_model_dir(make_hf_model("qwen2", vocab_size=vocab, eos_token_id=2, max_position_embeddings=1024),
+                             str(tmp_path_factory.mktemp("apps_qwen2")), tok_dir)
+  server = _Server(model_dir, str(tmp_path_factory.mktemp("apps_server") / "server.log"))
+  try:
+    server.wait_ready()
+    yield server
+  finally:
+    server.stop()
+
+
+@tool
+def ward_census(ward: Literal["oncology", "cardiology"], detailed: bool = False) -> dict:
+  """Number of patients on a ward."""
+  return {"ward": ward, "patients": 12 if ward == "oncology" else 7, "detailed": detailed}
+
+
+def test_tool_call_round_trip_through_the_openai_client(tool_server):
+  """Random weights + tool_choice="required": the server's grammar makes the call valid; the tool
+  result goes back as a role "tool" message and the server answers the continued conversation."""
+  import openai
+
+  oai = openai.OpenAI(base_url=tool_server.base_url, api_key="EMPTY", max_retries=0, timeout=120)
+  messages = [{"role": "user", "content": "How many patients are on the oncology ward?"}]
+  first = oai.chat.completions.create(model=tool_server.model, messages=messages, tools=[ward_census.schema()],
+                                      tool_choice="required", max_tokens=96, temperature=0.0)
+  choice = first.choices[0]
+  assert choice.finish_reason == "tool_calls", tool_server.log_tail()
+  calls = choice.message.tool_calls
+  assert calls and all(c.type == "function" and c.function.name == "ward_census" for c in calls)
+  assert len({c.id for c in calls}) == len(calls)
+  results = [ward_census.invoke(c.function.arguments) for c in calls]  # arguments validate against the schema
+  assert all(r["ward"] in ("oncology", "cardiology") for r in results)
+  messages.append(choice.message.model_dump(exclude_none=True))
+  for c, r in zip(calls, results, strict=True):
+    messages.append({"role": "tool", "tool_call_id": c.id, "content": tool_result_content(r)})
+  second = oai.chat.completions.create(model=tool_server.model, messages=messages, tools=[ward_census.schema()],
+                                       tool_choice="none", max_tokens=8, temperature=0.0)
+  assert second.choices[0].finish_reason in ("stop", "length") and not second.choices[0].message.tool_calls
+  oai.close()
+
+
+def test_run_with_tools_over_openai_client_and_call_log(tool_server, tmp_path):
+  """The same loop through the project's OpenAIClient wrapped in a LoggedClient."""
+  from mlx_med.apps.calllog import LoggedClient, read_calls
+  from mlx_med.llm.client import OpenAIClient
+
+  client = LoggedClient(OpenAIClient(tool_server.model, base_url=tool_server.base_url, max_retries=0),
+                        str(tmp_path), tag="tools")
+  run = run_with_tools(client, [{"role": "user", "content": "Census of the cardiology ward?"}], [ward_census],
+                       tool_choice={"type": "function", "function": {"name": "ward_census"}},
+                       followup_tool_choice="none", max_tokens=64, temperature=0.0, max_rounds=3)
+  client.close()
+  assert run.finished and run.rounds == 2
+  assert len(run.calls) == 1 and run.calls[0].error is None and run.calls[0].name == "ward_census"
+  assert run.calls[0].result["patients"] in (12, 7)
+  assert [m["role"] for m in run.messages] == ["user", "assistant", "tool", "assistant"]
+  first, second = read_calls(str(tmp_path))
+  assert first["tools"] == 1 and first["tool_calls"] == 1 and first["finish_reasons"] == ["tool_calls"]
+  assert second["error"] is None and "tool_calls" not in second
