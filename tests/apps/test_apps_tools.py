@@ -299,3 +299,21 @@ def test_run_with_tools_over_openai_client_and_call_log(tool_server, tmp_path):
   first, second = read_calls(str(tmp_path))
   assert first["tools"] == 1 and first["tool_calls"] == 1 and first["finish_reasons"] == ["tool_calls"]
   assert second["error"] is None and "tool_calls" not in second
+
+
+class _Census(BaseModel):
+  ward: Literal["oncology", "cardiology"]
+  full: bool
+
+
+def test_generate_structured_through_the_server_with_random_weights(tool_server):
+  """Schema-constrained decoding over HTTP: a random-weight model's reply validates on the first try."""
+  from mlx_med.apps.structured import generate_structured
+  from mlx_med.llm.client import OpenAIClient
+
+  client = OpenAIClient(tool_server.model, base_url=tool_server.base_url, max_retries=0)
+  out = generate_structured(client, [{"role": "user", "content": "Which ward?"}], _Census, max_tokens=48,
+                            temperature=1.0, seed=5)
+  client.close()
+  assert out.ok and out.attempts == 1 and out.errors == [], (out.raw, out.errors)
+  assert out.value.ward in ("oncology", "cardiology")
