@@ -242,7 +242,7 @@ class LocalClient(LLMClient):
       raise ValueError(f"model {getattr(self.lm, 'name', '')!r} is a text-only model and cannot take images; "
                        "load a vision-language model directory (LLaVA, Qwen2.5-VL) or send text only")
     else:
-      msgs, template_kwargs = grammar_lib.chat_with_tools(list(messages), tools_on,
+      msgs, template_kwargs = grammar_lib.chat_with_tools(list(messages), clean_tools or None,
                                                           getattr(self.lm.tokenizer.hf, "chat_template", None))
       ids = self.lm.encode_chat(msgs, **template_kwargs)
     return self._run([ids], n, "chat", images=images, constraint=constraint, tools=tools_on, max_tokens=max_tokens,

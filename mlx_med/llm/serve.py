@@ -563,7 +563,7 @@ class OpenAIServer:
     max_tokens = _opt_int(body, "max_completion_tokens", 1)
     if max_tokens is None:
       max_tokens = _opt_int(body, "max_tokens", 1)
-    prompt, images = self._chat_inputs(body, tools if tool_choice != "none" else None)
+    prompt, images = self._chat_inputs(body, tools)  # the template sees the tools even with tool_choice none
     if n > self.engine.max_batch_rows:
       raise APIError(f"n must be at most {self.engine.max_batch_rows}", param="n", code="invalid_value")
     stream = _opt_bool(body, "stream")
