@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--no-progress", action="store_true")
   args, extra = p.parse_known_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-  for name in ("absl", "httpx", "mlx_med.llm.client", "openai"):
+  for name in ("absl", "httpx", "httpx2", "bm25s", "mlx_med.llm.client", "openai"):
     logging.getLogger(name).setLevel(logging.WARNING)
   from mlx_med.cli import quiet_backend_probe_logs
   quiet_backend_probe_logs()
@@ -104,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
       print("\n## 4. METASCALE at a small budget vs plain sampling and best-of-N (equal budget, pairwise judge)")
       ms_config = config_lib.get_config(f"{METASCALE_CONFIG}:smoke")
       ms_dir = work / "metascale"
+      # Prompts with a known optimum the small model can reach: held-out abstraction questions, rewarded
+      # by the keyword scorer when the reply's JSON holds the gold value.
+      with ms_config.unlocked():
+        ms_config.eval.prompts = _metascale_prompts(work / "model" / "data" / "eval.jsonl", ms_dir / "prompts.jsonl",
+                                                    n=int(ms_config.eval.n_prompts))
+        ms_config.metascale.max_tokens = 96
       ms_start = time.perf_counter()
       paths = metascale.run_experiment(ms_config, str(ms_dir),
                                        client=LoggedClient(base, str(ms_dir), tag="metascale"))
@@ -118,6 +124,28 @@ def main(argv: list[str] | None = None) -> int:
   print(f"\napps demo finished in {time.perf_counter() - start:.0f} s (training {train_s:.0f} s); "
         f"everything is in {work}")
   return 0
+
+
+def _metascale_prompts(eval_jsonl: Path, out: Path, *, n: int, seed: int = 0) -> str:
+  """`n` held-out extraction questions (stated values, distinct attributes) as METASCALE prompts whose
+  key point is the gold value as the constrained JSON writes it; returns the JSONL path."""
+  import random
+
+  from mlx_med.core.fileio import write_jsonl
+
+  rows = [json.loads(line) for line in eval_jsonl.read_text().splitlines() if line.strip()]
+  rows = [r for r in rows if r["value"] != "unknown"]
+  random.Random(seed).shuffle(rows)
+  picked, seen = [], set()
+  for r in rows:
+    if r["attribute"] not in seen:
+      seen.add(r["attribute"])
+      user = next(m["content"] for m in r["messages"] if m["role"] == "user")
+      picked.append({"prompt": user, "key_points": [json.dumps({"value": r["value"]})[1:-1]]})
+    if len(picked) == n:
+      break
+  write_jsonl(out, picked)
+  return str(out)
 
 
 def _server_stats(base_url: str) -> dict:

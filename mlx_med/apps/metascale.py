@@ -39,7 +39,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -301,15 +300,14 @@ class Budget:
 
 
 def supports_response_format(client: Any) -> bool:
-  """Whether `client.chat` takes `response_format` (clients before constrained decoding do not)."""
+  """Whether `client.chat` takes `response_format` (clients before constrained decoding do not);
+  wrappers such as LoggedClient are looked through (`structured.client_accepts`)."""
+  from mlx_med.apps.structured import client_accepts
+
   flag = getattr(client, "supports_response_format", None)
   if isinstance(flag, bool):
     return flag
-  try:
-    params = inspect.signature(client.chat).parameters
-  except (TypeError, ValueError):
-    return False
-  return "response_format" in params
+  return client_accepts(client, "response_format")
 
 
 class MeteredClient:
