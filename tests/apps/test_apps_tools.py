@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import enum
-import time
 import json
+import os
 from typing import Literal, Optional
 
 import pytest
@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from mlx_med.apps.tools import Tool, ToolRun, execute_tool_call, run_with_tools, tool, tool_result_content
 from mlx_med.llm.client import Completion, LLMClient
+from mlx_med.llm.server_process import ServerProcess
 
 LABS = {"creatinine": [1.1, 1.3, 1.6], "sodium": [139.0]}
 
@@ -176,60 +177,6 @@ def test_plain_functions_and_results_as_json():
 # The round trip through the official openai client against a real `python -m mlx_med.llm.serve`.
 
 
-class _Server:
-  """A `python -m mlx_med.llm.serve` process on a free loopback port (as in tests/llm's conftest)."""
-
-  def __init__(self, model_dir: str, log_path: str):
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-      s.bind(("127.0.0.1", 0))
-      self.port = s.getsockname()[1]
-    self.base_url = f"http://127.0.0.1:{self.port}/v1"
-    self.model = os.path.basename(os.path.normpath(model_dir))
-    self.log_path = log_path
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    env["JAX_PLATFORMS"] = "cpu"
-    self._log = open(log_path, "w")
-    self.proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_med.llm.serve", "--model", model_dir, "--port", str(self.port),
-         "--min-batch-bucket", "8", "--min-prompt-bucket", "32", "--max-num-seqs", "8"],
-        stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-  def wait_ready(self, timeout: float = 240.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-      if self.proc.poll() is not None:
-        raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-      try:
-        if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0).status_code == 200:
-          return
-      except httpx.HTTPError:
-        pass
-      time.sleep(0.3)
-    raise RuntimeError(f"server not ready after {timeout}s:\n{self.log_tail()}")
-
-  def log_tail(self, n: int = 4000) -> str:
-    self._log.flush()
-    with open(self.log_path) as f:
-      return f.read()[-n:]
-
-  def stop(self) -> None:
-    self.proc.terminate()
-    try:
-      self.proc.wait(timeout=20)
-    except Exception:  # noqa: BLE001 - make sure it is gone
-      self.proc.kill()
-      self.proc.wait()
-    self._log.close()
-
-
 @pytest.fixture(scope="module")
 def tool_server(tmp_path_factory):
   """A tiny random Qwen2 chat model (tests/hf_tiny.py) behind a real server."""
@@ -242,12 +189,14 @@ def tool_server(tmp_path_factory):
   vocab = len(AutoTokenizer.from_pretrained(tok_dir, local_files_only=True))
   model_dir = save_model_dir(make_hf_model("qwen2", vocab_size=vocab, eos_token_id=2, max_position_embeddings=1024),
                              str(tmp_path_factory.mktemp("apps_qwen2")), tok_dir)
-  server = _Server(model_dir, str(tmp_path_factory.mktemp("apps_server") / "server.log"))
-  try:
-    server.wait_ready()
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one plain CPU device, as a user would run it
+  env["JAX_PLATFORMS"] = "cpu"
+  server = ServerProcess(model_dir, "--min-batch-bucket", "8", "--min-prompt-bucket", "32", "--max-num-seqs", "8",
+                         log_path=str(tmp_path_factory.mktemp("apps_server") / "server.log"), env=env,
+                         ready_timeout_s=240.0)
+  with server:
     yield server
-  finally:
-    server.stop()
 
 
 @tool
