@@ -15,12 +15,12 @@ the key points a good answer covers (so a deterministic keyword scorer has a kno
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
-import tempfile
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
+
+from mlx_med.core.fileio import read_jsonl_objects, write_jsonl
 
 # category -> (expert role, the approach its responses follow, instruction templates, response skeleton)
 CATEGORIES: dict[str, dict[str, Any]] = {
@@ -114,26 +114,6 @@ def generate_instructions(n: int, *, seed: int = 0) -> list[dict[str, str]]:
   return rows
 
 
-def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
-  """Writes rows as JSONL through a temporary name and a rename; returns the count."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".jsonl")
-  count = 0
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for row in rows:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        count += 1
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  return count
-
-
 def write_instructions(path: str | os.PathLike, n: int = 120, *, seed: int = 0) -> int:
   """Writes `generate_instructions(n, seed=seed)` to `path` (JSONL); returns the count."""
   return write_jsonl(path, generate_instructions(n, seed=seed))
@@ -146,22 +126,13 @@ def load_instructions(path: str | os.PathLike) -> list[dict[str, str]]:
     raise FileNotFoundError(f"instruction file {path} does not exist; write one with "
                             "mlx_med.apps.instructions.write_instructions(path) or point to your JSONL")
   rows = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-      if not isinstance(row, dict):
-        raise ValueError(f"{path}:{lineno}: expected a JSON object with 'instruction' and 'response'")
-      for key in ("instruction", "response"):
-        if not isinstance(row.get(key), str) or not row[key].strip():
-          raise ValueError(f"{path}:{lineno}: field {key!r} is missing or not a non-empty string; "
-                           "each line needs string 'instruction' and 'response' fields")
-      rows.append({"instruction": row["instruction"], "response": row["response"],
-                   "category": str(row.get("category", ""))})
+  for where, row in read_jsonl_objects(path, "a JSON object with 'instruction' and 'response'"):
+    for key in ("instruction", "response"):
+      if not isinstance(row.get(key), str) or not row[key].strip():
+        raise ValueError(f"{where}: field {key!r} is missing or not a non-empty string; "
+                         "each line needs string 'instruction' and 'response' fields")
+    rows.append({"instruction": row["instruction"], "response": row["response"],
+                 "category": str(row.get("category", ""))})
   if not rows:
     raise ValueError(f"{path}: no instruction records; the file is empty")
   return rows

@@ -51,6 +51,7 @@ from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 import numpy as np
 
 from mlx_med.apps import instructions as instr_lib
+from mlx_med.core.fileio import read_jsonl_objects
 from mlx_med.core.stats import bootstrap_mean_ci
 
 logger = logging.getLogger("mlx_med.apps.metascale")
@@ -1135,17 +1136,10 @@ def load_eval_prompts(source: str = "synthetic", n: int = 0) -> list[dict[str, A
     raise FileNotFoundError(f"eval prompts file {source} does not exist; give a JSONL with a 'prompt' field per line "
                             "or 'synthetic'")
   rows = []
-  with open(source, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{source}:{lineno}: not valid JSON ({e.msg})") from None
-      if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-        raise ValueError(f"{source}:{lineno}: needs a string 'prompt' field")
-      rows.append({"prompt": row["prompt"], "key_points": list(row.get("key_points") or [])})
+  for where, row in read_jsonl_objects(source, "a JSON object with a string 'prompt'"):
+    if not isinstance(row.get("prompt"), str):
+      raise ValueError(f"{where}: needs a string 'prompt' field")
+    rows.append({"prompt": row["prompt"], "key_points": list(row.get("key_points") or [])})
   if not rows:
     raise ValueError(f"{source}: no prompts")
   return rows[:n] if n else rows

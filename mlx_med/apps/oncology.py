@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import os
 import re
 from pathlib import Path
@@ -46,7 +45,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mlx_med.core.fileio import write_jsonl, write_text_atomic  # noqa: F401  (re-exported: the apps' writers)
+from mlx_med.core.fileio import read_jsonl_objects, write_jsonl, write_text_atomic  # noqa: F401  (re-exported: the apps' writers)
 
 NOTE_TYPES = ("oncology_consult", "pathology_report", "radiology_report", "clinic_note")
 CANCERS = ("breast", "lung", "colon")
@@ -413,24 +412,14 @@ def _check_date(value: Any, where: str) -> str:
 
 def _read_jsonl(path: Path, fields: Sequence[str]) -> list[dict]:
   rows = []
-  with open(path, encoding="utf-8") as f:
-    for i, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path} line {i}"
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-      if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object with fields {list(fields)}, got {type(row).__name__}")
-      missing = [k for k in fields if k not in row]
-      if missing:
-        raise ValueError(f"{where}: missing field(s) {missing}; each line needs {list(fields)}")
-      bad = [k for k in fields if not isinstance(row[k], str)]
-      if bad:
-        raise ValueError(f"{where}: field(s) {bad} must be strings")
-      rows.append((where, row))
+  for where, row in read_jsonl_objects(path, f"a JSON object with fields {list(fields)}"):
+    missing = [k for k in fields if k not in row]
+    if missing:
+      raise ValueError(f"{where}: missing field(s) {missing}; each line needs {list(fields)}")
+    bad = [k for k in fields if not isinstance(row[k], str)]
+    if bad:
+      raise ValueError(f"{where}: field(s) {bad} must be strings")
+    rows.append((where, row))
   return rows
 
 

@@ -48,6 +48,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from mlx_med.core.fileio import read_jsonl_objects, write_jsonl
+
 log = logging.getLogger("mlx_med.apps.train")
 
 DEFAULT_ATTRIBUTES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -158,22 +160,8 @@ def build_examples(notes: Sequence[Any], facts: Sequence[Any], attributes: Seque
   return [rows[i] for i in order]
 
 
-def write_jsonl(path: str, rows: Iterable[Mapping[str, Any]]) -> int:
-  """Writes rows as JSONL under a temporary name, then renames; returns the row count."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  n = 0
-  with open(tmp, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + "\n")
-      n += 1
-  os.replace(tmp, path)
-  return n
-
-
 def read_jsonl(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [row for _, row in read_jsonl_objects(path, "one example object")]
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlx_med.core.sampler import RowParams, _constrain_cache, pick_tokens
+from mlx_med.core.sampler import RowParams, _constrain_cache, neutral_rows, pick_tokens
 from mlx_med.core.transformer import Decoder, DecoderConfig, as_dtype, init_cache, project_to_vocab
 
 
@@ -126,15 +126,7 @@ def _constrain(state: SlotState, rules) -> SlotState:
   return state._replace(cache=_constrain_cache(state.cache, rules), rows=rows, **fields)
 
 
-def empty_rows(num: int, *, n_stop: int, n_close: int) -> dict:
-  """Host arrays of neutral `RowParams` for `num` rows (numpy; fill then device_put)."""
-  return dict(
-      prompt_lens=np.ones(num, np.int32), temperature=np.zeros(num, np.float32), top_k=np.zeros(num, np.int32),
-      top_p=np.ones(num, np.float32), min_p=np.zeros(num, np.float32), seeds=np.zeros(num, np.uint32),
-      max_new=np.ones(num, np.int32), stop_ids=np.full((num, n_stop), -1, np.int32),
-      think_budget=np.full(num, -1, np.int32), think_close=np.full((num, n_close), -1, np.int32),
-      think_close_len=np.zeros(num, np.int32), presence=np.zeros(num, np.float32),
-      frequency=np.zeros(num, np.float32), repetition=np.ones(num, np.float32), next_position=np.ones(num, np.int32))
+empty_rows = neutral_rows  # neutral per-row knobs (host numpy), filled by sampler.set_row
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_slots", "max_len", "n_stop", "n_close", "cache_dtype",

@@ -72,3 +72,26 @@ def write_jsonl(path: str | os.PathLike, rows) -> int:
   lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in rows]
   write_text_atomic(path, "".join(lines))
   return len(lines)
+
+
+def read_jsonl_objects(path: str | os.PathLike, what: str = "a JSON object"):
+  """Yields (where, object) for each non-blank line of a JSONL file; `where` is "PATH:LINE" for error
+  messages. A missing file, a line that is not JSON or not an object raises a one-line error naming
+  the file and line; `what` says what each line should hold."""
+  import json
+
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} does not exist (expected JSONL: {what} a line)")
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{lineno}"
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be {what}") from None
+      if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected {what}, got {type(row).__name__}")
+      yield where, row

@@ -220,6 +220,40 @@ def bucket(n: int, minimum: int = 16, maximum: Optional[int] = None) -> int:
   return b
 
 
+def neutral_rows(num: int, *, n_stop: int, n_close: int) -> dict:
+  """Host arrays of neutral `RowParams` for `num` rows (numpy; filled by `set_row`, then device_put)."""
+  return dict(
+      prompt_lens=np.ones(num, np.int32), temperature=np.zeros(num, np.float32), top_k=np.zeros(num, np.int32),
+      top_p=np.ones(num, np.float32), min_p=np.zeros(num, np.float32), seeds=np.zeros(num, np.uint32),
+      max_new=np.ones(num, np.int32), stop_ids=np.full((num, n_stop), -1, np.int32),
+      think_budget=np.full(num, -1, np.int32), think_close=np.full((num, n_close), -1, np.int32),
+      think_close_len=np.zeros(num, np.int32), presence=np.zeros(num, np.float32),
+      frequency=np.zeros(num, np.float32), repetition=np.ones(num, np.float32), next_position=np.ones(num, np.int32))
+
+
+def set_row(rows: dict, i: int, sp: SamplingParams, prompt_len: int, *, vocab_size: int,
+            rng: np.random.Generator) -> None:
+  """Writes request `sp` (a prompt of `prompt_len` tokens) into row i of `neutral_rows` arrays; a
+  request without a seed draws one from `rng`."""
+  rows["prompt_lens"][i] = prompt_len
+  rows["next_position"][i] = prompt_len
+  rows["temperature"][i] = sp.temperature
+  rows["top_k"][i] = min(sp.top_k, vocab_size)
+  rows["top_p"][i] = sp.top_p
+  rows["min_p"][i] = sp.min_p
+  rows["presence"][i] = sp.presence_penalty
+  rows["frequency"][i] = sp.frequency_penalty
+  rows["repetition"][i] = sp.repetition_penalty
+  seed = sp.seed if sp.seed is not None else int(rng.integers(0, 2**32))
+  rows["seeds"][i] = np.uint32(seed % (2**32))
+  rows["max_new"][i] = sp.max_new_tokens
+  rows["stop_ids"][i, :len(sp.stop_token_ids)] = sp.stop_token_ids
+  if sp.think_budget is not None:
+    rows["think_budget"][i] = sp.think_budget
+    rows["think_close"][i, :len(sp.think_close_ids)] = sp.think_close_ids
+    rows["think_close_len"][i] = len(sp.think_close_ids)
+
+
 # ------------------------------------------------------------------- token choice
 
 
@@ -600,33 +634,10 @@ class Sampler:
     n_close = bucket(max([len(sp.think_close_ids) for sp in sampling] + [1]), minimum=4)
 
     tokens = np.full((batch, plen), self.pad_id, np.int32)
-    rows = dict(
-        prompt_lens=np.ones(batch, np.int32), temperature=np.zeros(batch, np.float32),
-        top_k=np.zeros(batch, np.int32), top_p=np.ones(batch, np.float32), min_p=np.zeros(batch, np.float32),
-        seeds=np.zeros(batch, np.uint32), max_new=np.ones(batch, np.int32),
-        stop_ids=np.full((batch, n_stop), -1, np.int32), think_budget=np.full(batch, -1, np.int32),
-        think_close=np.full((batch, n_close), -1, np.int32), think_close_len=np.zeros(batch, np.int32),
-        presence=np.zeros(batch, np.float32), frequency=np.zeros(batch, np.float32),
-        repetition=np.ones(batch, np.float32), next_position=np.ones(batch, np.int32))
+    rows = neutral_rows(batch, n_stop=n_stop, n_close=n_close)
     for i, (p, sp) in enumerate(zip(prompts, sampling)):
       tokens[i, plen - len(p):] = np.asarray(p, np.int32)
-      rows["prompt_lens"][i] = len(p)
-      rows["next_position"][i] = len(p)
-      rows["temperature"][i] = sp.temperature
-      rows["top_k"][i] = min(sp.top_k, self.cfg.vocab_size)
-      rows["top_p"][i] = sp.top_p
-      rows["min_p"][i] = sp.min_p
-      rows["presence"][i] = sp.presence_penalty
-      rows["frequency"][i] = sp.frequency_penalty
-      rows["repetition"][i] = sp.repetition_penalty
-      seed = sp.seed if sp.seed is not None else int(self._rng.integers(0, 2**32))
-      rows["seeds"][i] = np.uint32(seed % (2**32))
-      rows["max_new"][i] = sp.max_new_tokens
-      rows["stop_ids"][i, :len(sp.stop_token_ids)] = sp.stop_token_ids
-      if sp.think_budget is not None:
-        rows["think_budget"][i] = sp.think_budget
-        rows["think_close"][i, :len(sp.think_close_ids)] = sp.think_close_ids
-        rows["think_close_len"][i] = len(sp.think_close_ids)
+      set_row(rows, i, sp, len(p), vocab_size=self.cfg.vocab_size, rng=self._rng)
     if max(int(t) for t in tokens.max(axis=1)) >= self.cfg.vocab_size or tokens.min() < 0:
       raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
     embeds_dev, positions_dev = self._multimodal_inputs(prompts, batch, plen, prompt_embeds, prompt_positions, rows)

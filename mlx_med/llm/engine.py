@@ -40,8 +40,8 @@ import jax
 import numpy as np
 
 from mlx_med.core import continuous as cont
-from mlx_med.core.sampler import (IncrementalText, RowParams, SampleOutput, SamplingParams, StreamUpdate, _Row,
-                                  bucket, sampling_mode)
+from mlx_med.core.sampler import (IncrementalText, RowParams, SampleOutput, SamplingParams, _Row,
+                                  bucket, sampling_mode, set_row)
 
 logger = logging.getLogger("mlx_med.llm.engine")
 
@@ -229,22 +229,7 @@ class ContinuousEngine:
     for i, (p, sp) in enumerate(zip(prompts, sampling)):
       block[i, :len(p)] = p
       slot_ids[i] = slots[i]
-      rows["prompt_lens"][i] = rows["next_position"][i] = len(p)
-      rows["temperature"][i] = sp.temperature
-      rows["top_k"][i] = min(sp.top_k, self.cfg.vocab_size)
-      rows["top_p"][i] = sp.top_p
-      rows["min_p"][i] = sp.min_p
-      rows["presence"][i] = sp.presence_penalty
-      rows["frequency"][i] = sp.frequency_penalty
-      rows["repetition"][i] = sp.repetition_penalty
-      seed = sp.seed if sp.seed is not None else int(self._rng.integers(0, 2**32))
-      rows["seeds"][i] = np.uint32(seed % (2**32))
-      rows["max_new"][i] = sp.max_new_tokens
-      rows["stop_ids"][i, :len(sp.stop_token_ids)] = sp.stop_token_ids
-      if sp.think_budget is not None:
-        rows["think_budget"][i] = sp.think_budget
-        rows["think_close"][i, :len(sp.think_close_ids)] = sp.think_close_ids
-        rows["think_close_len"][i] = len(sp.think_close_ids)
+      set_row(rows, i, sp, len(p), vocab_size=self.cfg.vocab_size, rng=self._rng)
       if constraints[i] is not None:
         bits[i] = constraints[i]
     masked = any(c is not None for c in constraints)

@@ -111,15 +111,15 @@ def test_round_trip_jsonl_and_tree(tmp_path, cohort):
 
 
 @pytest.mark.parametrize("line, message", [
-  ("{not json", r"notes\.jsonl line 2: not valid JSON"),
-  ('{"patient_id": "P1", "note_id": "n2", "date": "2020-01-01", "text": "x"}', r"line 2: missing field\(s\) \['note_type'\]"),
+  ("{not json", r"notes\.jsonl:2: not valid JSON"),
+  ('{"patient_id": "P1", "note_id": "n2", "date": "2020-01-01", "text": "x"}', r"jsonl:2: missing field\(s\) \['note_type'\]"),
   ('{"patient_id": "P1", "note_id": "n2", "date": "01/02/2020", "note_type": "clinic_note", "text": "x"}',
-   r"line 2: date '01/02/2020' is not an ISO date"),
+   r"jsonl:2: date '01/02/2020' is not an ISO date"),
   ('{"patient_id": "P1", "note_id": "n2", "date": "2020-02-31", "note_type": "clinic_note", "text": "x"}',
-   r"line 2: date '2020-02-31' is not a valid calendar date"),
+   r"jsonl:2: date '2020-02-31' is not a valid calendar date"),
   ('{"patient_id": "P1", "note_id": "n1", "date": "2020-02-01", "note_type": "clinic_note", "text": "x"}',
-   r"line 2: duplicate note_id 'n1'"),
-  ('[1, 2]', r"line 2: expected a JSON object"),
+   r"jsonl:2: duplicate note_id 'n1'"),
+  ('[1, 2]', r"jsonl:2: expected a JSON object"),
 ])
 def test_malformed_notes_name_file_and_line(tmp_path, line, message):
   good = json.dumps({"patient_id": "P1", "note_id": "n1", "date": "2020-01-01", "note_type": "clinic_note", "text": "x"})
@@ -133,10 +133,10 @@ def test_malformed_notes_name_file_and_line(tmp_path, line, message):
 def test_malformed_labels_and_tree(tmp_path):
   path = tmp_path / "labels.jsonl"
   path.write_text('{"patient_id": "P1", "attribute": "ecog", "value": "1"}\n{"patient_id": "P1", "attribute": "ecog", "value": "2"}\n')
-  with pytest.raises(ValueError, match=r"labels\.jsonl line 2: a second label for P1/ecog"):
+  with pytest.raises(ValueError, match=r"labels\.jsonl:2: a second label for P1/ecog"):
     read_labels(path)
   path.write_text('{"patient_id": "P1", "attribute": "ecog", "value": 1}\n')
-  with pytest.raises(ValueError, match=r"line 1: field\(s\) \['value'\] must be strings"):
+  with pytest.raises(ValueError, match=r"jsonl:1: field\(s\) \['value'\] must be strings"):
     read_labels(path)
   with pytest.raises(FileNotFoundError, match="does not exist"):
     read_notes(tmp_path / "missing")
