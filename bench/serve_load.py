@@ -28,7 +28,9 @@ The default model is built in a temporary directory: a chat tokenizer trained by
 (transformers writes it; d_model 384, 6 layers, 6 heads / 2 KV heads, MLP 1024, vocab
 of the tokenizer). Random weights generate gibberish; throughput and latency do not
 depend on that. Both modes get the same number of concurrent rows (--max-num-seqs; the
-static engine's --max-batch-rows).
+static engine's --max-batch-rows) and the same context limit (--max-model-len, default 256:
+prompts of at most about 80 tokens plus 128 new ones; the continuous engine's KV slots are
+that long, the static engine pads each batch to its own longest request).
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MODES = ("static", "continuous")
-WORDS = ("patient fever cough dyspnea chest pain biopsy carcinoma adenocarcinoma staging lymph node metastasis "
-         "tumor margin ECOG performance status chemotherapy radiation resection CT MRI PET lesion nodule "
-         "history medication dose follow-up pathology report impression findings negative positive").split()
+WORDS = ("patient", "fever", "cough", "dyspnea", "chest", "pain", "biopsy", "carcinoma", "adenocarcinoma", "staging",
+         "lymph", "node", "metastasis", "tumor", "margin", "ECOG", "performance", "status", "chemotherapy",
+         "radiation", "resection", "CT", "MRI", "PET", "lesion", "nodule", "history", "medication", "dose",
+         "follow-up", "pathology", "report", "impression", "findings", "negative", "positive")
 
 
 # --------------------------------------------------------------------------- model
@@ -61,13 +64,13 @@ WORDS = ("patient fever cough dyspnea chest pain biopsy carcinoma adenocarcinoma
 def build_default_model(directory: str, *, d_model: int = 384, num_layers: int = 6, seed: int = 0) -> str:
   """A random Qwen2-shaped HF directory with the project's trained chat tokenizer (see the module docstring)."""
   sys.path.insert(0, str(ROOT / "tests"))
-  from torch_peers import import_torchvision  # transformers' model classes import torchvision; CPU torch lacks its ops
-
-  import_torchvision()
-  import torch
-  import transformers
+  from torch_peers import import_torchvision
 
   from mlx_med.rl.tokenizer import train_chat_tokenizer
+
+  import_torchvision()  # transformers' model classes import torchvision, whose compiled ops a CPU torch lacks
+  import torch
+  import transformers
 
   rng = np.random.default_rng(seed)
   texts = [" ".join(rng.choice(WORDS, 40)) for _ in range(400)] + ["system\nuser\nassistant\n"]
@@ -174,19 +177,21 @@ def _free_port() -> int:
 
 
 def _serve_help() -> str:
-  out = subprocess.run([sys.executable, "-m", "mlx_med.cli", "serve", "--help"], capture_output=True, text=True)
+  out = subprocess.run([sys.executable, "-m", "mlx_med.cli", "serve", "--help"], capture_output=True, text=True,
+                       check=False)
   return out.stdout + out.stderr
 
 
 def server_command(mode: str, model_dir: str, port: int, max_num_seqs: int, *, has_batching_flag: bool,
-                   peer_python: str | None = None) -> list[str]:
+                   peer_python: str | None = None, max_model_len: int = 0) -> list[str]:
   """The command that serves `model_dir` on `port` in `mode` (static, continuous or vllm)."""
+  limit = ["--max-model-len", str(max_model_len)] if max_model_len else []
   if mode == "vllm":
     return [peer_python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
             "--port", str(port), "--host", "127.0.0.1", "--max-num-seqs", str(max_num_seqs), "--dtype", "float32",
-            "--served-model-name", "bench", "--disable-log-requests"]
+            "--served-model-name", "bench", "--disable-log-requests", *limit]
   cmd = [sys.executable, "-m", "mlx_med.cli", "serve", "--model", model_dir, "--port", str(port),
-         "--served-model-name", "bench", "--log-level", "warning"]
+         "--served-model-name", "bench", "--log-level", "warning", *limit]
   if mode == "static":
     cmd += ["--max-batch-rows", str(max_num_seqs)]
     if has_batching_flag:
@@ -226,7 +231,7 @@ def run_mode(mode: str, model_dir: str, args, tmp: str, *, has_batching_flag: bo
   if mode == "vllm":
     env.setdefault("VLLM_TARGET_DEVICE", "cpu")
   cmd = server_command(mode, model_dir, port, args.max_num_seqs, has_batching_flag=has_batching_flag,
-                       peer_python=args.peer_python)
+                       peer_python=args.peer_python, max_model_len=args.max_model_len)
   out: dict = {"mode": mode, "command": " ".join(cmd), "loadavg_before": _loadavg(), "runs": []}
   with open(log_path, "w") as log:
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -301,6 +306,9 @@ def main(argv=None) -> int:
   parser.add_argument("--min-tokens", type=int, default=16)
   parser.add_argument("--max-tokens", type=int, default=128)
   parser.add_argument("--max-num-seqs", type=int, default=64, help="concurrent rows in the server (both modes)")
+  parser.add_argument("--max-model-len", type=int, default=256,
+                      help="context limit of every server (the continuous engine's KV slots are this long; "
+                           "0 = the model's own, 1024 for the default model)")
   parser.add_argument("--warmup-requests", type=int, default=64)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--start-timeout", type=float, default=600.0)
@@ -326,7 +334,8 @@ def main(argv=None) -> int:
     model_dir = args.model or build_default_model(os.path.join(tmp, "qwen2-random"))
     report["model"] = args.model or "random Qwen2-shaped (d_model 384, 6 layers, trained 1024-token tokenizer)"
     print(f"model {report['model']}; max_tokens uniform {args.min_tokens}-{args.max_tokens}, greedy, ignore_eos; "
-          f"{args.max_num_seqs} server rows; closed loop x{args.rounds}; seed {args.seed}")
+          f"{args.max_num_seqs} server rows, context {args.max_model_len or 'of the model'}; closed loop "
+          f"x{args.rounds}; seed {args.seed}")
     for mode in modes + ([args.peer] if args.peer else []):
       if mode == "continuous" and not has_batching_flag:
         print(f"  {mode}: skipped: this `mlx-med serve` has no --batching flag")

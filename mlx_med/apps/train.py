@@ -12,9 +12,11 @@ Data. The conversations are exactly UMA's extractions over synthetic patients
 attribute, each note's BM25-relevant chunks; for a short-context one, the latest notes of its types.
 Each is UMA's messages for (attribute, excerpt) -- `uma.attribute_messages` -- then the assistant
 reply, the gold JSON in the shape `uma.attribute_response_format` asks for (`uma.attribute_answer`,
-compact). The per-excerpt gold comes from the generator's facts (`oncology.generate_cohort_with_facts`:
+written as the schema constraint writes it). The per-excerpt gold comes from the generator's facts (`oncology.generate_cohort_with_facts`:
 every value a note states, with its verbatim sentence): the value whose sentence the excerpt holds
-(the last one when several), evidence that sentence; or "unknown" when the excerpt does not say.
+(the last one when several), evidence that sentence (`uma.evidence="sentence"`) or "" (`"none"`: the
+schema allows it, and a small model then spends its training on the value); or "unknown" when the
+excerpt does not say.
 Per attribute, `uma.unknown_ratio` unknowns per stated value are kept (a fixed-seed draw, at least
 `uma.min_unknown`; < 0 keeps all), so the model learns both to extract and to abstain. Held-out
 patients (another generator seed) give the evaluation set, built the same way.
@@ -52,6 +54,8 @@ from mlx_med.core.fileio import read_jsonl_objects, write_jsonl
 
 log = logging.getLogger("mlx_med.apps.train")
 
+EVIDENCE_MODES = ("sentence", "none")
+
 DEFAULT_ATTRIBUTES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                                   "configs", "apps", "oncology_attributes.json")
 
@@ -70,7 +74,7 @@ def _attributes(path: str = "") -> list[Any]:
 
 
 def gold_reply(attribute: Any, value: str, evidence: str = "") -> str:
-  """The assistant reply the model is trained to write: `uma.attribute_answer` (compact JSON in the shape
+  """The assistant reply the model is trained to write: `uma.attribute_answer` (the JSON in the shape
   `uma.attribute_response_format` asks for) with the sentence that states the value as evidence ("" when
   the value is unknown)."""
   from mlx_med.apps import uma
@@ -123,7 +127,8 @@ class _WholeNote:
 
 
 def build_examples(notes: Sequence[Any], facts: Sequence[Any], attributes: Sequence[Any], *,
-                   unknown_ratio: float = 1.0, min_unknown: int = 8, seed: int = 0, **plan: int) -> list[dict]:
+                   unknown_ratio: float = 1.0, min_unknown: int = 8, seed: int = 0, evidence: str = "sentence",
+                   **plan: int) -> list[dict]:
   """SFT conversations for UMA's extractions over `notes` (`extraction_jobs`, `plan` its knobs):
   every extraction whose excerpt states a value, and per attribute max(min_unknown, unknown_ratio x
   stated) of those that do not (all when fewer; unknown_ratio < 0 keeps every one); an attribute with
@@ -131,6 +136,8 @@ def build_examples(notes: Sequence[Any], facts: Sequence[Any], attributes: Seque
   note_id, attribute, value, messages (UMA's prompt, then the gold reply); shuffled with `seed`."""
   from mlx_med.apps import uma
 
+  if evidence not in EVIDENCE_MODES:
+    raise ValueError(f"evidence={evidence!r}: choose one of {', '.join(EVIDENCE_MODES)} (uma.evidence)")
   stated = note_values(facts, notes)
   rng = np.random.default_rng(seed)
   by_attribute: dict[str, tuple[list, list]] = {a.name: ([], []) for a in attributes}
@@ -149,11 +156,12 @@ def build_examples(notes: Sequence[Any], facts: Sequence[Any], attributes: Seque
       for i in sorted(rng.choice(len(spare), min(len(spare), min_unknown - len(negatives)), replace=False)):
         negatives.append((_WholeNote(spare[i]), a.unknown, ""))
     keep = len(negatives) if unknown_ratio < 0 else min(
-        len(negatives), max(int(min_unknown), int(round(unknown_ratio * len(positives)))))
+        len(negatives), max(int(min_unknown), round(unknown_ratio * len(positives))))
     picked = [negatives[i] for i in sorted(rng.choice(len(negatives), keep, replace=False))] if keep else []
     for job, value, sentence in positives + picked:
       messages = [dict(m) for m in uma.attribute_messages(a, job.text)]
-      messages.append({"role": "assistant", "content": gold_reply(a, value, sentence)})
+      reply = gold_reply(a, value, sentence if evidence == "sentence" else "")
+      messages.append({"role": "assistant", "content": reply})
       rows.append({"patient_id": job.patient_id, "note_id": job.note.note_id, "attribute": a.name, "value": value,
                    "messages": messages})
   order = rng.permutation(len(rows))
@@ -179,7 +187,8 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, 
     notes, _, facts = oncology.generate_cohort_with_facts(n, seed=seed)
     rows = build_examples(notes, facts, attributes, unknown_ratio=float(u.unknown_ratio),
                           min_unknown=int(u.min_unknown), seed=seed, chunk_words=int(u.chunk_words),
-                          chunk_overlap=int(u.chunk_overlap), top_k=int(u.top_k), n_recent=int(u.n_recent))
+                          chunk_overlap=int(u.chunk_overlap), top_k=int(u.top_k), n_recent=int(u.n_recent),
+                          evidence=str(u.get("evidence", "sentence")))
     path = train_path if name == "train" else eval_path
     write_jsonl(path, rows)
     counts = collections.Counter(r["value"] == "unknown" for r in rows)
@@ -295,10 +304,11 @@ def evaluate_uma_model(hf_dir: str, eval_path: str, *, constrained: bool = False
 
 
 def format_report(result: Mapping[str, Any]) -> str:
-  lines = [f"{'constrained' if result['constrained'] else 'unconstrained'} greedy, {result['examples']} held-out "
-           f"(note, attribute) pairs: accuracy {result['accuracy']:.3f} (stated values {result['accuracy_stated']:.3f},"
-           f" unknown {result['accuracy_unknown']:.3f}), valid JSON {result['valid_json']:.3f}, "
-           f"{result['seconds']:.0f}s"]
+  head = (f"{'constrained' if result['constrained'] else 'unconstrained'} greedy, {result['examples']} held-out "
+          f"(note, attribute) pairs: accuracy {result['accuracy']:.3f} (stated values {result['accuracy_stated']:.3f},"
+          f" unknown {result['accuracy_unknown']:.3f}), valid JSON {result['valid_json']:.3f}, "
+          f"{result['seconds']:.0f}s")
+  lines = [head]
   for name, r in result["per_attribute"].items():
     lines.append(f"  {name:22s} {r['accuracy']:.3f}  (n={r['n']})")
   return "\n".join(lines)
@@ -321,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   overrides, rest = config_lib.split_config_args(list(sys.argv[1:] if argv is None else argv))
   args = parser.parse_args(rest)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  for noisy in ("absl", "bm25s"):  # checkpoint-manager and index-building chatter
+    logging.getLogger(noisy).setLevel(logging.WARNING)
   config = config_lib.get_config(args.config, overrides)
   hf_dir = train_uma_model(config, args.workdir, progress=False)
   print(f"exported {hf_dir}")

@@ -119,3 +119,14 @@ def test_tiny_model_trains_exports_and_generates(tmp_path):
   stamp = os.path.getmtime(os.path.join(workdir, "data", "train.jsonl"))
   assert train_lib.train_uma_model(config, workdir) == hf_dir
   assert os.path.getmtime(os.path.join(workdir, "data", "train.jsonl")) == stamp
+
+
+def test_evidence_none_keeps_the_values_and_empties_the_quotes(cohort, attributes):
+  notes, _, facts = cohort
+  full = train_lib.build_examples(notes, facts, attributes, min_unknown=3, seed=0)
+  bare = train_lib.build_examples(notes, facts, attributes, min_unknown=3, seed=0, evidence="none")
+  assert [(r["note_id"], r["attribute"], r["value"]) for r in bare] == [
+      (r["note_id"], r["attribute"], r["value"]) for r in full]
+  assert all(json.loads(r["messages"][-1]["content"])["evidence"] == "" for r in bare)
+  with pytest.raises(ValueError, match="evidence='quote'"):
+    train_lib.build_examples(notes, facts, attributes, evidence="quote")
