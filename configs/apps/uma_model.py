@@ -49,7 +49,7 @@ def get_config(arg: str | None = None):
     config.uma.update({"n_patients": 4, "n_eval_patients": 2, "min_unknown": 1})
     config.model.tokenizer_vocab_size = 512
     config.model.decoder.update({"num_layers": 1, "d_model": 32, "num_heads": 2, "num_kv_heads": 1, "mlp_dim": 64})
-    config.data.seq_len = 512
+    config.data.seq_len = 768  # room for a constrained reply after the longest prompt (about 450 tokens)
     config.train.update({"steps": 3, "batch_size": 8, "warmup_steps": 1, "log_every": 1, "eval_every": 3,
                          "eval_batches": 1, "ckpt_every": 3})
   elif variant == "base":

@@ -256,12 +256,13 @@ def _accuracy_table(rows: Sequence[dict], predictions: Sequence[str | None]) -> 
 
 
 def evaluate_uma_model(hf_dir: str, eval_path: str, *, constrained: bool = False, max_examples: int = 0,
-                       max_tokens: int = 96, batch_size: int = 32, lm: Any = None) -> dict:
+                       max_tokens: int = 96, batch_size: int = 32, lm: Any = None, attributes: str = "") -> dict:
   """Greedy per-attribute accuracy of the model's "value" on held-out conversations (eval.jsonl).
 
   Unconstrained: LocalLM.chat in batches. Constrained: each attribute's response_format through
   LocalClient (mlx_med.llm.grammar masks), calls in a thread pool so the engine batches them.
-  `max_examples` > 0 evaluates the first that many (the file is shuffled).
+  `max_examples` > 0 evaluates the first that many (the file is shuffled). `attributes`: the attribute
+  config the data was built from (its response formats; default configs/apps/oncology_attributes.json).
   """
   from mlx_med.apps import uma
 
@@ -283,8 +284,8 @@ def evaluate_uma_model(hf_dir: str, eval_path: str, *, constrained: bool = False
 
     from mlx_med.llm.client import LocalClient
 
-    by_name = {a.name: a for a in _attributes()}
-    client = LocalClient(hf_dir)
+    by_name = {a.name: a for a in _attributes(attributes)}
+    client = LocalClient(hf_dir, max_num_seqs=batch_size)
 
     def one(k: int) -> str:
       fmt = uma.attribute_response_format(by_name[rows[k]["attribute"]])

@@ -115,6 +115,10 @@ def test_tiny_model_trains_exports_and_generates(tmp_path):
   result = train_lib.evaluate_uma_model(hf_dir, os.path.join(workdir, "data", "eval.jsonl"), max_examples=4,
                                         max_tokens=8, lm=lm)
   assert result["examples"] == 4 and 0.0 <= result["accuracy"] <= 1.0
+  # under the schema constraint every reply parses, whatever the (barely trained) model prefers
+  constrained = train_lib.evaluate_uma_model(hf_dir, os.path.join(workdir, "data", "eval.jsonl"), constrained=True,
+                                             max_examples=2, max_tokens=200, batch_size=2)
+  assert constrained["constrained"] and constrained["valid_json"] == 1.0
   # resumable: the data files are reused and the finished run is not trained again
   stamp = os.path.getmtime(os.path.join(workdir, "data", "train.jsonl"))
   assert train_lib.train_uma_model(config, workdir) == hf_dir
