@@ -6,8 +6,8 @@ concurrency C (default 64 and 256) a timed closed-loop burst: C asyncio clients 
 streaming chat completions with usage) each send `--rounds` requests one after another,
 so C requests are in flight from the start and a client sends its next request as soon
 as its previous one ends. Every request has its own prompt (8-48 words) and its own
-`max_tokens` drawn uniformly from [--min-tokens, --max-tokens] (default 16-128) with a
-fixed seed, greedy, `ignore_eos` (a random model must not stop early: the lengths are
+`max_tokens` drawn uniformly from [--min-tokens, --max-tokens] (default 16-128; `--lengths
+skewed`: 80% from the lowest eighth of that range, 20% from its upper half) with a fixed seed, greedy, `ignore_eos` (a random model must not stop early: the lengths are
 the workload). Mixed lengths are what continuous batching is for: a static batch runs
 until its longest row ends, while a continuous batch refills a finished row's slot at
 the next decode step.
@@ -21,6 +21,7 @@ requests/s; then continuous/static ratios and whether the goal holds at the larg
   python bench/serve_load.py                          # random Qwen2-shaped model, both modes, C = 64, 256
   python bench/serve_load.py --model DIR              # any local HF chat model directory
   python bench/serve_load.py --modes static --concurrency 64
+  python bench/serve_load.py --lengths skewed --max-tokens 512 --max-model-len 640
   python bench/serve_load.py --peer vllm --peer-python /tmp/vllm_venv/bin/python
 
 The default model is built in a temporary directory: a chat tokenizer trained by
@@ -93,15 +94,27 @@ def build_default_model(directory: str, *, d_model: int = 384, num_layers: int =
 # --------------------------------------------------------------------------- workload
 
 
-def make_workload(n: int, *, seed: int, min_tokens: int, max_tokens: int) -> list[dict]:
-  """`n` requests (messages, max_tokens), fixed by `seed`: prompts of 8-48 words, max_tokens uniform."""
+LENGTHS = ("uniform", "skewed")
+
+
+def _max_tokens(rng: np.random.Generator, lengths: str, lo: int, hi: int) -> int:
+  """uniform: [lo, hi]; skewed: 80% short (uniform over the lowest eighth of [lo, hi]), 20% long (upper half)."""
+  if lengths == "uniform":
+    return int(rng.integers(lo, hi + 1))
+  if rng.random() < 0.8:
+    return int(rng.integers(lo, lo + max(1, (hi - lo) // 8) + 1))
+  return int(rng.integers((lo + hi) // 2, hi + 1))
+
+
+def make_workload(n: int, *, seed: int, min_tokens: int, max_tokens: int, lengths: str = "uniform") -> list[dict]:
+  """`n` requests (messages, max_tokens), fixed by `seed`: prompts of 8-48 words, max_tokens by `lengths`."""
   rng = np.random.default_rng(seed)
   out = []
   for i in range(n):
     words = " ".join(rng.choice(WORDS, int(rng.integers(8, 49))))
     out.append({"messages": [{"role": "system", "content": "You are a careful clinician."},
                              {"role": "user", "content": f"Case {i}: {words}. Summarise."}],
-                "max_tokens": int(rng.integers(min_tokens, max_tokens + 1))})
+                "max_tokens": _max_tokens(rng, lengths, min_tokens, max_tokens)})
   return out
 
 
@@ -241,13 +254,13 @@ def run_mode(mode: str, model_dir: str, args, tmp: str, *, has_batching_flag: bo
     _wait_ready(base_url, proc, log_path, args.start_timeout)
     out["startup_s"] = time.monotonic() - started
     warm = make_workload(args.warmup_requests, seed=args.seed + 1000, min_tokens=args.min_tokens,
-                         max_tokens=args.max_tokens)
+                         max_tokens=args.max_tokens, lengths=args.lengths)
     t = time.perf_counter()
     asyncio.run(_closed_loop(base_url, "bench", warm, min(args.warmup_requests, args.max_num_seqs)))
     out["warmup_s"] = time.perf_counter() - t
     for c in args.concurrency:
       workload = make_workload(c * args.rounds, seed=args.seed + c, min_tokens=args.min_tokens,
-                               max_tokens=args.max_tokens)
+                               max_tokens=args.max_tokens, lengths=args.lengths)
       run = asyncio.run(_closed_loop(base_url, "bench", workload, c))
       run["loadavg_after"] = _loadavg()
       out["runs"].append(run)
@@ -305,6 +318,8 @@ def main(argv=None) -> int:
   parser.add_argument("--rounds", type=int, default=1, help="requests each client sends in turn (closed loop)")
   parser.add_argument("--min-tokens", type=int, default=16)
   parser.add_argument("--max-tokens", type=int, default=128)
+  parser.add_argument("--lengths", choices=LENGTHS, default="uniform",
+                      help="max_tokens per request: uniform over [min, max], or skewed (80%% short, 20%% long)")
   parser.add_argument("--max-num-seqs", type=int, default=64, help="concurrent rows in the server (both modes)")
   parser.add_argument("--max-model-len", type=int, default=256,
                       help="context limit of every server (the continuous engine's KV slots are this long; "
@@ -333,7 +348,7 @@ def main(argv=None) -> int:
   with tempfile.TemporaryDirectory() as tmp:
     model_dir = args.model or build_default_model(os.path.join(tmp, "qwen2-random"))
     report["model"] = args.model or "random Qwen2-shaped (d_model 384, 6 layers, trained 1024-token tokenizer)"
-    print(f"model {report['model']}; max_tokens uniform {args.min_tokens}-{args.max_tokens}, greedy, ignore_eos; "
+    print(f"model {report['model']}; max_tokens {args.lengths} {args.min_tokens}-{args.max_tokens}, greedy, ignore_eos; "
           f"{args.max_num_seqs} server rows, context {args.max_model_len or 'of the model'}; closed loop "
           f"x{args.rounds}; seed {args.seed}")
     for mode in modes + ([args.peer] if args.peer else []):
