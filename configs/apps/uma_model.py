@@ -33,7 +33,7 @@ def get_config(arg: str | None = None):
       "seed": 0,
       "unknown_ratio": 1.0,      # per attribute: notes that do not say, per note that does
       "min_unknown": 8,
-      "evidence": "none",        # the reply's evidence: "sentence" (the stating sentence) or "none" ("")
+      "evidence": "sentence",    # the reply's evidence: "sentence" (the stating sentence) or "none" ("")
       # UMA's extraction plan (uma.abstract_patients' defaults): the excerpts the model learns to read
       "chunk_words": 120, "chunk_overlap": 20, "top_k": 2, "n_recent": 3,
   })
@@ -42,7 +42,7 @@ def get_config(arg: str | None = None):
                                "tie_embeddings": True})
   config.data.format = "jsonl"
   config.data.seq_len = 1024
-  config.train.update({"steps": 800, "batch_size": 4, "lr": 3e-3, "schedule": "cosine", "warmup_steps": 20,
+  config.train.update({"steps": 500, "batch_size": 8, "lr": 3e-3, "schedule": "cosine", "warmup_steps": 20,
                        "weight_decay": 0.0, "log_every": 25, "eval_every": 200, "eval_batches": 4,
                        "ckpt_every": 200, "async_checkpointing": False})
   if variant == "tiny":

@@ -14,11 +14,11 @@ Each is UMA's messages for (attribute, excerpt) -- `uma.attribute_messages` -- t
 reply, the gold JSON in the shape `uma.attribute_response_format` asks for (`uma.attribute_answer`,
 written as the schema constraint writes it). The per-excerpt gold comes from the generator's facts (`oncology.generate_cohort_with_facts`:
 every value a note states, with its verbatim sentence): the value whose sentence the excerpt holds
-(the last one when several), evidence that sentence (`uma.evidence="sentence"`) or "" (`"none"`: the
+(the last one when several), evidence that sentence (`config.uma.evidence="sentence"`) or "" (`"none"`: the
 schema allows it, and a small model then spends its training on the value); or "unknown" when the
 excerpt does not say.
-Per attribute, `uma.unknown_ratio` unknowns per stated value are kept (a fixed-seed draw, at least
-`uma.min_unknown`; < 0 keeps all), so the model learns both to extract and to abstain. Held-out
+Per attribute, `config.uma.unknown_ratio` unknowns per stated value are kept (a fixed-seed draw, at least
+`config.uma.min_unknown`; < 0 keeps all), so the model learns both to extract and to abstain. Held-out
 patients (another generator seed) give the evaluation set, built the same way.
 
 Training goes through `mlx_med.rl.sft.run_sft` (data.format=jsonl, the shared trainer: resumable,
@@ -50,25 +50,23 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from mlx_med.apps import uma
 from mlx_med.core.fileio import read_jsonl_objects, write_jsonl
 
 log = logging.getLogger("mlx_med.apps.train")
 
 EVIDENCE_MODES = ("sentence", "none")
 
-DEFAULT_ATTRIBUTES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                  "configs", "apps", "oncology_attributes.json")
+DEFAULT_ATTRIBUTES = str(uma.DEFAULT_ATTRIBUTES)  # configs/apps/oncology_attributes.json
 
 
 # ------------------------------------------------------------------ data
 
 
 def _attributes(path: str = "") -> list[Any]:
-  from mlx_med.apps import uma
-
   path = path or DEFAULT_ATTRIBUTES
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"attribute config {path!r} does not exist; pass uma.attributes=PATH (a JSON list like "
+    raise FileNotFoundError(f"attribute config {path!r} does not exist; pass --config.uma.attributes=PATH (a JSON list like "
                             "configs/apps/oncology_attributes.json)")
   return uma.load_attributes(path)
 
@@ -77,8 +75,6 @@ def gold_reply(attribute: Any, value: str, evidence: str = "") -> str:
   """The assistant reply the model is trained to write: `uma.attribute_answer` (the JSON in the shape
   `uma.attribute_response_format` asks for) with the sentence that states the value as evidence ("" when
   the value is unknown)."""
-  from mlx_med.apps import uma
-
   return uma.attribute_answer(attribute, value, evidence if value != attribute.unknown else "")
 
 
@@ -104,8 +100,6 @@ def extraction_jobs(notes: Sequence[Any], attributes: Sequence[Any], *, chunk_wo
   with the same defaults: long-context attributes read the BM25-relevant chunks of each note,
   short-context ones the latest notes of their types. Training on exactly these excerpts shows the
   model what it will be asked."""
-  from mlx_med.apps import uma
-
   patients: dict[str, list[Any]] = {}
   for n in sorted(notes, key=lambda n: (n.patient_id, n.date)):
     patients.setdefault(n.patient_id, []).append(n)
@@ -121,9 +115,7 @@ class _WholeNote:
   """A whole note as an extraction excerpt (the shape of UMA's short-context excerpts)."""
 
   def __init__(self, note: Any):
-    from mlx_med.apps import uma
-
-    self.note, self.patient_id, self.text = note, note.patient_id, uma.note_excerpt(note, [note.text])
+      self.note, self.patient_id, self.text = note, note.patient_id, uma.note_excerpt(note, [note.text])
 
 
 def build_examples(notes: Sequence[Any], facts: Sequence[Any], attributes: Sequence[Any], *,
@@ -134,10 +126,8 @@ def build_examples(notes: Sequence[Any], facts: Sequence[Any], attributes: Seque
   stated) of those that do not (all when fewer; unknown_ratio < 0 keeps every one); an attribute with
   fewer than min_unknown of those gets whole notes that do not state it, outside UMA's plan. Rows: patient_id,
   note_id, attribute, value, messages (UMA's prompt, then the gold reply); shuffled with `seed`."""
-  from mlx_med.apps import uma
-
   if evidence not in EVIDENCE_MODES:
-    raise ValueError(f"evidence={evidence!r}: choose one of {', '.join(EVIDENCE_MODES)} (uma.evidence)")
+    raise ValueError(f"evidence={evidence!r}: choose one of {', '.join(EVIDENCE_MODES)} (config.uma.evidence)")
   stated = note_values(facts, notes)
   rng = np.random.default_rng(seed)
   by_attribute: dict[str, tuple[list, list]] = {a.name: ([], []) for a in attributes}
@@ -264,8 +254,6 @@ def evaluate_uma_model(hf_dir: str, eval_path: str, *, constrained: bool = False
   `max_examples` > 0 evaluates the first that many (the file is shuffled). `attributes`: the attribute
   config the data was built from (its response formats; default configs/apps/oncology_attributes.json).
   """
-  from mlx_med.apps import uma
-
   rows = read_jsonl(eval_path)
   if max_examples > 0:
     rows = rows[:max_examples]
@@ -332,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   overrides, rest = config_lib.split_config_args(list(sys.argv[1:] if argv is None else argv))
   args = parser.parse_args(rest)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  for noisy in ("absl", "bm25s"):  # checkpoint-manager and index-building chatter
+  for noisy in ("absl", "bm25s", "mlx_med.llm.client"):  # checkpoint-manager, index and per-call chatter
     logging.getLogger(noisy).setLevel(logging.WARNING)
   config = config_lib.get_config(args.config, overrides)
   hf_dir = train_uma_model(config, args.workdir, progress=False)
