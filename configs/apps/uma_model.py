@@ -8,7 +8,8 @@ It is not an LLM: it has learned this one synthetic task, and UMA's zero-shot cl
 one (point the client at it instead).
 
 Variants:
-  smoke  the model `make apps-demo` serves: trained from scratch in a few minutes on 2 CPU cores.
+  smoke  the model `make apps-demo` serves: 400 steps of 8 packed 1024-token rows from scratch (about 7 minutes
+         on 2 quiet CPU cores; 0.54 held-out per-note accuracy, where "unknown" always scores 0.23).
   tiny   a handful of steps on a tiny decoder (tests).
   base   a larger decoder and more data (about 4x the smoke run's compute).
 """
@@ -42,7 +43,7 @@ def get_config(arg: str | None = None):
                                "tie_embeddings": True})
   config.data.format = "jsonl"
   config.data.seq_len = 1024
-  config.train.update({"steps": 500, "batch_size": 8, "lr": 3e-3, "schedule": "cosine", "warmup_steps": 20,
+  config.train.update({"steps": 400, "batch_size": 8, "lr": 3e-3, "schedule": "cosine", "warmup_steps": 20,
                        "weight_decay": 0.0, "log_every": 25, "eval_every": 200, "eval_batches": 4,
                        "ckpt_every": 200, "async_checkpointing": False})
   if variant == "tiny":
