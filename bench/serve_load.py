@@ -196,7 +196,7 @@ def _serve_help() -> str:
 
 
 def server_command(mode: str, model_dir: str, port: int, max_num_seqs: int, *, has_batching_flag: bool,
-                   peer_python: str | None = None, max_model_len: int = 0) -> list[str]:
+                   peer_python: str | None = None, max_model_len: int = 0, chunk_size: int = 0) -> list[str]:
   """The command that serves `model_dir` on `port` in `mode` (static, continuous or vllm)."""
   limit = ["--max-model-len", str(max_model_len)] if max_model_len else []
   if mode == "vllm":
@@ -211,6 +211,8 @@ def server_command(mode: str, model_dir: str, port: int, max_num_seqs: int, *, h
       cmd += ["--batching", "static"]
   else:
     cmd += ["--batching", "continuous", "--max-num-seqs", str(max_num_seqs)]
+    if chunk_size:
+      cmd += ["--chunk-size", str(chunk_size)]
   return cmd
 
 
@@ -244,7 +246,8 @@ def run_mode(mode: str, model_dir: str, args, tmp: str, *, has_batching_flag: bo
   if mode == "vllm":
     env.setdefault("VLLM_TARGET_DEVICE", "cpu")
   cmd = server_command(mode, model_dir, port, args.max_num_seqs, has_batching_flag=has_batching_flag,
-                       peer_python=args.peer_python, max_model_len=args.max_model_len)
+                       peer_python=args.peer_python, max_model_len=args.max_model_len,
+                       chunk_size=args.chunk_size)
   out: dict = {"mode": mode, "command": " ".join(cmd), "loadavg_before": _loadavg(), "runs": []}
   with open(log_path, "w") as log:
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -324,6 +327,8 @@ def main(argv=None) -> int:
   parser.add_argument("--max-model-len", type=int, default=256,
                       help="context limit of every server (the continuous engine's KV slots are this long; "
                            "0 = the model's own, 1024 for the default model)")
+  parser.add_argument("--chunk-size", type=int, default=0,
+                      help="decode steps between admissions of the continuous engine (0 = the server's default)")
   parser.add_argument("--warmup-requests", type=int, default=64)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--start-timeout", type=float, default=600.0)

@@ -227,21 +227,52 @@ def prefill_into_slots(params, state: SlotState, prompt: jax.Array, slots: jax.A
   return _constrain(new_state, rules), out
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "rules", "width", "num_top", "mode", "penalties", "masked"),
+def _cache_window(cache: dict, window: int) -> dict:
+  """The first `window` entries of every slot row (both cache layouts, see `init_cache`)."""
+  if isinstance(cache["k"], (tuple, list)):  # per layer: k [B, K, D, S], v [B, K, S, D]
+    k = tuple(x[..., :window] for x in cache["k"])
+    v = tuple(x[:, :, :window] for x in cache["v"])
+  else:  # stacked [L, B, S, K, D]
+    k, v = cache["k"][:, :, :window], cache["v"][:, :, :window]
+  return {"k": k, "v": v, "segment_ids": cache["segment_ids"][:, :window]}
+
+
+def _cache_merge(full: dict, part: dict) -> dict:
+  """`full` with its first entries replaced by the window `part` (the inverse of `_cache_window`)."""
+  put = lambda big, small: jax.lax.dynamic_update_slice(big, small.astype(big.dtype), (0,) * big.ndim)
+  if isinstance(full["k"], (tuple, list)):
+    k = tuple(put(b, p) for b, p in zip(full["k"], part["k"]))
+    v = tuple(put(b, p) for b, p in zip(full["v"], part["v"]))
+  else:
+    k, v = put(full["k"], part["k"]), put(full["v"], part["v"])
+  return {"k": k, "v": v, "segment_ids": put(full["segment_ids"], part["segment_ids"])}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "rules", "width", "num_top", "mode", "penalties", "masked",
+                                             "window"),
                    donate_argnums=(1,))
 def decode_chunk(params, state: SlotState, allowed_bits: jax.Array, halt: jax.Array, n_steps: jax.Array, *,
                  cfg: DecoderConfig, rules=None, width: int, num_top: int = 0, mode: str = "sorted",
-                 penalties: bool = False, masked: bool = False) -> tuple[SlotState, ChunkOutput]:
+                 penalties: bool = False, masked: bool = False, window: int = 0) -> tuple[SlotState, ChunkOutput]:
   """Up to min(n_steps, width) decode steps over every slot (stops early when all are done).
 
   halt [S] bool: rows the host ended (stop string, grammar complete, freed) become done
   first. allowed_bits [S, ceil(V/32)] int32: the token mask of every step of this chunk
   (used when `masked`; the host runs one-step chunks while a constrained row is active).
+  window: when 0 < window < max_len, the steps attend over (and write into) only the first
+  `window` entries of each slot row, copied out and back once per chunk. The host picks a
+  bucketed window that holds every active row's sequence after the chunk, so a step's cost
+  follows the running sequences' length, not the context limit (rows that are not active
+  may write one clamped entry there, which nothing reads).
   """
   model = Decoder(cfg, rules)
   rows = state.rows
   slots = state.last.shape[0]
   max_len = state.cache["segment_ids"].shape[1]
+  full_cache = None
+  if 0 < window < max_len:
+    full_cache = state.cache
+    state = state._replace(cache=_cache_window(full_cache, window))
   allowed = unpack_bitmask(allowed_bits, cfg.vocab_size) if masked else None
   limit = jnp.minimum(n_steps, width)
   out = ChunkOutput(
@@ -292,6 +323,8 @@ def decode_chunk(params, state: SlotState, allowed_bits: jax.Array, halt: jax.Ar
 
   state = _constrain(state._replace(done=state.done | halt), rules)
   _, state, out = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, out._replace(done=state.done)))
+  if full_cache is not None:
+    state = _constrain(state._replace(cache=_cache_merge(full_cache, state.cache)), rules)
   return state, out
 
 

@@ -242,7 +242,8 @@ class ContinuousEngine:
     self.stats["batches"] += 1
     return jax.device_get(out._asdict())
 
-  def _decode(self, active: list[int], sampling: Optional[list[SamplingParams]] = None) -> dict:
+  def _decode(self, active: list[int], sampling: Optional[list[SamplingParams]] = None,
+              window: Optional[int] = None) -> dict:
     if sampling is None:
       sampling = [self._slots[s].row.sampling for s in active]
     constrained = [s for s in active if self._slots[s].constraint is not None]
@@ -251,12 +252,30 @@ class ContinuousEngine:
         self.lm.params, self._state, self._put(self._bits), self._put(self._halt),
         np.asarray(steps, np.int32), cfg=self.cfg, rules=self.lm.rules, width=self.chunk_size,
         num_top=self._num_top(sampling), mode=sampling_mode(sampling), penalties=self._penalties(sampling),
-        masked=bool(constrained))
+        masked=bool(constrained), window=self._window(active, steps) if window is None else window)
     self._halt[:] = False
     for s in constrained:
       self._bits[s] = -1
     self.stats["chunks"] += 1
     return jax.device_get(out._asdict())
+
+  def _window(self, active: list[int], steps: int) -> int:
+    """The cache prefix a decode chunk attends over: a power-of-two bucket holding every active
+    row's sequence after `steps` more tokens (0 = the whole slot row)."""
+    longest = 0
+    for s in active:
+      slot_row = self._slots[s]
+      longest = max(longest, len(slot_row.owner.job.prompts[slot_row.k]) + len(slot_row.row.tokens) + steps)
+    window = bucket(longest, minimum=2 * self.min_prompt_bucket)
+    return 0 if window >= self.max_model_len else window
+
+  def _windows(self) -> list[int]:
+    """Every window `_window` can pick (0 = the whole row)."""
+    out, w = [], 2 * self.min_prompt_bucket
+    while w < self.max_model_len:
+      out.append(w)
+      w *= 2
+    return out + [0]
 
   # ---- host bookkeeping
 
@@ -443,15 +462,16 @@ class ContinuousEngine:
         break
       rows = bucket(rows * 2, minimum=1, maximum=self.num_slots)
     logger.info("warm-up: compiling %d shape(s) (batch rows %s, prompts <= %d tokens, decode chunks of %d steps "
-                "over %d slots); --no-warmup skips this", len(sizes), ",".join(map(str, sizes)), plen,
-                self.chunk_size, self.num_slots)
+                "over %d slots, cache windows %s); --no-warmup skips this", len(sizes), ",".join(map(str, sizes)), plen,
+                self.chunk_size, self.num_slots, ",".join(str(w or self.max_model_len) for w in self._windows()))
     started = time.monotonic()
     pad = self.lm.sampler.pad_id
     for rows in sizes:
       self._prefill([[pad] * plen] * rows, [sampling] * rows, list(range(rows)), [None] * rows)
     self._slots = [None] * self.num_slots
     self._halt[:] = True  # the warm-up rows stop
-    self._decode([], [sampling])
+    for window in self._windows():
+      self._decode([], [sampling], window=window)
     self._state = None  # fresh slots for serving
     self.stats.update(prefills=0, batches=0, chunks=0)
     logger.info("warm-up done in %.1fs", time.monotonic() - started)

@@ -92,7 +92,10 @@ def _rows(sampling, lens):
   return RowParams(**{k: jnp.asarray(v) for k, v in rows.items()})
 
 
-def test_slots_decode_like_the_static_sampler_and_replace_stale_rows(model):
+@pytest.mark.parametrize("window", [0, 16], ids=["whole_rows", "window16"])
+def test_slots_decode_like_the_static_sampler_and_replace_stale_rows(model, window):
+  """Also with the decode chunk attending over a 16-entry window of the 24-entry rows (every sequence
+  here stays within 13 entries): the same tokens, and the window is written back."""
   cfg, params = model
   sampling = [SamplingParams(max_new_tokens=6, temperature=0.0), SamplingParams(max_new_tokens=6, temperature=1.0,
                                                                                 seed=3)]
@@ -113,7 +116,7 @@ def test_slots_decode_like_the_static_sampler_and_replace_stale_rows(model):
     got = [[int(first.tokens[i, 0])] for i in range(2)]
     for _ in range(5):
       state, out = cont.decode_chunk(params, state, jnp.asarray(cont.all_allowed(3, 128)), jnp.zeros(3, bool),
-                                     jnp.asarray(1, jnp.int32), cfg=cfg, width=2, mode="sample")
+                                     jnp.asarray(1, jnp.int32), cfg=cfg, width=2, mode="sample", window=window)
       for i, s in enumerate(slots):
         if int(out.num[s]) > len(got[i]):
           got[i].append(int(out.tokens[s, 0]))
