@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     write_text_atomic(uma_dir / "evaluation.json", json.dumps(evaluation, indent=2) + "\n")
     uma.write_report(evaluation, uma_dir / "report.md")
     print(uma.report_markdown(evaluation))
+    for name, rows_b in _constant_baselines(gold, attributes).items():
+      o = uma.evaluate(rows_b, gold, attributes, n_boot=200)["overall"]
+      print(f"baseline {name}: accuracy {o['accuracy']:.3f}, micro-F1 {o['micro_f1']:.3f}, "
+            f"macro-F1 {o['macro_f1']:.3f}")
     calls = client.summary()
     stats = review.stats()
     print(f"{len(gold)} patients x {len(attributes)} attributes, {sum(r['calls'] for r in rows)} extraction calls "
@@ -124,6 +128,21 @@ def main(argv: list[str] | None = None) -> int:
   print(f"\napps demo finished in {time.perf_counter() - start:.0f} s (training {train_s:.0f} s); "
         f"everything is in {work}")
   return 0
+
+
+def _constant_baselines(gold: dict, attributes) -> dict[str, list[dict]]:
+  """Prediction rows of two constant answerers, for scale: "unknown" everywhere, and each attribute's
+  most common gold value (a prior read off the answers themselves, so an optimistic constant)."""
+  import collections
+
+  patients = sorted(gold)
+  out = {"'unknown' everywhere": [], "most common gold value per attribute": []}
+  for a in attributes:
+    common = collections.Counter(gold[p].get(a.name, a.unknown) for p in patients).most_common(1)[0][0]
+    for p in patients:
+      out["'unknown' everywhere"].append({"patient_id": p, "attribute": a.name, "value": a.unknown})
+      out["most common gold value per attribute"].append({"patient_id": p, "attribute": a.name, "value": common})
+  return out
 
 
 def _metascale_prompts(eval_jsonl: Path, out: Path, *, n: int, seed: int = 0) -> str:
