@@ -45,6 +45,8 @@ from mlx_med.core.sampler import (IncrementalText, RowParams, SampleOutput, Samp
 
 logger = logging.getLogger("mlx_med.llm.engine")
 
+WARMUP_MAX_PROMPT = 1024  # warm-up compiles prompt buckets up to this length
+
 MAX_STOP_IDS = 32  # stop token ids per row (eos ids included)
 MAX_CLOSE_IDS = 16  # tokens of a think-closing tag
 
@@ -80,7 +82,7 @@ class ContinuousEngine:
   """Owns the model; requests join and leave the running batch at decode-chunk boundaries."""
 
   def __init__(self, lm, *, max_num_seqs: int = 32, chunk_size: int = 4, max_model_len: Optional[int] = None,
-               seed: int = 0):
+               seed: int = 0, max_prefill_rows: int = 16):
     if max_num_seqs < 1 or chunk_size < 1:
       raise ValueError(f"max_num_seqs and chunk_size must be >= 1, got {max_num_seqs} and {chunk_size}")
     if getattr(lm, "is_multimodal", False):
@@ -94,6 +96,8 @@ class ContinuousEngine:
     self.num_slots = -(-self.max_batch_rows // multiple) * multiple
     self.chunk_size = int(chunk_size)
     self.min_prefill_rows = min(max(1, sampler.min_batch_bucket), self.num_slots)
+    # Admitted requests are prefilled in blocks of at most this many rows (a power-of-two bucket).
+    self.max_prefill_rows = max(self.min_prefill_rows, min(self.num_slots, max_prefill_rows))
     self.min_prompt_bucket = sampler.min_prompt_bucket
     self._rng = np.random.default_rng(seed)
     self._detok = lm.detokenize if getattr(lm, "tokenizer", None) is not None else None
@@ -219,7 +223,7 @@ class ContinuousEngine:
     constraints: per row None or that row's filled bitmask (int32 [ceil(V/32)])."""
     self._ensure_state()
     real = len(prompts)
-    k = bucket(real, minimum=self.min_prefill_rows, maximum=self.num_slots)
+    k = bucket(real, minimum=self.min_prefill_rows, maximum=self.max_prefill_rows)
     k = -(-k // self.lm.sampler._batch_multiple()) * self.lm.sampler._batch_multiple()
     plen = bucket(max(len(p) for p in prompts), self.min_prompt_bucket, maximum=self.max_model_len)
     block = np.full((k, plen), self.lm.sampler.pad_id, np.int32)
@@ -373,13 +377,17 @@ class ContinuousEngine:
       return
     self.stats["admitted"] += len(prompts)
     self.stats["rows"] += len(prompts)
-    try:
-      host = self._prefill(prompts, sampling, slots, constraints)
-    except Exception as e:  # noqa: BLE001 - the admitted requests fail, the loop goes on
-      logger.exception("prefill of %d rows failed", len(prompts))
-      self._recover(taken, e)
-      return
-    self._collect(host, pairs)
+    # Blocks of at most max_prefill_rows rows: a bounded set of prefill shapes (rows x prompt
+    # buckets) that warm-up compiles, whatever arrives together.
+    for start in range(0, len(prompts), self.max_prefill_rows):
+      end = min(start + self.max_prefill_rows, len(prompts))
+      try:
+        host = self._prefill(prompts[start:end], sampling[start:end], slots[start:end], constraints[start:end])
+      except Exception as e:  # noqa: BLE001 - the admitted requests fail, the loop goes on
+        logger.exception("prefill of %d rows failed", end - start)
+        self._recover(taken, e)
+        return
+      self._collect(host, [(i - start, s) for i, s in pairs[start:end]])
 
   def _first_masks(self, js: _JobState) -> Optional[list]:
     """Each row's first-token bitmask (None for unconstrained rows); None when a grammar failed."""
@@ -447,9 +455,12 @@ class ContinuousEngine:
   # ---- warm-up
 
   def warm_up(self) -> int:
-    """Compiles the prefill for each admitted-block bucket (up to max_num_seqs rows, the smallest
-    prompt bucket) and the decode chunk, in the model's default sampling mode without logprobs,
-    penalties or constraints. Call before `start`. Returns the number of prefill shapes."""
+    """Compiles, before serving, the prefill shapes requests meet -- each admitted-block bucket (up
+    to max_prefill_rows rows) at each prompt bucket up to WARMUP_MAX_PROMPT tokens (longer prompts
+    compile on first use) -- and the
+    decode chunk at every cache window, in the model's default sampling mode without logprobs,
+    penalties or constraints (those compile on first use). Call before `start`. Returns the
+    number of prefill shapes."""
     plen = self.min_prompt_bucket
     if plen + 2 > self.max_model_len:
       logger.info("warm-up skipped: the smallest shape (%d + 2 tokens) exceeds the context", plen)
@@ -458,16 +469,25 @@ class ContinuousEngine:
     sizes, rows = [], self.min_prefill_rows
     while True:
       sizes.append(rows)
-      if rows >= self.num_slots:
+      if rows >= self.max_prefill_rows:
         break
-      rows = bucket(rows * 2, minimum=1, maximum=self.num_slots)
-    logger.info("warm-up: compiling %d shape(s) (batch rows %s, prompts <= %d tokens, decode chunks of %d steps "
-                "over %d slots, cache windows %s); --no-warmup skips this", len(sizes), ",".join(map(str, sizes)), plen,
-                self.chunk_size, self.num_slots, ",".join(str(w or self.max_model_len) for w in self._windows()))
+      rows = bucket(rows * 2, minimum=1, maximum=self.max_prefill_rows)
+    plens, longest = [], min(self.max_model_len, WARMUP_MAX_PROMPT)
+    while True:
+      plens.append(plen)
+      nxt = bucket(plen + 1, self.min_prompt_bucket, maximum=self.max_model_len)
+      if nxt == plen or nxt > longest:
+        break
+      plen = nxt
+    logger.info("warm-up: compiling %d shape(s) (batch rows %s, prompt buckets %s, decode chunks of %d steps "
+                "over %d slots, cache windows %s); --no-warmup skips this", len(sizes) * len(plens),
+                ",".join(map(str, sizes)), ",".join(map(str, plens)), self.chunk_size, self.num_slots,
+                ",".join(str(w or self.max_model_len) for w in self._windows()))
     started = time.monotonic()
     pad = self.lm.sampler.pad_id
-    for rows in sizes:
-      self._prefill([[pad] * plen] * rows, [sampling] * rows, list(range(rows)), [None] * rows)
+    for plen in plens:
+      for rows in sizes:
+        self._prefill([[pad] * plen] * rows, [sampling] * rows, list(range(rows)), [None] * rows)
     self._slots = [None] * self.num_slots
     self._halt[:] = True  # the warm-up rows stop
     for window in self._windows():
@@ -475,4 +495,4 @@ class ContinuousEngine:
     self._state = None  # fresh slots for serving
     self.stats.update(prefills=0, batches=0, chunks=0)
     logger.info("warm-up done in %.1fs", time.monotonic() - started)
-    return len(sizes)
+    return len(sizes) * len(plens)

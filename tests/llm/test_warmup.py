@@ -38,4 +38,4 @@ def test_serve_cli_warmup_flag():
 
 def test_server_logs_its_warm_up(server):
   log = server.log_tail(100_000)
-  assert "warm-up: compiling 1 shape(s) (batch rows 8," in log and "warm-up done in" in log
+  assert "shape(s) (batch rows 8, prompt buckets 32," in log and "warm-up done in" in log
