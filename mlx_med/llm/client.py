@@ -138,7 +138,7 @@ class LocalClient(LLMClient):
   (no grammar constraints).
   """
 
-  def __init__(self, model: Any, *, max_num_seqs: int = 32, chunk_size: int = 4, **load_kwargs):
+  def __init__(self, model: Any, *, max_num_seqs: int = 32, chunk_size: int = 16, **load_kwargs):
     if isinstance(model, str):
       from mlx_med.vlm.local import LocalVLM, is_vlm_dir
 

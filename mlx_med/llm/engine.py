@@ -81,7 +81,7 @@ class _SlotRow:
 class ContinuousEngine:
   """Owns the model; requests join and leave the running batch at decode-chunk boundaries."""
 
-  def __init__(self, lm, *, max_num_seqs: int = 32, chunk_size: int = 4, max_model_len: Optional[int] = None,
+  def __init__(self, lm, *, max_num_seqs: int = 32, chunk_size: int = 16, max_model_len: Optional[int] = None,
                seed: int = 0, max_prefill_rows: int = 16):
     if max_num_seqs < 1 or chunk_size < 1:
       raise ValueError(f"max_num_seqs and chunk_size must be >= 1, got {max_num_seqs} and {chunk_size}")

@@ -1017,7 +1017,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
   parser.add_argument("--batch-wait-ms", type=float, default=10.0,
                       help="wait this long for more requests before a batch (extended by each arrival, up to 10x)")
   parser.add_argument("--chunk-size", type=int, default=None,
-                      help="decode steps between streamed updates and admissions (default: 4 continuous, 16 static)")
+                      help="decode steps between streamed updates and admissions (default 16; constrained rows step one token at a time)")
   parser.add_argument("--min-batch-bucket", type=int, default=1,
                       help="pad every batch to at least this many rows (fewer compiled shapes)")
   parser.add_argument("--min-prompt-bucket", type=int, default=16, help="smallest padded prompt length")
@@ -1088,7 +1088,7 @@ def build_server(args: argparse.Namespace) -> tuple[OpenAIServer, Any]:
     lm = LocalLM.from_pretrained(args.model, **load)
   chunk_size = getattr(args, "chunk_size", None)
   if getattr(args, "batching", "continuous") == "continuous" and not getattr(lm, "is_multimodal", False):
-    engine = ContinuousEngine(lm, max_num_seqs=args.max_batch_rows, chunk_size=chunk_size or 4)
+    engine = ContinuousEngine(lm, max_num_seqs=args.max_batch_rows, chunk_size=chunk_size or 16)
   else:  # vision-language models prefill from per-row image embeddings: the static engine
     engine = BatchingEngine(lm, max_batch_rows=args.max_batch_rows, batch_wait_s=args.batch_wait_ms / 1000.0,
                             chunk_size=chunk_size or 16)
