@@ -44,14 +44,13 @@ import logging
 import math
 import os
 import re
-import tempfile
 import threading
 from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 
 from mlx_med.apps import instructions as instr_lib
-from mlx_med.core.fileio import read_jsonl_objects
+from mlx_med.core.fileio import read_jsonl_objects, write_text_atomic
 from mlx_med.core.stats import bootstrap_mean_ci
 
 logger = logging.getLogger("mlx_med.apps.metascale")
@@ -1039,19 +1038,6 @@ def compare_at_equal_budget(client: Any, prompts: Sequence[str], scorer: Any, ju
 # ---------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: str, text: str | bytes) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(text.encode("utf-8") if isinstance(text, str) else text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def _json_safe(obj: Any) -> Any:
   if isinstance(obj, float) and not math.isfinite(obj):
     return None
@@ -1080,7 +1066,7 @@ def write_report(out_dir: str | os.PathLike, comparisons: dict[str, Any] | Seque
   os.makedirs(out_dir, exist_ok=True)
   rows = [comparisons] if isinstance(comparisons, Mapping) else list(comparisons)
   paths = {"json": os.path.join(out_dir, "report.json"), "markdown": os.path.join(out_dir, "report.md")}
-  _atomic_write(paths["json"], json.dumps(_json_safe({"comparisons": rows}), indent=2))
+  write_text_atomic(paths["json"], json.dumps(_json_safe({"comparisons": rows}), indent=2))
   lines = ["# METASCALE at equal budget", "",
            "Win rates by a pairwise judge, each pair judged in both orders; ties count half; 95% bootstrap "
            "interval over prompts. Best-of-N gets the calls and tokens METASCALE spent on each prompt.", "",
@@ -1093,7 +1079,7 @@ def write_report(out_dir: str | os.PathLike, comparisons: dict[str, Any] | Seque
                  f"{r['best_of_n']['mean_n']:.1f} | {_fmt_wr(w['metascale_vs_plain'])} | "
                  f"{_fmt_wr(w['best_of_n_vs_plain'])} | {_fmt_wr(w['metascale_vs_best_of_n'])} | "
                  f"{r['metascale']['mean_reward']:.3f} | {r['best_of_n']['mean_reward']:.3f} |")
-  _atomic_write(paths["markdown"], "\n".join(lines) + "\n")
+  write_text_atomic(paths["markdown"], "\n".join(lines) + "\n")
   if len(rows) >= 2:
     try:
       import matplotlib
