@@ -29,12 +29,19 @@ import numpy as np
 
 def random_qwen2_checkpoint(directory: str, seed: int = 0, eos_token_id: int | None = None) -> str:
   """The benchmark model (40.5M Qwen2-style, fp32, random weights) written by transformers into `directory`."""
-  import torch
   import transformers
 
   cfg = transformers.Qwen2Config(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
                                  tie_word_embeddings=True, bos_token_id=None, eos_token_id=eos_token_id, pad_token_id=0)
+  return save_random_qwen2(directory, cfg, seed)
+
+
+def save_random_qwen2(directory: str, cfg, seed: int = 0) -> str:
+  """A transformers Qwen2 of config `cfg` with random weights (std 0.05, norms near 1) saved to `directory`."""
+  import torch
+  import transformers
+
   torch.manual_seed(seed)
   model = transformers.Qwen2ForCausalLM(cfg).eval()
   with torch.no_grad():

@@ -70,8 +70,8 @@ def build_default_model(directory: str, *, d_model: int = 384, num_layers: int =
   from mlx_med.rl.tokenizer import train_chat_tokenizer
 
   import_torchvision()  # transformers' model classes import torchvision, whose compiled ops a CPU torch lacks
-  import torch
   import transformers
+  from generate_throughput import save_random_qwen2  # bench/ is the script's directory
 
   rng = np.random.default_rng(seed)
   texts = [" ".join(rng.choice(WORDS, 40)) for _ in range(400)] + ["system\nuser\nassistant\n"]
@@ -81,14 +81,7 @@ def build_default_model(directory: str, *, d_model: int = 384, num_layers: int =
                                  num_hidden_layers=num_layers, num_attention_heads=6, num_key_value_heads=2,
                                  max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=None,
                                  eos_token_id=tokenizer.eos_token_ids[0], pad_token_id=tokenizer.pad_token_id)
-  torch.manual_seed(seed)
-  model = transformers.Qwen2ForCausalLM(cfg).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      p.copy_((1.0 + 0.05 * torch.randn_like(p)) if name.endswith("norm.weight") else 0.05 * torch.randn_like(p))
-  model.tie_weights()
-  model.save_pretrained(directory)
-  return directory
+  return save_random_qwen2(directory, cfg, seed)
 
 
 # --------------------------------------------------------------------------- workload
