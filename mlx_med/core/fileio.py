@@ -74,10 +74,11 @@ def write_jsonl(path: str | os.PathLike, rows) -> int:
   return len(lines)
 
 
-def read_jsonl_objects(path: str | os.PathLike, what: str = "a JSON object"):
+def read_jsonl_objects(path: str | os.PathLike, what: str = "a JSON object", error: type = ValueError):
   """Yields (where, object) for each non-blank line of a JSONL file; `where` is "PATH:LINE" for error
-  messages. A missing file, a line that is not JSON or not an object raises a one-line error naming
-  the file and line; `what` says what each line should hold."""
+  messages. A missing file raises FileNotFoundError; a line that is not JSON or not an object raises
+  `error` (a ValueError subclass) with one line naming the file and line; `what` says what each line
+  should hold."""
   import json
 
   path = os.fspath(path)
@@ -91,7 +92,7 @@ def read_jsonl_objects(path: str | os.PathLike, what: str = "a JSON object"):
       try:
         row = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be {what}") from None
+        raise error(f"{where}: not valid JSON ({e.msg}); each line must be {what}") from None
       if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected {what}, got {type(row).__name__}")
+        raise error(f"{where}: expected {what}, got {type(row).__name__}")
       yield where, row

@@ -29,7 +29,6 @@ The loss is the token-mean over counted tokens of the whole batch (the trainer's
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -41,6 +40,7 @@ import numpy as np
 
 from mlx_med.core import trainer as trainer_lib
 from mlx_med.core.config import default_mesh_config, default_train_config
+from mlx_med.core.fileio import read_jsonl_objects
 from mlx_med.core.lm_task import TOKEN_BATCH_KEYS, DecoderLMTask
 from mlx_med.core.transformer import DecoderConfig
 from mlx_med.llm.tokenizer import ChatTokenizer
@@ -299,26 +299,16 @@ def load_conversations(path: str) -> list[list[dict]]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"conversations file {path!r} does not exist (expected JSONL with a 'messages' list a line)")
   out = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ConversationFormatError(f"{where}: not valid JSON ({e.msg}); write one JSON object per line") from None
-      if not isinstance(row, dict):
-        raise ConversationFormatError(f"{where}: expected a JSON object with 'messages', got {type(row).__name__}")
-      if "messages" in row:
-        out.append(_check_messages(row["messages"], where))
-      elif "prompt" in row and "completion" in row:
-        if not isinstance(row["prompt"], list) or not isinstance(row["completion"], list):
-          raise ConversationFormatError(f"{where}: 'prompt' and 'completion' must be lists of messages")
-        out.append(_check_messages(row["prompt"] + row["completion"], where))
-      else:
-        raise ConversationFormatError(f"{where}: no 'messages' key (keys: {sorted(row)[:6]}); each line needs "
-                                      "{\"messages\": [{\"role\": ..., \"content\": ...}, ...]}")
+  for where, row in read_jsonl_objects(path, "a JSON object with 'messages'", error=ConversationFormatError):
+    if "messages" in row:
+      out.append(_check_messages(row["messages"], where))
+    elif "prompt" in row and "completion" in row:
+      if not isinstance(row["prompt"], list) or not isinstance(row["completion"], list):
+        raise ConversationFormatError(f"{where}: 'prompt' and 'completion' must be lists of messages")
+      out.append(_check_messages(row["prompt"] + row["completion"], where))
+    else:
+      raise ConversationFormatError(f"{where}: no 'messages' key (keys: {sorted(row)[:6]}); each line needs "
+                                    "{\"messages\": [{\"role\": ..., \"content\": ...}, ...]}")
   if not out:
     raise ConversationFormatError(f"{path}: no conversations in the file")
   return out
