@@ -25,7 +25,8 @@ import json
 import os
 import threading
 import time
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -145,7 +146,7 @@ class LoggedClient(LLMClient):
   def model_name(self) -> str:
     return model_name_of(self.inner)
 
-  def tagged(self, tag: str) -> "_Tagged":
+  def tagged(self, tag: str) -> _Tagged:
     """A view of this client whose calls carry another tag (same log file, same summary)."""
     return _Tagged(self, tag)
 
@@ -236,7 +237,7 @@ class LoggedClient(LLMClient):
         self._fd = None
     self.inner.close()
 
-  def __enter__(self) -> "LoggedClient":
+  def __enter__(self) -> LoggedClient:
     return self
 
   def __exit__(self, *exc) -> None:

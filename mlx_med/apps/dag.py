@@ -20,10 +20,11 @@ text or, with `model_cls`, a validated pydantic object through `generate_structu
 
 from __future__ import annotations
 
-from concurrent import futures
 import dataclasses
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent import futures
+from typing import Any, Optional
 
 from pydantic import BaseModel
 
@@ -187,7 +188,7 @@ def run_dag(steps: Sequence[Step], inputs: Optional[dict] = None, *, max_workers
           results[name], seconds = fut.result()
           if timings is not None:
             timings[name] = seconds
-        except Exception as e:  # noqa: BLE001 - reported as StepError below
+        except Exception as e:
           failures[name] = e
           if first_failure is None:
             first_failure = name

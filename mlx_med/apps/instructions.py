@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 import random
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from mlx_med.core.fileio import read_jsonl_objects, write_jsonl
 

@@ -45,7 +45,8 @@ import math
 import os
 import re
 import threading
-from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional, Protocol
 
 import numpy as np
 
@@ -118,8 +119,8 @@ def parse_meta_thought(text: str, origin: str = "self") -> Optional[MetaThought]
     mindset, strategy = obj.get("mindset"), obj.get("strategy")
     if isinstance(mindset, str) and isinstance(strategy, str) and mindset.strip() and strategy.strip():
       return MetaThought(mindset.strip(), strategy.strip(), origin)
-  m = re.search(r"mindset\W*[:\-]\s*(.+?)\s*(?:\n|$|strategy\W*[:\-])", text or "", re.I | re.S)
-  s = re.search(r"strategy\W*[:\-]\s*(.+)", text or "", re.I | re.S)
+  m = re.search(r"mindset\W*[:\-]\s*(.+?)\s*(?:\n|$|strategy\W*[:\-])", text or "", re.IGNORECASE | re.DOTALL)
+  s = re.search(r"strategy\W*[:\-]\s*(.+)", text or "", re.IGNORECASE | re.DOTALL)
   if m and s and m.group(1).strip() and s.group(1).strip():
     return MetaThought(m.group(1).strip(' \t"*'), s.group(1).strip(' \t\n"*'), origin)
   return None
@@ -357,7 +358,7 @@ def parse_rating(text: str, low: int = 1, high: int = 10) -> Optional[float]:
         return float(v)
   for pattern in (r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]", r"(?:rating|score)\W{0,3}[:=]?\s*(\d+(?:\.\d+)?)",
                   r"(\d+(?:\.\d+)?)\s*/\s*10\b", r"(?<![\d.])(\d+(?:\.\d+)?)(?![\d.])"):
-    for m in re.finditer(pattern, text, re.I):
+    for m in re.finditer(pattern, text, re.IGNORECASE):
       v = float(m.group(1))
       if low <= v <= high:
         return v
@@ -378,7 +379,7 @@ class LLMJudgeScorer:
     self.stats = {"calls": 0, "unparsed": 0}
     self._lock = threading.Lock()
 
-  def with_client(self, client: Any) -> "LLMJudgeScorer":
+  def with_client(self, client: Any) -> LLMJudgeScorer:
     other = LLMJudgeScorer(client, self.rubric, max_tokens=self.max_tokens, temperature=self.temperature,
                            fallback=self.fallback)
     other.stats, other._lock = self.stats, self._lock  # one tally across the copies
@@ -589,7 +590,7 @@ class MetaScaleConfig:
   max_workers: int = 1              # prompts run in parallel threads
 
   @classmethod
-  def from_mapping(cls, config: Any = None) -> "MetaScaleConfig":
+  def from_mapping(cls, config: Any = None) -> MetaScaleConfig:
     if config is None:
       return cls()
     if isinstance(config, cls):

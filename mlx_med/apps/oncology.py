@@ -40,12 +40,13 @@ import dataclasses
 import datetime as dt
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from mlx_med.core.fileio import read_jsonl_objects, write_jsonl, write_text_atomic  # noqa: F401  (re-exported: the apps' writers)
+from mlx_med.core.fileio import read_jsonl_objects, write_jsonl, write_text_atomic
 
 NOTE_TYPES = ("oncology_consult", "pathology_report", "radiology_report", "clinic_note")
 CANCERS = ("breast", "lung", "colon")

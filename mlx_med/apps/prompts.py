@@ -16,7 +16,8 @@ no `if` in the caller. A field with no value at all is an error naming the field
 from __future__ import annotations
 
 import string
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Optional, Union
 
 Parts = Union[Mapping[str, str], Sequence[tuple[str, str]]]
 
@@ -190,12 +191,12 @@ class PromptTemplate:
     if name not in self.names:
       raise KeyError(f"prompt has no part {name!r}; its parts are {list(self.names)}")
 
-  def _with(self, parts: Sequence[tuple[str, str]], system: Any = ...) -> "PromptTemplate":
+  def _with(self, parts: Sequence[tuple[str, str]], system: Any = ...) -> PromptTemplate:
     out = PromptTemplate(list(parts), system=self._system if system is ... else system, joiner=self._joiner)
     out._bound = dict(self._bound)
     return out
 
-  def partial(self, **values: Any) -> "PromptTemplate":
+  def partial(self, **values: Any) -> PromptTemplate:
     """The template with some fields fixed (e.g. the attribute's definition), the rest given to render."""
     unknown = sorted(set(values) - self.fields)
     if unknown:
@@ -204,13 +205,13 @@ class PromptTemplate:
     out._bound.update(values)
     return out
 
-  def replace(self, name: str, text: str) -> "PromptTemplate":
+  def replace(self, name: str, text: str) -> PromptTemplate:
     """The template with part `name`'s text replaced (same position)."""
     self._check_known(name)
     return self._with([(n, text if n == name else t) for n, t in self._parts])
 
   def insert(self, name: str, text: str, *, after: Optional[str] = None,
-             before: Optional[str] = None) -> "PromptTemplate":
+             before: Optional[str] = None) -> PromptTemplate:
     """The template with a new part `name` after/before an existing part (default: at the end)."""
     if after is not None and before is not None:
       raise ValueError("insert takes after= or before=, not both")
@@ -228,16 +229,16 @@ class PromptTemplate:
     parts.insert(at, (name, text))
     return self._with(parts)
 
-  def without(self, *names: str) -> "PromptTemplate":
+  def without(self, *names: str) -> PromptTemplate:
     """The template without the named parts."""
     for name in names:
       self._check_known(name)
     return self._with([(n, t) for n, t in self._parts if n not in names])
 
-  def with_system(self, system: Optional[str]) -> "PromptTemplate":
+  def with_system(self, system: Optional[str]) -> PromptTemplate:
     return self._with(self._parts, system)
 
-  def __add__(self, other: Union["PromptTemplate", tuple[str, str]]) -> "PromptTemplate":
+  def __add__(self, other: Union[PromptTemplate, tuple[str, str]]) -> PromptTemplate:
     """Parts of `self` then parts of `other` (names must not clash; at most one system message)."""
     if isinstance(other, tuple):
       other = PromptTemplate([other])

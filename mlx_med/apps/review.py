@@ -41,8 +41,9 @@ import sqlite3
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 SCHEMA_VERSION = 1
 STATUSES = ("pending", "auto", "accepted", "corrected")

@@ -24,7 +24,8 @@ import inspect
 import json
 import logging
 import re
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 from pydantic import BaseModel, ValidationError
 

@@ -29,7 +29,8 @@ import json
 import logging
 import re
 import typing
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional, Union
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -134,7 +135,7 @@ def _build(fn: Callable[..., Any], name: Optional[str], description: Optional[st
   summary, arg_docs = _parse_docstring(inspect.getdoc(fn))
   try:
     hints = typing.get_type_hints(fn, include_extras=True)
-  except Exception as e:  # noqa: BLE001 - unresolvable forward references
+  except Exception as e:
     raise TypeError(f"tool {tool_name!r}: cannot resolve its type hints ({e})") from None
   fields: dict[str, Any] = {}
   for pname, param in inspect.signature(fn).parameters.items():
@@ -205,7 +206,7 @@ def tool_result_content(result: Any) -> str:
     return result.model_dump_json()
   try:
     return json.dumps(pydantic.TypeAdapter(Any).dump_python(result, mode="json"), ensure_ascii=False)
-  except Exception:  # noqa: BLE001 - anything not JSON-able is sent as its text
+  except Exception:
     return str(result)
 
 
@@ -232,7 +233,7 @@ def execute_tool_call(tools: Mapping[str, Tool], call: Any, round_index: int, in
     return ToolCall(call_id, name, None, None, msg, msg, round_index)
   try:
     result = t.fn(**kwargs)
-  except Exception as e:  # noqa: BLE001 - the model sees the failure and may retry
+  except Exception as e:
     msg = f"error: {name} raised {type(e).__name__}: {e}"
     logger.info("tool %s failed: %s", name, type(e).__name__)
     return ToolCall(call_id, name, kwargs, None, msg, msg, round_index)

@@ -63,12 +63,20 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence
+from typing import Any, Literal, Optional
 
 import numpy as np
 
-from mlx_med.apps.oncology import NOTE_TYPES, Note, read_labels, read_notes, write_jsonl, write_text_atomic
+from mlx_med.apps.oncology import (
+  NOTE_TYPES,
+  Note,
+  read_labels,
+  read_notes,
+  write_jsonl,
+  write_text_atomic,
+)
 
 logger = logging.getLogger("mlx_med.apps.uma")
 
@@ -414,7 +422,7 @@ def abstract_patients(client: Any, notes: Sequence[Note], attributes: Sequence[A
   def run_safely(job: _Job):
     try:
       return run(job)
-    except Exception as e:  # noqa: BLE001 -- one failed note must not lose the whole run
+    except Exception as e:
       logger.warning("extraction of %s for patient %s failed: %s", job.attribute.name, job.patient_id,
                      type(e).__name__)
       return _Failed()

@@ -46,7 +46,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlx_med.core.sampler import RowParams, _constrain_cache, neutral_rows, pick_tokens
-from mlx_med.core.transformer import Decoder, DecoderConfig, as_dtype, init_cache, project_to_vocab
+from mlx_med.core.transformer import (
+  Decoder,
+  DecoderConfig,
+  as_dtype,
+  init_cache,
+  project_to_vocab,
+)
 
 
 class TokenConstraint(Protocol):

@@ -34,14 +34,23 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
 
 import jax
 import numpy as np
 
 from mlx_med.core import continuous as cont
-from mlx_med.core.sampler import (IncrementalText, RowParams, SampleOutput, SamplingParams, _Row,
-                                  bucket, sampling_mode, set_row)
+from mlx_med.core.sampler import (
+  IncrementalText,
+  RowParams,
+  SampleOutput,
+  SamplingParams,
+  _Row,
+  bucket,
+  sampling_mode,
+  set_row,
+)
 
 logger = logging.getLogger("mlx_med.llm.engine")
 
@@ -330,7 +339,7 @@ class ContinuousEngine:
       js = slot_row.owner
       try:
         ended = self._absorb(slot_row, i, host)
-      except Exception as e:  # noqa: BLE001 - one request's failure (e.g. its grammar) ends only that request
+      except Exception as e:
         logger.exception("request failed while decoding")
         self._fail(js, e)
         continue
@@ -383,7 +392,7 @@ class ContinuousEngine:
       end = min(start + self.max_prefill_rows, len(prompts))
       try:
         host = self._prefill(prompts[start:end], sampling[start:end], slots[start:end], constraints[start:end])
-      except Exception as e:  # noqa: BLE001 - the admitted requests fail, the loop goes on
+      except Exception as e:
         logger.exception("prefill of %d rows failed", end - start)
         self._recover(taken, e)
         return
@@ -398,7 +407,7 @@ class ContinuousEngine:
         if constraint is not None:
           masks[k] = np.zeros(cont.mask_words(self.cfg.vocab_size), np.int32)
           constraint.fill_bitmask(masks[k])
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
       logger.exception("a token constraint failed")
       self._fail(js, e)
       return None
@@ -424,7 +433,7 @@ class ContinuousEngine:
       if slot_row is not None and slot_row.constraint is not None:
         try:
           slot_row.constraint.fill_bitmask(self._bits[s])
-        except Exception as e:  # noqa: BLE001 - one request's grammar failing ends only that request
+        except Exception as e:
           logger.exception("a token constraint failed")
           self._fail(slot_row.owner, e)
     active = [s for s in range(self.num_slots) if self._slots[s] is not None]
@@ -436,7 +445,7 @@ class ContinuousEngine:
       return False
     try:
       host = self._decode(active)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
       logger.exception("decode chunk failed")
       self._recover([], e)
       return True

@@ -34,7 +34,8 @@ import json
 import re
 import threading
 import uuid
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -94,7 +95,7 @@ class GrammarConstraint:
       raise ValueError(f"invalid {kind} grammar: {_one_line(self._matcher.get_error())}")
     self.tokens: list[int] = []
 
-  def copy(self) -> "GrammarConstraint":
+  def copy(self) -> GrammarConstraint:
     return type(self)(self.grammar, self._ll, self.vocab_size, kind=self.kind)
 
   def fill_bitmask(self, out: np.ndarray) -> None:

@@ -14,7 +14,8 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Mapping, Optional
+from collections.abc import Mapping
+from typing import Optional
 
 
 def free_port() -> int:
@@ -40,7 +41,7 @@ class ServerProcess:
     self._log = None
     self.proc: Optional[subprocess.Popen] = None
 
-  def start(self) -> "ServerProcess":
+  def start(self) -> ServerProcess:
     os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
     self._log = open(self.log_path, "w")
     self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=self._env)
@@ -84,7 +85,7 @@ class ServerProcess:
       self._log.close()
       self._log = None
 
-  def __enter__(self) -> "ServerProcess":
+  def __enter__(self) -> ServerProcess:
     self.start()
     try:
       self.wait_ready()

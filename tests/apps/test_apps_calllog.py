@@ -9,8 +9,15 @@ import threading
 import numpy as np
 import pytest
 
-from mlx_med.apps.calllog import (LOG_NAME, LoggedClient, call_cost, canonical_json, prompt_sha256, read_calls,
-                                  summarize_calls)
+from mlx_med.apps.calllog import (
+  LOG_NAME,
+  LoggedClient,
+  call_cost,
+  canonical_json,
+  prompt_sha256,
+  read_calls,
+  summarize_calls,
+)
 from mlx_med.llm.client import Completion, LLMClient
 
 NOTE = "Mrs Smith, 64, biopsy-proven adenocarcinoma of the left upper lobe."

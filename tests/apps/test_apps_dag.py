@@ -85,7 +85,7 @@ def test_independent_steps_run_concurrently():
 
 
 def test_graph_errors_name_the_steps():
-  f = lambda values: None  # noqa: E731
+  f = lambda values: None
   with pytest.raises(ValueError, match=r"step 'b' depends on unknown step\(s\) \['zzz'\]"):
     run_dag([Step("a", f), Step("b", f, ("a", "zzz"))])
   with pytest.raises(ValueError, match=r"cycle \(each depends on the next\): b -> d -> c -> b"):

@@ -9,7 +9,14 @@ import re
 import pytest
 
 from mlx_med.apps import oncology
-from mlx_med.apps.oncology import Note, generate_cohort, generate_cohort_with_facts, read_labels, read_notes, write_cohort
+from mlx_med.apps.oncology import (
+  Note,
+  generate_cohort,
+  generate_cohort_with_facts,
+  read_labels,
+  read_notes,
+  write_cohort,
+)
 from mlx_med.apps.uma import aggregate, load_attributes
 
 ATTRS = {a.name: a for a in load_attributes()}
@@ -83,7 +90,7 @@ def test_notes_state_the_gold_in_their_own_words(cohort):
     assert ecog and ecog.group(1) == gold[pid]["ecog"], last_clinic
     # Negation and distractors occur, and a "no metastasis" patient has no positive statement.
     all_text = " ".join(n.text for n in pnotes)
-    assert re.search(r"family history|FHx", all_text, re.I)
+    assert re.search(r"family history|FHx", all_text, re.IGNORECASE)
     if gold[pid]["distant_metastasis"] == "no":
       assert "consistent with metastatic disease" not in all_text
       assert re.search(r"[Nn]o (evidence of )?(distant )?metasta", all_text)

@@ -11,8 +11,18 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from mlx_med.apps.retrieval import (BM25Index, Chunk, DenseIndex, Hit, HybridIndex, chunk_documents, chunk_spans,
-                                    chunk_text, load_documents, reciprocal_rank_fusion)
+from mlx_med.apps.retrieval import (
+  BM25Index,
+  Chunk,
+  DenseIndex,
+  Hit,
+  HybridIndex,
+  chunk_documents,
+  chunk_spans,
+  chunk_text,
+  load_documents,
+  reciprocal_rank_fusion,
+)
 
 NOTES = {
   "path_2021-03-02": "Surgical pathology report. Specimen: right upper lobe wedge resection. Diagnosis: invasive "

@@ -14,7 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from mlx_med.apps.review import SCHEMA_VERSION, ReviewQueue, UnknownItemError, review_main
+from mlx_med.apps.review import (
+  SCHEMA_VERSION,
+  ReviewQueue,
+  UnknownItemError,
+  review_main,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TNM = ["T1", "T2", "T3", "T4"]

@@ -8,8 +8,13 @@ from typing import Literal, Optional
 import pytest
 from pydantic import BaseModel, Field
 
-from mlx_med.apps.structured import (StructuredResult, client_accepts, extract_json, generate_structured,
-                                     json_schema_format)
+from mlx_med.apps.structured import (
+  StructuredResult,
+  client_accepts,
+  extract_json,
+  generate_structured,
+  json_schema_format,
+)
 from mlx_med.llm.client import Completion, LLMClient
 
 

@@ -10,7 +10,14 @@ from typing import Literal, Optional
 import pytest
 from pydantic import BaseModel
 
-from mlx_med.apps.tools import Tool, ToolRun, execute_tool_call, run_with_tools, tool, tool_result_content
+from mlx_med.apps.tools import (
+  Tool,
+  ToolRun,
+  execute_tool_call,
+  run_with_tools,
+  tool,
+  tool_result_content,
+)
 from mlx_med.llm.client import Completion, LLMClient
 from mlx_med.llm.server_process import ServerProcess
 
@@ -180,9 +187,8 @@ def test_plain_functions_and_results_as_json():
 @pytest.fixture(scope="module")
 def tool_server(tmp_path_factory):
   """A tiny random Qwen2 chat model (tests/hf_tiny.py) behind a real server."""
-  from transformers import AutoTokenizer
-
   from hf_tiny import make_hf_model, save_model_dir, write_tokenizer
+  from transformers import AutoTokenizer
 
   tok_dir = str(tmp_path_factory.mktemp("apps_tokenizer"))
   write_tokenizer(tok_dir, model_max_length=1024)  # the tools' JSON in the prompt is long in this tiny BPE

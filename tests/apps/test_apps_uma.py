@@ -37,7 +37,7 @@ class ScriptedClient(LLMClient):
   def chat(self, messages, *, max_tokens=256, temperature=None, top_p=None, n=1, stop=None, seed=None,
            logprobs=None, response_format=None, tools=None, tool_choice=None):
     user = next(m["content"] for m in messages if m["role"] == "user")   # a retry appends more messages
-    name = re.search(r"^Attribute: (.+)$", user, re.M).group(1).replace(" ", "_")
+    name = re.search(r"^Attribute: (.+)$", user, re.MULTILINE).group(1).replace(" ", "_")
     text = user.split("Clinical text:\n", 1)[1]
     value, evidence = self.answer(name, text)
     with self._lock:

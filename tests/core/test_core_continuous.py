@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import TINY_GENERATE, tiny_params
 
 from mlx_med.core import continuous as cont
 from mlx_med.core.sampler import RowParams, Sampler, SamplingParams
 from mlx_med.core.transformer import Decoder, init_cache, unstack_layers
-from tiny import TINY_GENERATE, tiny_params
 
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [12, 13]]
 

@@ -6,12 +6,12 @@ import types
 
 import numpy as np
 import pytest
+from tiny import TINY_GENERATE, tiny_params
 
 from mlx_med.core.continuous import mask_words
 from mlx_med.core.sampler import Sampler, SamplingParams
 from mlx_med.core.transformer import unstack_layers
 from mlx_med.llm.engine import ContinuousEngine, Job
-from tiny import TINY_GENERATE, tiny_params
 
 CFG = TINY_GENERATE.__class__(**{**TINY_GENERATE.__dict__, "scan_layers": False})
 VOCAB = CFG.vocab_size

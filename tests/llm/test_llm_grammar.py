@@ -122,7 +122,7 @@ def sample_rows(model, tok, make_constraint, *, max_new: int, rows: int = ROWS, 
 
 
 def test_schema_outputs_of_a_random_model_validate(model, tok):
-  make = lambda: grammar.constraint_for_response_format(  # noqa: E731
+  make = lambda: grammar.constraint_for_response_format(
       {"type": "json_schema", "json_schema": {"name": "finding", "schema": SCHEMA, "strict": True}}, tok, VOCAB)
   results = sample_rows(model, tok, make, max_new=400)
   texts = [t for t, _ in results]
@@ -134,7 +134,7 @@ def test_schema_outputs_of_a_random_model_validate(model, tok):
 
 
 def test_json_object_outputs_of_a_random_model_parse(model, tok):
-  make = lambda: grammar.constraint_for_response_format({"type": "json_object"}, tok, VOCAB)  # noqa: E731
+  make = lambda: grammar.constraint_for_response_format({"type": "json_object"}, tok, VOCAB)
   # Strings are unbounded in a json_object, and a random model closes one with p ~ 1/300 per token.
   results = sample_rows(model, tok, make, max_new=1900)
   assert all(why in ("grammar", "eos") for _, why in results), [(len(t), w) for t, w in results]
@@ -170,7 +170,7 @@ def _check_calls(text: str, tools=TOOLS):
 
 
 def test_required_tool_calls_of_a_random_model_validate(model, tok):
-  make = lambda: grammar.constraint_for_tools(TOOLS, "required", tok, VOCAB)  # noqa: E731
+  make = lambda: grammar.constraint_for_tools(TOOLS, "required", tok, VOCAB)
   results = sample_rows(model, tok, make, max_new=600)
   assert all(why in ("grammar", "eos") for _, why in results), results
   names = set()
@@ -183,7 +183,7 @@ def test_required_tool_calls_of_a_random_model_validate(model, tok):
 
 def test_named_tool_choice_gives_exactly_that_call(model, tok):
   choice = {"type": "function", "function": {"name": "dose"}}
-  make = lambda: grammar.constraint_for_tools(TOOLS, choice, tok, VOCAB)  # noqa: E731
+  make = lambda: grammar.constraint_for_tools(TOOLS, choice, tok, VOCAB)
   results = sample_rows(model, tok, make, max_new=200)
   for text, why in results:
     assert why == "grammar"  # one call, then the grammar is complete
