@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
   from mlx_med.apps.calllog import LoggedClient
   from mlx_med.apps.review import ReviewQueue
   from mlx_med.core import config as config_lib
-  from mlx_med.core.fileio import write_text_atomic
+  from mlx_med.core.fileio import write_jsonl, write_text_atomic
   from mlx_med.llm.client import OpenAIClient
   from mlx_med.llm.server_process import ServerProcess
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     uma_start = time.perf_counter()
     rows = uma.abstract_patients(client, notes, attributes, review=review, max_workers=2 * args.max_num_seqs)
     uma_s = time.perf_counter() - uma_start
-    oncology.write_jsonl(uma_dir / "predictions.jsonl", rows)
+    write_jsonl(uma_dir / "predictions.jsonl", rows)
     evaluation = uma.evaluate(rows, gold, attributes)
     write_text_atomic(uma_dir / "evaluation.json", json.dumps(evaluation, indent=2) + "\n")
     uma.write_report(evaluation, uma_dir / "report.md")

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from mlx_med.core.fileio import read_jsonl_objects, write_jsonl, write_text_atomic
+from mlx_med.core.fileio import read_jsonl_objects, write_jsonl
 
 NOTE_TYPES = ("oncology_consult", "pathology_report", "radiology_report", "clinic_note")
 CANCERS = ("breast", "lung", "colon")

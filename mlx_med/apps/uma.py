@@ -69,14 +69,8 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 
-from mlx_med.apps.oncology import (
-  NOTE_TYPES,
-  Note,
-  read_labels,
-  read_notes,
-  write_jsonl,
-  write_text_atomic,
-)
+from mlx_med.apps.oncology import NOTE_TYPES, Note, read_labels, read_notes
+from mlx_med.core.fileio import write_jsonl, write_text_atomic
 
 logger = logging.getLogger("mlx_med.apps.uma")
 
